@@ -109,9 +109,9 @@ const _: () = assert!(size_of::<KernelLayout>() == 112);
 pub struct SocketInfo {
     /// cgroup (v2) id of the process that connected or last sent; 0 when unknown.
     pub owner_cgroup: u64,
+    /// The process (thread group) id; its name and cgroup path are read
+    /// from /proc by user space.
     pub owner_tgid: u32,
-    pub owner_pid: u32,
-    pub owner_comm: [u8; COMM_LEN],
     pub keepalive_probes_answered: u32,
     pub keepalive_timer_fires: u32,
     /// When (jiffies) the last send after an idle period happened, and how
@@ -124,9 +124,8 @@ pub struct SocketInfo {
     /// Stamp (jiffies) of the last activity before the idle period that the
     /// receive hook last counted.
     pub recv_idle_mark: u32,
-    pub _pad: u32,
 }
-const _: () = assert!(size_of::<SocketInfo>() == 56);
+const _: () = assert!(size_of::<SocketInfo>() == 32);
 
 /// One established socket as the `iter/tcp` program reports it. Times are
 /// ages in jiffies at the moment of the walk (`now - stamp`), which is what
@@ -166,7 +165,7 @@ pub struct SocketRecord {
     pub info_known: u8,
     pub info: SocketInfo,
 }
-const _: () = assert!(size_of::<SocketRecord>() == 144);
+const _: () = assert!(size_of::<SocketRecord>() == 120);
 
 /// What an `Event` reports.
 pub mod event_kind {
@@ -203,7 +202,7 @@ pub struct Event {
     pub current_comm: [u8; COMM_LEN],
     pub socket: SocketRecord,
 }
-const _: () = assert!(size_of::<Event>() == 184);
+const _: () = assert!(size_of::<Event>() == 160);
 
 #[cfg(feature = "user")]
 mod user {

@@ -8,10 +8,16 @@
 //! The context is `struct bpf_iter__tcp { meta; sk_common; uid }`, three
 //! 8-byte slots fixed by the kernel ABI.
 
-use aya_ebpf::{cty::c_void, helpers::generated::bpf_seq_write};
+use aya_ebpf::{cty::c_void, helpers::generated::bpf_seq_write, macros::map, maps::PerCpuArray};
 use monitor_common::{SocketRecord, TCP_ESTABLISHED};
 
-use crate::kernel::{offset, read, snapshot};
+use crate::kernel::{Memory, Typed, offset, snapshot};
+
+/// The record being built, per CPU: on the stack it would have to be zeroed
+/// for every socket (a 120-byte `memset` loop), where `snapshot` writes
+/// every field anyway.
+#[map]
+static WALK_RECORD: PerCpuArray<SocketRecord> = PerCpuArray::with_max_entries(1, 0);
 
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
@@ -39,22 +45,24 @@ fn try_walk_tcp(ctx: *mut c_void) -> Result<i32, i32> {
     }
     // SAFETY: `meta` is non-null for every call that carries a socket.
     let seq = unsafe { *meta };
-    let sk = sk as u64;
-
-    let state: u8 = read(sk, offset!(skc_state)).map_err(|_| 0)?;
+    // Request and timewait sockets are never ESTABLISHED.
+    let Some(sk) = Typed::tcp_sock(sk as u64) else {
+        return Ok(0);
+    };
+    let state: u8 = Typed::read(sk, offset!(skc_state)).map_err(|_| 0)?;
     if state != TCP_ESTABLISHED {
         return Ok(0);
     }
-    let mut record = SocketRecord {
-        uid,
-        ..SocketRecord::default()
-    };
-    snapshot(sk, &mut record).map_err(|_| 0)?;
-    // SAFETY: `seq` comes from the iterator meta and `record` is on our stack.
+    let record = WALK_RECORD.get_ptr_mut(0).ok_or(0)?;
+    // SAFETY: this CPU's slot; iterator programs do not nest on one CPU.
+    let record = unsafe { &mut *record };
+    record.uid = uid;
+    snapshot::<Typed>(sk, record).map_err(|_| 0)?;
+    // SAFETY: `seq` comes from the iterator meta and `record` is a map value.
     unsafe {
         bpf_seq_write(
             seq.cast(),
-            (&raw const record) as *const c_void,
+            (&raw const *record) as *const c_void,
             size_of::<SocketRecord>() as u32,
         );
     }

@@ -6,9 +6,11 @@
 //! There is no tracepoint for it. fentry and kprobe attach to it directly;
 //! elsewhere `timer:timer_expire_entry`, which fires before every timer
 //! callback, stands in, filtered on the callback's address (learned from the
-//! `sk_timer.function` of a TCP socket by the state hook):
+//! keepalive timer's `function` of a TCP socket by the state hook):
 //! https://elixir.bootlin.com/linux/v6.12/source/kernel/time/timer.c#L1771
-//! The timer is `sk->sk_timer`, so the socket is `t - offsetof(struct sock, sk_timer)`.
+//! The timer is `icsk->icsk_keepalive_timer` where the kernel has it (stable
+//! 6.1 and 6.12 took it too), `sk->sk_timer` before; `KERNEL_LAYOUT.sk_timer`
+//! holds the offset of whichever it is, so the socket is `t - sk_timer`.
 
 use aya_ebpf::{
     macros::{btf_tracepoint, fentry, kprobe, map, raw_tracepoint},
@@ -38,8 +40,8 @@ pub fn keepalive_kprobe(ctx: ProbeContext) -> u32 {
     }
 }
 
-/// Address of `tcp_keepalive_timer`, as TCP sockets' `sk_timer.function`
-/// holds it; 0 until the state hook has seen a TCP socket.
+/// Address of `tcp_keepalive_timer`, as TCP sockets' keepalive timer's
+/// `function` holds it; 0 until the state hook has seen a TCP socket.
 #[map]
 static KEEPALIVE_TIMER_FUNCTION: Array<u64> = Array::with_max_entries(1, 0);
 

@@ -5,7 +5,10 @@
 //! space writes the running kernel's offsets into `KERNEL_LAYOUT` before load,
 //! and every read is a `bpf_probe_read_kernel` at `base + offset`.
 
-use aya_ebpf::helpers::{bpf_jiffies64, bpf_probe_read_kernel};
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_jiffies64, bpf_probe_read_kernel, generated::bpf_skc_to_tcp_sock},
+};
 use monitor_common::{AF_INET, AF_INET6, KernelLayout, SocketRecord};
 
 use crate::maps::SOCKETS;
@@ -64,11 +67,82 @@ pub fn idle_threshold() -> u32 {
     unsafe { core::ptr::read_volatile(&raw const IDLE_THRESHOLD_JIFFIES) }
 }
 
-/// Reads a `T` at `base + offset` in kernel memory.
+/// Reads a `T` at `base + offset` in kernel memory, from any program.
 #[inline(always)]
 pub fn read<T>(base: u64, offset: u32) -> Result<T, u32> {
     // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.map_err(|_| 1)
+}
+
+/// How a program reads the sockets it is handed.
+///
+/// Tracing programs (fentry, tp_btf, iter) get BTF-typed pointers: a plain
+/// load through one is checked by the verifier against the kernel's own
+/// struct layout and costs one instruction, where `bpf_probe_read_kernel`
+/// is a helper call (about 20 ns). Every offset comes from the read-only
+/// `KERNEL_LAYOUT`, which the verifier knows as constants. kprobe and raw
+/// tracepoint programs get plain numbers and must use the helper.
+pub trait Memory {
+    /// The `struct tcp_sock` behind a socket pointer, to read through; None
+    /// when it is no full TCP socket (a request or timewait socket).
+    fn tcp_sock(sk: u64) -> Option<u64>;
+    /// Reads a `T` of at most 8 bytes at `base + offset`, where `base` is
+    /// what `tcp_sock` returned or a pointer read from it.
+    fn read<T: Copy>(base: u64, offset: u32) -> Result<T, u32>;
+    /// Reads an IPv6 address at `base + offset`.
+    fn read_addr6(base: u64, offset: u32) -> Result<[u8; 16], u32>;
+}
+
+/// BTF-typed pointers (fentry, tp_btf, iter): plain loads.
+pub enum Typed {}
+
+impl Memory for Typed {
+    #[inline(always)]
+    fn tcp_sock(sk: u64) -> Option<u64> {
+        // SAFETY: the helper checks that `sk` is a socket of any kind and
+        // returns NULL unless it is a full TCP one.
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
+        (!tp.is_null()).then_some(tp as u64)
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(base: u64, offset: u32) -> Result<T, u32> {
+        // SAFETY: `base` is a BTF pointer: the verifier checks the access
+        // against the struct's layout and turns it into a load that cannot
+        // fault (zero on a bad address).
+        Ok(unsafe { core::ptr::read_volatile((base + offset as u64) as *const T) })
+    }
+
+    #[inline(always)]
+    fn read_addr6(base: u64, offset: u32) -> Result<[u8; 16], u32> {
+        let high: u64 = Self::read(base, offset)?;
+        let low: u64 = Self::read(base, offset + 8)?;
+        let mut address = [0; 16];
+        address[..8].copy_from_slice(&high.to_ne_bytes());
+        address[8..].copy_from_slice(&low.to_ne_bytes());
+        Ok(address)
+    }
+}
+
+/// Untyped addresses (kprobe, raw_tp, classic tracepoints): `bpf_probe_read_kernel`.
+pub enum Untyped {}
+
+impl Memory for Untyped {
+    #[inline(always)]
+    fn tcp_sock(sk: u64) -> Option<u64> {
+        // The hooks that use this only ever see full sockets.
+        Some(sk)
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(base: u64, offset: u32) -> Result<T, u32> {
+        read(base, offset)
+    }
+
+    #[inline(always)]
+    fn read_addr6(base: u64, offset: u32) -> Result<[u8; 16], u32> {
+        read(base, offset)
+    }
 }
 
 /// The kernel's 32-bit jiffies clock (`tcp_jiffies32`), in which TCP keeps
@@ -79,13 +153,12 @@ pub fn jiffies32() -> u32 {
     unsafe { bpf_jiffies64() as u32 }
 }
 
-/// Jiffies since the later of the socket's last send and last receive, the
-/// same clock `ss -tnoi` reads for lastsnd and lastrcv.
+/// Jiffies from the later of the socket's last send and last receive until
+/// `now`, the same clock `ss -tnoi` reads for lastsnd and lastrcv.
 #[inline(always)]
-pub fn idle_for(sk: u64) -> Result<u32, u32> {
-    let now = jiffies32();
-    let last_send: u32 = read(sk, offset!(lsndtime))?;
-    let last_recv: u32 = read(sk, offset!(lrcvtime))?;
+pub fn idle_for<M: Memory>(tp: u64, now: u32) -> Result<u32, u32> {
+    let last_send: u32 = M::read(tp, offset!(lsndtime))?;
+    let last_recv: u32 = M::read(tp, offset!(lrcvtime))?;
     let since_send = now.wrapping_sub(last_send);
     let since_recv = now.wrapping_sub(last_recv);
     Ok(if since_send < since_recv {
@@ -95,49 +168,75 @@ pub fn idle_for(sk: u64) -> Result<u32, u32> {
     })
 }
 
-/// Reads everything idlemon reports about a full TCP socket (not a
-/// timewait or request socket: check `skc_state` first).
+/// Reads everything idlemon reports about a full TCP socket (`tp`, as
+/// `M::tcp_sock` returned it). Writes every field but `uid`, so that a
+/// reused buffer carries nothing over from the previous socket.
 #[inline(always)]
-pub fn snapshot(sk: u64, record: &mut SocketRecord) -> Result<(), u32> {
-    record.sock = sk;
-    record.state = read(sk, offset!(skc_state))?;
-    record.family = read(sk, offset!(skc_family))?;
+pub fn snapshot<M: Memory>(tp: u64, record: &mut SocketRecord) -> Result<(), u32> {
+    record.sock = tp;
+    record.state = M::read(tp, offset!(skc_state))?;
+    record.family = M::read(tp, offset!(skc_family))?;
     // inet_sport, not skc_num: closing a socket zeroes skc_num before an
     // active reset is sent, and the event must still name the port.
-    record.local_port = u16::from_be(read(sk, offset!(inet_sport))?);
-    record.remote_port = u16::from_be(read(sk, offset!(skc_dport))?);
+    record.local_port = u16::from_be(M::read(tp, offset!(inet_sport))?);
+    record.remote_port = u16::from_be(M::read(tp, offset!(skc_dport))?);
     if record.family == AF_INET {
-        let local: [u8; 4] = read(sk, offset!(skc_rcv_saddr))?;
-        let remote: [u8; 4] = read(sk, offset!(skc_daddr))?;
-        record.local_addr[..4].copy_from_slice(&local);
-        record.remote_addr[..4].copy_from_slice(&remote);
+        let local: u32 = M::read(tp, offset!(skc_rcv_saddr))?;
+        let remote: u32 = M::read(tp, offset!(skc_daddr))?;
+        zero(&mut record.local_addr);
+        zero(&mut record.remote_addr);
+        record.local_addr[..4].copy_from_slice(&local.to_ne_bytes());
+        record.remote_addr[..4].copy_from_slice(&remote.to_ne_bytes());
     } else if record.family == AF_INET6 {
-        record.local_addr = read(sk, offset!(skc_v6_rcv_saddr))?;
-        record.remote_addr = read(sk, offset!(skc_v6_daddr))?;
+        record.local_addr = M::read_addr6(tp, offset!(skc_v6_rcv_saddr))?;
+        record.remote_addr = M::read_addr6(tp, offset!(skc_v6_daddr))?;
+    } else {
+        zero(&mut record.local_addr);
+        zero(&mut record.remote_addr);
     }
 
     let now = jiffies32();
-    record.last_send_age = now.wrapping_sub(read(sk, offset!(lsndtime))?);
-    record.last_recv_age = now.wrapping_sub(read(sk, offset!(lrcvtime))?);
-    record.last_ack_age = now.wrapping_sub(read(sk, offset!(rcv_tstamp))?);
+    record.last_send_age = now.wrapping_sub(M::read(tp, offset!(lsndtime))?);
+    record.last_recv_age = now.wrapping_sub(M::read(tp, offset!(lrcvtime))?);
+    record.last_ack_age = now.wrapping_sub(M::read(tp, offset!(rcv_tstamp))?);
 
-    let flags: u64 = read(sk, offset!(sk_flags))?;
+    let flags: u64 = M::read(tp, offset!(sk_flags))?;
     record.keepalive_enabled = ((flags >> offset!(keepopen_bit)) & 1) as u8;
-    record.keepalive_time = read(sk, offset!(keepalive_time))?;
-    record.keepalive_intvl = read(sk, offset!(keepalive_intvl))?;
-    record.keepalive_probes = read(sk, offset!(keepalive_probes))?;
-    record.probes_out = read(sk, offset!(probes_out))?;
+    record.keepalive_time = M::read(tp, offset!(keepalive_time))?;
+    record.keepalive_intvl = M::read(tp, offset!(keepalive_intvl))?;
+    record.keepalive_probes = M::read(tp, offset!(keepalive_probes))?;
+    record.probes_out = M::read(tp, offset!(probes_out))?;
 
-    let net: u64 = read(sk, offset!(skc_net))?;
-    record.netns = read(net, offset!(net_inum))?;
-    record.ns_keepalive_time = read(net, offset!(net_keepalive_time))?;
-    record.ns_keepalive_intvl = read(net, offset!(net_keepalive_intvl))?;
-    record.ns_keepalive_probes = read(net, offset!(net_keepalive_probes))?;
+    let net: u64 = M::read(tp, offset!(skc_net))?;
+    record.netns = M::read(net, offset!(net_inum))?;
+    record.ns_keepalive_time = M::read(net, offset!(net_keepalive_time))?;
+    record.ns_keepalive_intvl = M::read(net, offset!(net_keepalive_intvl))?;
+    record.ns_keepalive_probes = M::read(net, offset!(net_keepalive_probes))?;
 
-    if let Some(info) = SOCKETS.get_ptr(sk) {
-        // SAFETY: a valid map value, copied out at once.
-        record.info = unsafe { *info };
-        record.info_known = 1;
+    match SOCKETS.get_ptr(tp) {
+        Some(info) => {
+            // SAFETY: a valid map value, copied out at once; the two never
+            // overlap, which spares the copy a call to `memmove`.
+            unsafe { core::ptr::copy_nonoverlapping(info, &mut record.info, 1) };
+            record.info_known = 1;
+        }
+        None => {
+            zero(&mut record.info);
+            record.info_known = 0;
+        }
     }
     Ok(())
+}
+
+/// Zeroes a value of a multiple of 4 bytes with plain stores: LLVM turns
+/// ordinary zeroing into a call to `memset`, which in BPF is a byte loop.
+#[inline(always)]
+fn zero<T>(value: &mut T) {
+    const { assert!(size_of::<T>() % 4 == 0) };
+    let words = (value as *mut T).cast::<u32>();
+    for word in 0..size_of::<T>() / 4 {
+        // SAFETY: within `value`, whose size is a whole number of words;
+        // BPF allows unaligned stores to stack and map memory on x86 and arm64.
+        unsafe { core::ptr::write_volatile(words.add(word), 0) };
+    }
 }

@@ -14,14 +14,14 @@ use aya_ebpf::{
 use monitor_common::{SocketInfo, counter};
 
 use crate::{
-    kernel::{idle_for, idle_threshold, jiffies32, offset, read},
+    kernel::{Memory, Typed, Untyped, idle_for, idle_threshold, jiffies32, offset},
     maps::{SOCKETS, count},
     send::insert,
 };
 
 #[fentry(function = "tcp_rcv_established")]
 pub fn receive_fentry(ctx: FEntryContext) -> u32 {
-    match try_receive(ctx.arg::<u64>(0)) {
+    match try_receive::<Typed>(ctx.arg::<u64>(0)) {
         Ok(ret) => ret,
         Err(ret) => ret,
     }
@@ -29,7 +29,11 @@ pub fn receive_fentry(ctx: FEntryContext) -> u32 {
 
 #[kprobe(function = "tcp_rcv_established")]
 pub fn receive_kprobe(ctx: ProbeContext) -> u32 {
-    match ctx.arg::<u64>(0).ok_or(1u32).and_then(try_receive) {
+    match ctx
+        .arg::<u64>(0)
+        .ok_or(1u32)
+        .and_then(try_receive::<Untyped>)
+    {
         Ok(ret) => ret,
         Err(ret) => ret,
     }
@@ -37,7 +41,7 @@ pub fn receive_kprobe(ctx: ProbeContext) -> u32 {
 
 #[btf_tracepoint(function = "tcp_probe")]
 pub fn receive_tp_btf(ctx: BtfTracePointContext) -> u32 {
-    match try_receive(ctx.arg::<u64>(0)) {
+    match try_receive::<Typed>(ctx.arg::<u64>(0)) {
         Ok(ret) => ret,
         Err(ret) => ret,
     }
@@ -45,14 +49,15 @@ pub fn receive_tp_btf(ctx: BtfTracePointContext) -> u32 {
 
 #[raw_tracepoint(tracepoint = "tcp_probe")]
 pub fn receive_raw_tp(ctx: RawTracePointContext) -> u32 {
-    match try_receive(ctx.arg::<u64>(0)) {
+    match try_receive::<Untyped>(ctx.arg::<u64>(0)) {
         Ok(ret) => ret,
         Err(ret) => ret,
     }
 }
 
-fn try_receive(sk: u64) -> Result<u32, u32> {
-    let probes_out: u8 = read(sk, offset!(probes_out))?;
+fn try_receive<M: Memory>(sk: u64) -> Result<u32, u32> {
+    let sk = M::tcp_sock(sk).ok_or(0u32)?;
+    let probes_out: u8 = M::read(sk, offset!(probes_out))?;
     if probes_out > 0 {
         // Probes were outstanding and the peer spoke: it answered them. Zero
         // window probes also use this counter; they only run with unsent
@@ -66,9 +71,10 @@ fn try_receive(sk: u64) -> Result<u32, u32> {
         })?;
         return Ok(0);
     }
-    let idle = idle_for(sk)?;
+    let now = jiffies32();
+    let idle = idle_for::<M>(sk, now)?;
     if idle >= idle_threshold() {
-        let mark = jiffies32().wrapping_sub(idle);
+        let mark = now.wrapping_sub(idle);
         let mut first = false;
         update(sk, |info| {
             if info.recv_idle_mark != mark {

@@ -9,7 +9,7 @@
 //! https://elixir.bootlin.com/linux/v6.12/source/net/ipv4/tcp.c#L1149
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid},
     macros::{btf_tracepoint, fentry, kprobe, raw_tracepoint},
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext},
 };
@@ -18,13 +18,13 @@ use monitor_common::{SocketInfo, counter, event_kind};
 
 use crate::{
     events::emit,
-    kernel::{idle_for, idle_threshold, jiffies32},
+    kernel::{Memory, Typed, Untyped, idle_for, idle_threshold, jiffies32},
     maps::{SOCKETS, count},
 };
 
 #[fentry(function = "tcp_sendmsg")]
 pub fn send_fentry(ctx: FEntryContext) -> u32 {
-    match try_send(ctx.arg::<u64>(0)) {
+    match try_send::<Typed>(ctx.arg::<u64>(0)) {
         Ok(ret) => ret,
         Err(ret) => ret,
     }
@@ -32,7 +32,7 @@ pub fn send_fentry(ctx: FEntryContext) -> u32 {
 
 #[kprobe(function = "tcp_sendmsg")]
 pub fn send_kprobe(ctx: ProbeContext) -> u32 {
-    match ctx.arg::<u64>(0).ok_or(1u32).and_then(try_send) {
+    match ctx.arg::<u64>(0).ok_or(1u32).and_then(try_send::<Untyped>) {
         Ok(ret) => ret,
         Err(ret) => ret,
     }
@@ -40,7 +40,7 @@ pub fn send_kprobe(ctx: ProbeContext) -> u32 {
 
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn send_tp_btf(ctx: BtfTracePointContext) -> u32 {
-    match try_send(ctx.arg::<u64>(0)) {
+    match try_send::<Typed>(ctx.arg::<u64>(0)) {
         Ok(ret) => ret,
         Err(ret) => ret,
     }
@@ -48,19 +48,20 @@ pub fn send_tp_btf(ctx: BtfTracePointContext) -> u32 {
 
 #[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
 pub fn send_raw_tp(ctx: RawTracePointContext) -> u32 {
-    match try_send(ctx.arg::<u64>(0)) {
+    match try_send::<Untyped>(ctx.arg::<u64>(0)) {
         Ok(ret) => ret,
         Err(ret) => ret,
     }
 }
 
-fn try_send(sk: u64) -> Result<u32, u32> {
+fn try_send<M: Memory>(sk: u64) -> Result<u32, u32> {
+    let sk = M::tcp_sock(sk).ok_or(0u32)?;
     record_owner(sk)?;
-    let idle = idle_for(sk)?;
+    let now = jiffies32();
+    let idle = idle_for::<M>(sk, now)?;
     if idle < idle_threshold() {
         return Ok(0);
     }
-    let now = jiffies32();
     let Some(info) = SOCKETS.get_ptr_mut(sk) else {
         // No room in the table: counted there; no event without dedup.
         return Ok(0);
@@ -94,19 +95,15 @@ pub fn record_owner(sk: u64) -> Result<(), u32> {
         let info = unsafe { &mut *info };
         if info.owner_tgid != tgid {
             info.owner_tgid = tgid;
-            info.owner_pid = pid_tgid as u32;
             // SAFETY: helper without pointer arguments.
             info.owner_cgroup = unsafe { bpf_get_current_cgroup_id() };
-            info.owner_comm = bpf_get_current_comm().unwrap_or_default();
         }
         return Ok(());
     }
     let info = SocketInfo {
         owner_tgid: tgid,
-        owner_pid: pid_tgid as u32,
         // SAFETY: helper without pointer arguments.
         owner_cgroup: unsafe { bpf_get_current_cgroup_id() },
-        owner_comm: bpf_get_current_comm().unwrap_or_default(),
         ..SocketInfo::default()
     };
     insert(sk, &info)

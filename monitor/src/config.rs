@@ -157,17 +157,37 @@ impl PathConfig {
     /// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`), which dual-stack sockets report, match IPv4 rules.
     #[must_use]
     pub fn timeout_for(&self, remote: IpAddr, port: u16, default: IdleTimeout) -> PathMatch<'_> {
-        let remote = remote.to_canonical();
-        match self.rules.iter().find(|rule| rule.matches(remote, port)) {
-            Some(rule) => PathMatch {
-                timeout: rule.timeout,
-                rule: Some(&rule.label),
+        match self.find(remote, port) {
+            Some(index) => PathMatch {
+                timeout: self.timeout(index),
+                rule: Some(self.label(index)),
             },
             None => PathMatch {
                 timeout: default,
                 rule: None,
             },
         }
+    }
+
+    /// The index of the rule `timeout_for` picks, for `timeout` and `label`.
+    #[must_use]
+    pub fn find(&self, remote: IpAddr, port: u16) -> Option<usize> {
+        let remote = remote.to_canonical();
+        self.rules
+            .iter()
+            .position(|rule| rule.matches(remote, port))
+    }
+
+    /// The timeout of rule `index` (from `find`).
+    #[must_use]
+    pub fn timeout(&self, index: usize) -> IdleTimeout {
+        self.rules[index].timeout
+    }
+
+    /// The name (or cidr text) of rule `index` (from `find`).
+    #[must_use]
+    pub fn label(&self, index: usize) -> &str {
+        &self.rules[index].label
     }
 }
 

@@ -67,6 +67,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 
     raise_memlock_limit();
     raise_open_files_limit();
+    map_large_buffers();
     let hz = kernel::jiffies_per_second().context("cannot determine the kernel tick rate")?;
     let btf_path = args
         .kernel_btf
@@ -104,6 +105,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         &kernel_btf,
     )?;
     info!(hz, listen = %args.listen, path_rules = paths.rules(), "programs loaded");
+    // Parsing the kernel's BTF and loading took tens of MB that are free now.
+    // SAFETY: only asks malloc to return free memory to the system.
+    unsafe { libc::malloc_trim(0) };
 
     let metrics = Arc::new(Metrics::new(
         args.idle_threshold.as_secs_f64(),
@@ -142,7 +146,6 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (fatal_tx, mut fatal) = tokio::sync::mpsc::unbounded_channel();
-    let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
     let walk_link_id = loaded
         .walk_link
         .info()
@@ -161,6 +164,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         paths,
         keepalive_timer_seen,
     });
+    let (snapshots_tx, snapshots) =
+        watch::channel(Arc::new(Snapshot::empty(Arc::clone(&classifier))));
     let history = Arc::new(History::new(args.event_history as usize));
     let ring: RingBuf<MapData> = loaded
         .ebpf
@@ -304,6 +309,17 @@ fn whole_seconds(seconds: f64, flag: &str) -> anyhow::Result<NonZeroU32> {
         bail!("{flag} must be a whole number of seconds, got {seconds}");
     }
     NonZeroU32::new(seconds as u32).ok_or_else(|| anyhow!("{flag} must be positive"))
+}
+
+/// A walk's socket table (20 MB for 200,000 sockets) is replaced every scan.
+/// Left to itself, malloc keeps such freed blocks in its heap once it has
+/// seen one; a fixed threshold maps every block over 1 MiB on its own and
+/// unmaps it when freed, so resident memory follows the live table.
+fn map_large_buffers() {
+    // SAFETY: only sets an allocator parameter.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) } != 1 {
+        tracing::debug!("malloc refused M_MMAP_THRESHOLD; memory may stay high after a peak");
+    }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the

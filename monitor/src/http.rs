@@ -13,6 +13,7 @@ use std::{
 
 use axum::{
     Json, Router,
+    body::{Body, Bytes},
     extract::{Query, State, rejection::QueryRejection},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
@@ -37,7 +38,7 @@ use crate::{
     events::{History, parse_since},
     metrics::Metrics,
     scan::Snapshot,
-    sockets::{Filter, TrackedSocket},
+    sockets::Filter,
 };
 
 /// A snapshot younger than this answers /sockets directly; an older one is
@@ -233,12 +234,40 @@ async fn sockets(
         let _ = tokio::time::timeout(REFRESH_WAIT, state.snapshots.changed()).await;
     }
     let snapshot = state.snapshots.borrow().clone();
-    let sockets: Vec<&TrackedSocket> = snapshot
-        .sockets
-        .iter()
-        .filter(|socket| filter.keeps(socket))
-        .collect();
-    Json(sockets).into_response()
+    socket_list(snapshot, &filter)
+}
+
+/// Sockets rendered per this many: the JSON of 200,000 sockets is never
+/// held at once.
+const SOCKETS_PER_CHUNK: usize = 512;
+
+/// The JSON array of the sockets a filter keeps, longest idle first,
+/// streamed in chunks.
+fn socket_list(snapshot: Arc<Snapshot>, filter: &Filter) -> Response {
+    let selected = snapshot.select(filter);
+    let chunks = selected.len().div_ceil(SOCKETS_PER_CHUNK).max(1);
+    let body = futures_util::stream::iter((0..chunks).map(move |chunk| {
+        let start = chunk * SOCKETS_PER_CHUNK;
+        let end = (start + SOCKETS_PER_CHUNK).min(selected.len());
+        let mut json = Vec::with_capacity((end - start) * 900 + 2);
+        json.push(if chunk == 0 { b'[' } else { b',' });
+        for (n, &index) in selected[start..end].iter().enumerate() {
+            if n > 0 {
+                json.push(b',');
+            }
+            let view = snapshot.view(&snapshot.sockets[index as usize]);
+            serde_json::to_writer(&mut json, &view).map_err(std::io::Error::other)?;
+        }
+        if chunk + 1 == chunks {
+            json.push(b']');
+        }
+        Ok::<_, std::io::Error>(Bytes::from(json))
+    }));
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 async fn events(

@@ -18,16 +18,10 @@ use crate::{
     attribution::{Attributor, pods::PodCache},
     kernel::netns::{self, WalkError, Walker},
     metrics::Metrics,
-    sockets::{Classifier, Risk, Summary, TrackedSocket},
+    sockets::{Classifier, Risk, SnapshotBuilder, Summary},
 };
 
-/// One walk's result.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    /// When the walk ran; None before the first one.
-    pub taken: Option<Instant>,
-    pub sockets: Vec<TrackedSocket>,
-}
+pub use crate::sockets::Snapshot;
 
 pub struct ScannerConfig {
     pub classifier: Arc<Classifier>,
@@ -69,6 +63,7 @@ fn run(
     let walker = Walker::new(link).context("cannot open this thread's network namespace")?;
     let mut attributor = Attributor::new(config.proc_root.clone(), Arc::clone(&config.pods));
     let mut next = Instant::now();
+    let mut expected = 0;
     loop {
         match incoming.recv_timeout(next.saturating_duration_since(Instant::now())) {
             Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -76,7 +71,9 @@ fn run(
         }
         // Requests that arrived during the wait are served by this one walk.
         while incoming.try_recv().is_ok() {}
-        let snapshot = scan(&walker, &mut attributor, config, metrics)?;
+        let snapshot = scan(&walker, &mut attributor, config, metrics, expected)?;
+        expected = snapshot.sockets.len();
+        // The previous table is freed here (or when its last reader is done).
         publish.send_replace(Arc::new(snapshot));
         next = Instant::now() + config.interval;
     }
@@ -87,13 +84,21 @@ fn scan(
     attributor: &mut Attributor,
     config: &ScannerConfig,
     metrics: &Metrics,
+    expected: usize,
 ) -> anyhow::Result<Snapshot> {
     let started = Instant::now();
     let cpu_started = thread_cpu_time();
     let namespaces = netns::discover(&config.proc_root, &config.bind_mounts);
-    let mut records = Vec::new();
+    // Room for growth, so that the table is rarely reallocated mid-walk.
+    let mut builder =
+        SnapshotBuilder::new(Arc::clone(&config.classifier), expected + expected / 8 + 64);
     for namespace in &namespaces {
-        match walker.walk(namespace, &mut records) {
+        let walked = walker.walk(namespace, |record| {
+            builder.add(record, |pid, cgroup_id| {
+                attributor.attribute(pid, cgroup_id)
+            });
+        });
+        match walked {
             Ok(()) => {}
             Err(WalkError::Stranded(error)) => {
                 return Err(WalkError::Stranded(error).into());
@@ -112,18 +117,8 @@ fn scan(
             }
         }
     }
-    let mut sockets: Vec<TrackedSocket> = records
-        .iter()
-        .map(|record| {
-            let mut socket = config.classifier.classify(record);
-            if socket.pid.is_some() || socket.cgroup_id.is_some() {
-                socket.attribution = attributor.attribute(socket.pid, socket.cgroup_id);
-            }
-            socket
-        })
-        .collect();
-    sockets.sort_by(|a, b| b.idle_seconds.total_cmp(&a.idle_seconds));
-    let summary = Summary::of(&sockets, config.classifier.idle_threshold);
+    let snapshot = builder.finish(started);
+    let summary = Summary::of(&snapshot);
 
     metrics.observe(&summary);
     metrics.namespaces.set(namespaces.len() as i64);
@@ -133,17 +128,15 @@ fn scan(
         .scan_cpu_seconds
         .set((thread_cpu_time() - cpu_started).as_secs_f64());
     debug!(
-        sockets = sockets.len(),
+        sockets = snapshot.sockets.len(),
+        owners = snapshot.owners.len(),
         no_keepalive = summary.at_risk_total(Risk::NoKeepalive),
         keepalive_too_slow = summary.at_risk_total(Risk::KeepaliveTooSlow),
         namespaces = namespaces.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "walk done"
     );
-    Ok(Snapshot {
-        taken: Some(started),
-        sockets,
-    })
+    Ok(snapshot)
 }
 
 /// CPU time this thread has used, to report what a walk costs.

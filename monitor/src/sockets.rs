@@ -4,8 +4,9 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    num::NonZeroU32,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use monitor_common::{AF_INET, SocketRecord};
@@ -13,7 +14,7 @@ use serde::Serialize;
 
 use crate::{
     attribution::Attribution,
-    config::{IdleTimeout, PathConfig, PathMatch},
+    config::{IdleTimeout, PathConfig},
 };
 
 /// Why a socket is at risk.
@@ -129,110 +130,343 @@ impl Classifier {
 
     /// Family name and both ends of a record.
     pub fn endpoints(&self, record: &SocketRecord) -> (&'static str, SocketAddr, SocketAddr) {
-        let (local_ip, remote_ip) = addresses(record);
+        let is_ipv6 = record.family != AF_INET;
         (
-            if record.family == AF_INET {
-                "ipv4"
-            } else {
-                "ipv6"
-            },
-            SocketAddr::new(local_ip, record.local_port),
-            SocketAddr::new(remote_ip, record.remote_port),
+            if is_ipv6 { "ipv6" } else { "ipv4" },
+            SocketAddr::new(address(is_ipv6, &record.local_addr), record.local_port),
+            SocketAddr::new(address(is_ipv6, &record.remote_addr), record.remote_port),
         )
     }
 
-    pub fn classify(&self, record: &SocketRecord) -> TrackedSocket {
-        let (family, local, remote) = self.endpoints(record);
-        let remote_ip = remote.ip();
-        let last_send_seconds = self.seconds(record.last_send_age);
-        let last_receive_seconds = self.seconds(record.last_recv_age);
-        let last_ack_seconds = self.seconds(record.last_ack_age);
-        let idle_seconds = last_send_seconds.min(last_receive_seconds);
-
-        let keepalive = self.keepalive(record);
-        let mut path = self
-            .paths
-            .timeout_for(remote_ip, record.remote_port, self.default_timeout);
-        if path.rule.is_none() && is_loopback(remote_ip) {
+    /// The compact form of a walk record, with its verdict.
+    pub fn compact(&self, record: &SocketRecord, owner: u32) -> Socket {
+        let is_ipv6 = record.family != AF_INET;
+        let remote_ip = address(is_ipv6, &record.remote_addr);
+        let path_rule = match self.paths.find(remote_ip, record.remote_port) {
+            Some(index) => PathRule::Config(index as u32),
             // Loopback never crosses a middlebox (sidecar proxies live there);
             // a config rule for 127.0.0.0/8 or ::1 overrides this.
-            path = PathMatch {
-                timeout: IdleTimeout::Never,
-                rule: Some("loopback"),
-            };
-        }
-        let path_timeout = match path.timeout {
-            IdleTimeout::After(seconds) => Some(seconds.get()),
+            None if is_loopback(remote_ip) => PathRule::Loopback,
+            None => PathRule::Default,
+        };
+        let timeout = match path_rule {
+            PathRule::Config(index) => self.paths.timeout(index as usize),
+            PathRule::Loopback => IdleTimeout::Never,
+            PathRule::Default => self.default_timeout,
+        };
+        let path_timeout = match timeout {
+            IdleTimeout::After(seconds) => Some(seconds),
             IdleTimeout::Never => None,
         };
-        let risk = path_timeout.and_then(|timeout| {
-            if idle_seconds < self.idle_threshold.as_secs_f64() {
-                None
-            } else if !keepalive.enabled {
-                Some(Risk::NoKeepalive)
-            } else if keepalive.idle_seconds >= f64::from(timeout) {
-                Some(Risk::KeepaliveTooSlow)
+        let pick = |own: u32, namespace: u32| {
+            if own != 0 {
+                (own, true)
             } else {
-                None
+                (namespace, false)
             }
-        });
-        // The middlebox sees every packet, keepalive ACKs included.
-        let path_idle = idle_seconds.min(last_ack_seconds);
-        let info = (record.info_known != 0 && record.info.owner_tgid != 0).then_some(&record.info);
-
-        TrackedSocket {
+        };
+        let (keepalive_idle, idle_own) = pick(record.keepalive_time, record.ns_keepalive_time);
+        let (keepalive_interval, interval_own) =
+            pick(record.keepalive_intvl, record.ns_keepalive_intvl);
+        let (keepalive_count, count_own) = if record.keepalive_probes != 0 {
+            (record.keepalive_probes, true)
+        } else {
+            (record.ns_keepalive_probes, false)
+        };
+        let mut socket = Socket {
             sock: record.sock,
-            family,
-            local,
-            remote,
+            local_addr: record.local_addr,
+            remote_addr: record.remote_addr,
+            local_port: record.local_port,
+            remote_port: record.remote_port,
             netns: record.netns,
             uid: record.uid,
+            last_send: age(record.last_send_age),
+            last_receive: age(record.last_recv_age),
+            last_ack: age(record.last_ack_age),
+            keepalive_idle,
+            keepalive_interval,
+            probes_answered: record.info.keepalive_probes_answered,
+            timer_runs: record.info.keepalive_timer_fires,
+            path_timeout,
+            path_rule,
+            owner,
+            is_ipv6,
+            keepalive_enabled: record.keepalive_enabled != 0,
+            keepalive_count,
+            keepalive_own: u8::from(idle_own)
+                | (u8::from(interval_own) << 1)
+                | (u8::from(count_own) << 2),
+            probes_unanswered: record.probes_out,
+            risk: None,
+        };
+        socket.risk = match self.coverage(&socket) {
+            Some(Coverage::Off) => Some(Risk::NoKeepalive),
+            Some(Coverage::TooSlow) => Some(Risk::KeepaliveTooSlow),
+            Some(Coverage::Effective) | None => None,
+        };
+        socket
+    }
+
+    /// Keepalive coverage of a socket idle at least the threshold on a path
+    /// with a timeout; None for the others. Off and too slow are the risks.
+    fn coverage(&self, socket: &Socket) -> Option<Coverage> {
+        let timeout = socket.path_timeout?;
+        if self.seconds(socket.idle()) < self.idle_threshold.as_secs_f64() {
+            return None;
+        }
+        Some(if !socket.keepalive_enabled {
+            Coverage::Off
+        } else if self.seconds(socket.keepalive_idle) >= f64::from(timeout.get()) {
+            Coverage::TooSlow
+        } else {
+            Coverage::Effective
+        })
+    }
+
+    /// The API's form of a compact socket.
+    pub fn view(&self, socket: &Socket, owner: Option<&Owner>) -> TrackedSocket {
+        let last_send_seconds = self.seconds(socket.last_send);
+        let last_receive_seconds = self.seconds(socket.last_receive);
+        let last_ack_seconds = self.seconds(socket.last_ack);
+        let idle_seconds = last_send_seconds.min(last_receive_seconds);
+        // The middlebox sees every packet, keepalive ACKs included.
+        let path_idle = idle_seconds.min(last_ack_seconds);
+        let path_timeout = socket.path_timeout.map(NonZeroU32::get);
+        let source = |bit: u8| {
+            if socket.keepalive_own & bit != 0 {
+                Source::Socket
+            } else {
+                Source::Namespace
+            }
+        };
+        TrackedSocket {
+            sock: socket.sock,
+            family: if socket.is_ipv6 { "ipv6" } else { "ipv4" },
+            local: SocketAddr::new(socket.local_ip(), socket.local_port),
+            remote: SocketAddr::new(socket.remote_ip(), socket.remote_port),
+            netns: socket.netns,
+            uid: socket.uid,
             last_send_seconds,
             last_receive_seconds,
             last_ack_seconds,
             idle_seconds,
             path_idle_timeout_seconds: path_timeout,
-            path_rule: path.rule.map(str::to_owned),
+            path_rule: match socket.path_rule {
+                PathRule::Config(index) => Some(self.paths.label(index as usize).to_owned()),
+                PathRule::Loopback => Some("loopback".to_owned()),
+                PathRule::Default => None,
+            },
             time_left_seconds: path_timeout.map(|timeout| f64::from(timeout) - path_idle),
-            keepalive,
-            at_risk: risk.is_some(),
-            risk,
-            pid: info.map(|info| info.owner_tgid),
-            comm: info.map(|info| comm(&info.owner_comm)),
-            cgroup_id: info.map(|info| info.owner_cgroup).filter(|id| *id != 0),
-            attribution: Arc::default(),
+            keepalive: Keepalive {
+                enabled: socket.keepalive_enabled,
+                idle_seconds: self.seconds(socket.keepalive_idle),
+                idle_from: source(1),
+                interval_seconds: self.seconds(socket.keepalive_interval),
+                interval_from: source(2),
+                count: socket.keepalive_count,
+                count_from: source(4),
+                probes_answered: socket.probes_answered,
+                probes_unanswered: socket.probes_unanswered,
+                timer_runs: self.keepalive_timer_seen.then_some(socket.timer_runs),
+            },
+            at_risk: socket.risk.is_some(),
+            risk: socket.risk,
+            pid: owner.map(|owner| owner.pid),
+            comm: owner.and_then(|owner| owner.comm.clone()),
+            cgroup_id: owner.and_then(|owner| owner.cgroup_id),
+            attribution: owner.map_or_else(Arc::default, |owner| Arc::clone(&owner.attribution)),
         }
     }
 
-    fn keepalive(&self, record: &SocketRecord) -> Keepalive {
-        let pick = |own: u32, namespace: u32| {
-            if own != 0 {
-                (own, Source::Socket)
-            } else {
-                (namespace, Source::Namespace)
-            }
-        };
-        let (idle, idle_from) = pick(record.keepalive_time, record.ns_keepalive_time);
-        let (interval, interval_from) = pick(record.keepalive_intvl, record.ns_keepalive_intvl);
-        let (count, count_from) = if record.keepalive_probes != 0 {
-            (record.keepalive_probes, Source::Socket)
-        } else {
-            (record.ns_keepalive_probes, Source::Namespace)
-        };
-        Keepalive {
-            enabled: record.keepalive_enabled != 0,
-            idle_seconds: self.seconds(idle),
-            idle_from,
-            interval_seconds: self.seconds(interval),
-            interval_from,
-            count,
-            count_from,
-            probes_answered: record.info.keepalive_probes_answered,
-            probes_unanswered: record.probes_out,
-            timer_runs: self
-                .keepalive_timer_seen
-                .then_some(record.info.keepalive_timer_fires),
+    /// A record classified on its own (events), attributed to the owner the
+    /// hooks saw but not further.
+    pub fn classify(&self, record: &SocketRecord) -> TrackedSocket {
+        let owner = Owner::of(record, |_, _| Arc::default());
+        self.view(&self.compact(record, NO_OWNER), owner.as_ref())
+    }
+}
+
+/// A jiffies age, with a stamp taken on another CPU just after the walk's
+/// clock read (which wraps to a huge age) read as zero.
+fn age(jiffies: u32) -> u32 {
+    if jiffies > u32::MAX / 2 { 0 } else { jiffies }
+}
+
+/// Which rule set a socket's path timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathRule {
+    Default,
+    Loopback,
+    /// The index of a `[[path]]` rule in the config.
+    Config(u32),
+}
+
+/// `Socket::owner` when the hooks never saw the socket's process.
+pub const NO_OWNER: u32 = u32::MAX;
+
+/// One tracked ESTABLISHED socket as a walk keeps it: about 100 bytes and
+/// no heap, so that a host's 200,000 sockets cost 20 MB between walks.
+/// `Classifier::view` renders the API's `TrackedSocket`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Socket {
+    pub sock: u64,
+    local_addr: [u8; 16],
+    remote_addr: [u8; 16],
+    local_port: u16,
+    remote_port: u16,
+    netns: u32,
+    uid: u32,
+    /// Ages in jiffies at the walk.
+    last_send: u32,
+    last_receive: u32,
+    last_ack: u32,
+    /// Effective keepalive idle time and interval, in jiffies.
+    keepalive_idle: u32,
+    keepalive_interval: u32,
+    probes_answered: u32,
+    timer_runs: u32,
+    path_timeout: Option<NonZeroU32>,
+    path_rule: PathRule,
+    /// Index into `Snapshot::owners`, or `NO_OWNER`.
+    pub owner: u32,
+    is_ipv6: bool,
+    keepalive_enabled: bool,
+    keepalive_count: u8,
+    /// Bits 0, 1, 2: idle time, interval and count set on the socket (else
+    /// by the namespace sysctls).
+    keepalive_own: u8,
+    probes_unanswered: u8,
+    pub risk: Option<Risk>,
+}
+
+impl Socket {
+    /// Jiffies since the later of the last send and the last receive.
+    pub fn idle(&self) -> u32 {
+        self.last_send.min(self.last_receive)
+    }
+
+    pub fn local_ip(&self) -> IpAddr {
+        address(self.is_ipv6, &self.local_addr)
+    }
+
+    pub fn remote_ip(&self) -> IpAddr {
+        address(self.is_ipv6, &self.remote_addr)
+    }
+}
+
+/// A process that owns sockets of a walk, shared by all of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: Option<String>,
+    pub cgroup_id: Option<u64>,
+    pub attribution: Arc<Attribution>,
+}
+
+impl Owner {
+    /// The process the hooks recorded for a walk record, if any.
+    pub fn of(
+        record: &SocketRecord,
+        attribute: impl FnOnce(Option<u32>, Option<u64>) -> Arc<Attribution>,
+    ) -> Option<Self> {
+        let info = &record.info;
+        if record.info_known == 0 || info.owner_tgid == 0 {
+            return None;
         }
+        let cgroup_id = Some(info.owner_cgroup).filter(|id| *id != 0);
+        let attribution = attribute(Some(info.owner_tgid), cgroup_id);
+        Some(Self {
+            pid: info.owner_tgid,
+            comm: attribution.comm.clone(),
+            cgroup_id,
+            attribution,
+        })
+    }
+}
+
+/// One walk's result: every socket, compact, and their owners.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// When the walk ran; None before the first one.
+    pub taken: Option<Instant>,
+    pub classifier: Arc<Classifier>,
+    pub sockets: Vec<Socket>,
+    pub owners: Vec<Owner>,
+}
+
+impl Snapshot {
+    pub fn empty(classifier: Arc<Classifier>) -> Self {
+        Self {
+            taken: None,
+            classifier,
+            sockets: Vec::new(),
+            owners: Vec::new(),
+        }
+    }
+
+    pub fn owner(&self, socket: &Socket) -> Option<&Owner> {
+        self.owners.get(socket.owner as usize)
+    }
+
+    pub fn view(&self, socket: &Socket) -> TrackedSocket {
+        self.classifier.view(socket, self.owner(socket))
+    }
+
+    /// Indices of the sockets a filter keeps, longest idle first.
+    pub fn select(&self, filter: &Filter) -> Vec<u32> {
+        let mut selected: Vec<u32> = (0..self.sockets.len() as u32)
+            .filter(|&index| filter.keeps(&self.classifier, &self.sockets[index as usize]))
+            .collect();
+        selected.sort_by_key(|&index| std::cmp::Reverse(self.sockets[index as usize].idle()));
+        selected
+    }
+}
+
+/// Builds a snapshot from walk records, attributing each owner once.
+pub struct SnapshotBuilder {
+    snapshot: Snapshot,
+    owner_index: HashMap<(u32, u64), u32>,
+}
+
+impl SnapshotBuilder {
+    /// `capacity`: the sockets expected (the last walk's count), so that the
+    /// table is allocated once.
+    pub fn new(classifier: Arc<Classifier>, capacity: usize) -> Self {
+        let mut snapshot = Snapshot::empty(classifier);
+        snapshot.sockets.reserve_exact(capacity);
+        Self {
+            snapshot,
+            owner_index: HashMap::new(),
+        }
+    }
+
+    pub fn add(
+        &mut self,
+        record: &SocketRecord,
+        attribute: impl FnOnce(Option<u32>, Option<u64>) -> Arc<Attribution>,
+    ) {
+        let info = &record.info;
+        let key = (info.owner_tgid, info.owner_cgroup);
+        let owner = match self.owner_index.get(&key) {
+            Some(&index) => index,
+            None => match Owner::of(record, attribute) {
+                Some(owner) => {
+                    let index = self.snapshot.owners.len() as u32;
+                    self.snapshot.owners.push(owner);
+                    self.owner_index.insert(key, index);
+                    index
+                }
+                None => NO_OWNER,
+            },
+        };
+        let socket = self.snapshot.classifier.compact(record, owner);
+        self.snapshot.sockets.push(socket);
+    }
+
+    pub fn finish(mut self, taken: Instant) -> Snapshot {
+        self.snapshot.taken = Some(taken);
+        self.snapshot
     }
 }
 
@@ -245,16 +479,11 @@ fn is_loopback(ip: IpAddr) -> bool {
     }
 }
 
-fn addresses(record: &SocketRecord) -> (IpAddr, IpAddr) {
-    if record.family == AF_INET {
-        let v4 =
-            |bytes: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]));
-        (v4(&record.local_addr), v4(&record.remote_addr))
+fn address(is_ipv6: bool, bytes: &[u8; 16]) -> IpAddr {
+    if is_ipv6 {
+        IpAddr::V6(Ipv6Addr::from(*bytes))
     } else {
-        (
-            IpAddr::V6(Ipv6Addr::from(record.local_addr)),
-            IpAddr::V6(Ipv6Addr::from(record.remote_addr)),
-        )
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
     }
 }
 
@@ -298,34 +527,32 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn of(sockets: &[TrackedSocket], idle_threshold: Duration) -> Self {
+    pub fn of(snapshot: &Snapshot) -> Self {
         let mut summary = Self {
-            tracked: sockets.len(),
+            tracked: snapshot.sockets.len(),
             ..Self::default()
         };
-        for socket in sockets {
+        // Counted per owner first: the labels are built once per owner, not
+        // once per socket.
+        let mut per_owner: HashMap<(Risk, u32), usize> = HashMap::new();
+        for socket in &snapshot.sockets {
+            if let Some(coverage) = snapshot.classifier.coverage(socket) {
+                summary.long_idle[coverage as usize] += 1;
+            }
             if let Some(risk) = socket.risk {
-                let labels = socket.attribution.labels(socket.comm.as_deref());
-                *summary.at_risk.entry((risk, labels)).or_default() += 1;
+                *per_owner.entry((risk, socket.owner)).or_default() += 1;
                 *summary
                     .at_risk_destinations
-                    .entry(socket.remote.ip())
+                    .entry(socket.remote_ip())
                     .or_default() += 1;
             }
-            let Some(timeout) = socket.path_idle_timeout_seconds else {
-                continue;
+        }
+        for ((risk, owner), count) in per_owner {
+            let labels = match snapshot.owners.get(owner as usize) {
+                Some(owner) => owner.attribution.labels(owner.comm.as_deref()),
+                None => Attribution::default().labels(None),
             };
-            if socket.idle_seconds < idle_threshold.as_secs_f64() {
-                continue;
-            }
-            let coverage = if !socket.keepalive.enabled {
-                Coverage::Off
-            } else if socket.keepalive.idle_seconds >= f64::from(timeout) {
-                Coverage::TooSlow
-            } else {
-                Coverage::Effective
-            };
-            summary.long_idle[coverage as usize] += 1;
+            *summary.at_risk.entry((risk, labels)).or_default() += count;
         }
         summary
     }
@@ -349,11 +576,12 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn keeps(&self, socket: &TrackedSocket) -> bool {
-        self.at_risk.is_none_or(|at_risk| socket.at_risk == at_risk)
+    pub fn keeps(&self, classifier: &Classifier, socket: &Socket) -> bool {
+        self.at_risk
+            .is_none_or(|at_risk| socket.risk.is_some() == at_risk)
             && self
                 .min_idle
-                .is_none_or(|min_idle| socket.idle_seconds >= min_idle)
+                .is_none_or(|min_idle| classifier.seconds(socket.idle()) >= min_idle)
     }
 }
 
@@ -503,12 +731,12 @@ mod tests {
         record.info_known = 1;
         record.info.owner_tgid = 4242;
         record.info.owner_cgroup = 99;
-        record.info.owner_comm = *b"python3\0\0\0\0\0\0\0\0\0";
         let socket = classifier("").classify(&record);
         assert_eq!(socket.family, "ipv6");
         assert_eq!(socket.remote.to_string(), "[2001:db8::7]:443");
         assert_eq!(socket.pid, Some(4242));
-        assert_eq!(socket.comm.as_deref(), Some("python3"));
+        // The name comes from /proc with the rest of the attribution.
+        assert_eq!(socket.comm, None);
         assert_eq!(socket.cgroup_id, Some(99));
     }
 
@@ -519,21 +747,40 @@ mod tests {
         assert_eq!(classifier("").classify(&record).last_send_seconds, 0.0);
     }
 
+    fn snapshot(classifier: Classifier, records: &[SocketRecord]) -> Snapshot {
+        let mut builder = SnapshotBuilder::new(Arc::new(classifier), 0);
+        for record in records {
+            builder.add(record, |pid, _| {
+                Arc::new(Attribution {
+                    unit: pid.map(|pid| format!("unit-of-{pid}.service")),
+                    comm: Some("java".to_owned()),
+                    ..Attribution::default()
+                })
+            });
+        }
+        builder.finish(Instant::now())
+    }
+
+    fn owned(mut record: SocketRecord, pid: u32) -> SocketRecord {
+        record.info_known = 1;
+        record.info.owner_tgid = pid;
+        record
+    }
+
     #[test]
     fn summary_counts_risks_and_coverage() {
-        let classifier = classifier("");
         let mut effective = record(400, true);
         effective.keepalive_time = 60 * HZ;
-        let sockets: Vec<_> = [
-            record(400, false),
-            record(400, true),
-            effective,
-            record(10, false),
-        ]
-        .iter()
-        .map(|record| classifier.classify(record))
-        .collect();
-        let summary = Summary::of(&sockets, Duration::from_secs(300));
+        let snapshot = snapshot(
+            classifier(""),
+            &[
+                record(400, false),
+                record(400, true),
+                effective,
+                record(10, false),
+            ],
+        );
+        let summary = Summary::of(&snapshot);
         assert_eq!(summary.tracked, 4);
         assert_eq!(summary.at_risk_total(Risk::NoKeepalive), 1);
         assert_eq!(summary.at_risk_total(Risk::KeepaliveTooSlow), 1);
@@ -549,20 +796,110 @@ mod tests {
     }
 
     #[test]
-    fn filters() {
-        let classifier = classifier("");
-        let risky = classifier.classify(&record(400, false));
-        let fresh = classifier.classify(&record(3, false));
+    fn owners_are_attributed_once_and_label_their_sockets() {
+        let records = [
+            owned(record(400, false), 10),
+            owned(record(500, false), 10),
+            owned(record(400, true), 11),
+            record(400, false),
+        ];
+        let mut attributed = Vec::new();
+        let mut builder = SnapshotBuilder::new(Arc::new(classifier("")), 0);
+        for record in &records {
+            builder.add(record, |pid, _| {
+                attributed.push(pid);
+                Arc::default()
+            });
+        }
+        assert_eq!(attributed, vec![Some(10), Some(11)]);
+
+        let snapshot = snapshot(classifier(""), &records);
+        assert_eq!(snapshot.owners.len(), 2);
+        let first = snapshot.view(&snapshot.sockets[1]);
+        assert_eq!(first.pid, Some(10));
+        assert_eq!(first.comm.as_deref(), Some("java"));
+        assert_eq!(
+            first.attribution.unit.as_deref(),
+            Some("unit-of-10.service")
+        );
+        assert_eq!(snapshot.view(&snapshot.sockets[3]).pid, None);
+
+        let summary = Summary::of(&snapshot);
+        let labels = |unit: &str| [String::new(), String::new(), unit.to_owned()];
+        assert_eq!(
+            summary
+                .at_risk
+                .get(&(Risk::NoKeepalive, labels("unit-of-10.service"))),
+            Some(&2)
+        );
+        assert_eq!(
+            summary
+                .at_risk
+                .get(&(Risk::KeepaliveTooSlow, labels("unit-of-11.service"))),
+            Some(&1)
+        );
+        assert_eq!(
+            summary.at_risk.get(&(Risk::NoKeepalive, labels("unknown"))),
+            Some(&1)
+        );
+    }
+
+    #[test]
+    fn compact_sockets_render_what_classify_renders() {
+        let classifier =
+            classifier("[[path]]\nname = \"api\"\ncidr = \"52.1.0.0/16\"\nidle_timeout = 600\n");
+        let mut record = owned(record(700, true), 7);
+        record.keepalive_intvl = 10 * HZ;
+        record.keepalive_probes = 3;
+        record.probes_out = 2;
+        record.info.keepalive_probes_answered = 5;
+        let view = classifier.view(&classifier.compact(&record, NO_OWNER), None);
+        let whole = classifier.classify(&record);
+        assert_eq!(view.path_rule.as_deref(), Some("api"));
+        assert_eq!(view.keepalive.interval_from, Source::Socket);
+        assert_eq!(view.keepalive.idle_from, Source::Namespace);
+        assert_eq!(view.keepalive.count, 3);
+        assert_eq!(view.keepalive.probes_unanswered, 2);
+        assert_eq!(view.keepalive.probes_answered, 5);
+        assert_eq!(view.risk, Some(Risk::KeepaliveTooSlow));
+        assert_eq!(view.pid, None);
+        assert_eq!(whole.pid, Some(7));
+        assert_eq!(
+            TrackedSocket {
+                pid: None,
+                comm: None,
+                ..whole
+            },
+            view
+        );
+    }
+
+    #[test]
+    fn filters_select_longest_idle_first() {
+        let snapshot = snapshot(
+            classifier(""),
+            &[
+                record(3, false),
+                record(400, false),
+                record(900, true),
+                record(150, false),
+            ],
+        );
         let at_risk = Filter {
             at_risk: Some(true),
             min_idle: None,
         };
-        assert!(at_risk.keeps(&risky) && !at_risk.keeps(&fresh));
+        assert_eq!(snapshot.select(&at_risk), vec![2, 1]);
         let min_idle = Filter {
             at_risk: None,
             min_idle: Some(100.0),
         };
-        assert!(min_idle.keeps(&risky) && !min_idle.keeps(&fresh));
-        assert!(Filter::default().keeps(&fresh));
+        assert_eq!(snapshot.select(&min_idle), vec![2, 1, 3]);
+        assert_eq!(snapshot.select(&Filter::default()), vec![2, 1, 3, 0]);
+        let not_at_risk = Filter {
+            at_risk: Some(false),
+            min_idle: None,
+        };
+        assert_eq!(snapshot.select(&not_at_risk), vec![3, 0]);
     }
 }

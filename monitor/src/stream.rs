@@ -67,8 +67,16 @@ pub fn spawn(
                 };
                 if record.pid.is_some() || record.cgroup_id.is_some() {
                     record.attribution = sinks.attributor.attribute(record.pid, record.cgroup_id);
+                    // The process's name, as ps shows it; the task's own name
+                    // (a thread's) only when /proc no longer has the process.
+                    if record.attribution.comm.is_some() {
+                        record.comm.clone_from(&record.attribution.comm);
+                    }
                     if let Some(socket) = &mut record.socket {
                         socket.attribution = record.attribution.clone();
+                        if socket.pid.is_some() {
+                            socket.comm.clone_from(&record.attribution.comm);
+                        }
                     }
                 }
                 sinks.metrics.observe_event(&record);

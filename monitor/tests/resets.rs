@@ -20,8 +20,7 @@ use std::{
 };
 
 use common::{
-    CLIENT_COMM, Daemon, Keepalive, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, echo,
-    wait_for,
+    Daemon, Keepalive, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, echo, wait_for,
 };
 use serde_json::Value;
 
@@ -107,7 +106,7 @@ fn reuse_after_the_nat_timeout_is_logged_then_the_reset_explained() {
     let (send, logged_reset) = (&lines[0], &lines[1]);
     assert_eq!(logged_reset, &reset, "log and /events agree");
 
-    assert_eq!(send["comm"], CLIENT_COMM);
+    assert_eq!(send["comm"], common::own_comm().as_str());
     assert_eq!(reset["classification"], "idle_timeout_suspected");
     assert_eq!(reset["remote"], format!("{SERVER_IP}:8101"));
     assert_eq!(reset["reuse"]["event_id"], send["id"]);
@@ -360,7 +359,7 @@ fn unanswered_keepalive_probes_are_a_keepalive_timeout_event() {
     })
     .unwrap_or_else(|| panic!("no keepalive_timeout event after {:?}", started.elapsed()));
     assert_eq!(death["error"], "ETIMEDOUT");
-    assert_eq!(death["comm"], CLIENT_COMM);
+    assert_eq!(death["comm"], common::own_comm().as_str());
     assert!(counter(&daemon, "idlemon_keepalive_timeouts_total") >= 1.0);
     let mut buffer = [0u8; 1];
     let error = stream

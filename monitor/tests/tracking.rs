@@ -122,8 +122,13 @@ fn idle_client_without_keepalive_is_flagged_then_reset() {
     assert_eq!(flagged["remote"], format!("{}:8001", common::SERVER_IP));
     assert_eq!(
         flagged["comm"],
-        common::CLIENT_COMM,
+        common::own_comm().as_str(),
         "attributed to the test client: {flagged:#}"
+    );
+    assert_ne!(
+        flagged["comm"],
+        common::CLIENT_THREAD_COMM,
+        "the process, not the thread"
     );
     assert_eq!(flagged["pid"], std::process::id());
     // Attribution end to end: the cgroup this test runs in.

@@ -37,6 +37,9 @@ pub struct Attribution {
     pub workload: Option<String>,
     /// The systemd unit, on plain hosts.
     pub unit: Option<String>,
+    /// The process name (`/proc/PID/comm`); reported as `comm` beside the pid.
+    #[serde(skip)]
+    pub comm: Option<String>,
 }
 
 impl Attribution {
@@ -107,6 +110,17 @@ impl Attributor {
     }
 
     fn resolve(&mut self, pid: Option<u32>, cgroup_id: Option<u64>) -> Attribution {
+        let comm = pid.and_then(|pid| {
+            let comm = fs::read_to_string(self.proc_root.join(format!("{pid}/comm"))).ok()?;
+            Some(comm.trim_end_matches('\n').to_owned())
+        });
+        Attribution {
+            comm,
+            ..self.resolve_cgroup(pid, cgroup_id)
+        }
+    }
+
+    fn resolve_cgroup(&mut self, pid: Option<u32>, cgroup_id: Option<u64>) -> Attribution {
         let path = pid
             .and_then(|pid| self.path_of_pid(pid))
             .or_else(|| cgroup_id.and_then(|id| self.cgroups.path_of(id)));
@@ -135,6 +149,7 @@ impl Attributor {
             container_runtime: container.runtime,
             pod_uid: container.pod_uid,
             cgroup_path: Some(path),
+            comm: None,
         }
     }
 
@@ -248,6 +263,8 @@ mod tests {
         let expected =
             cgroup::path_from_proc(&fs::read_to_string("/proc/self/cgroup").expect("cgroup"));
         assert_eq!(attribution.cgroup_path, expected);
+        let comm = fs::read_to_string("/proc/self/comm").expect("comm");
+        assert_eq!(attribution.comm.as_deref(), Some(comm.trim_end()));
     }
 
     #[test]

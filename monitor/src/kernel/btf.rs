@@ -578,19 +578,29 @@ fn btf_name<'a>(bytes: &'a [u8], strings: &Range<usize>, off: u32) -> Option<&'a
     rest.get(..len)
 }
 
+/// Hand-assembled BTF, for this reader's tests and the layout's.
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
     /// Or'ed into a kind to set the type's kind_flag.
-    const KF: u32 = 0x100;
+    pub(crate) const KF: u32 = 0x100;
 
     /// Assembles BTF blobs by hand; ids are handed out in insertion order from 1.
-    struct Builder {
+    pub(crate) struct Builder {
         types: Vec<u8>,
         strings: Vec<u8>,
-        next_id: u32,
+        pub(crate) next_id: u32,
+    }
+
+    impl Default for Builder {
+        fn default() -> Self {
+            Self {
+                types: Vec::new(),
+                strings: vec![0],
+                next_id: 1,
+            }
+        }
     }
 
     impl Builder {
@@ -602,7 +612,14 @@ mod tests {
             self.strings.push(0);
             (self.strings.len() - s.len() - 1) as u32
         }
-        fn ty(&mut self, name: &str, kind: u32, vlen: u32, size_or_type: u32, tail: &[u32]) -> u32 {
+        pub(crate) fn ty(
+            &mut self,
+            name: &str,
+            kind: u32,
+            vlen: u32,
+            size_or_type: u32,
+            tail: &[u32],
+        ) -> u32 {
             let info = (u32::from(kind & KF != 0) << 31) | ((kind & 0x1f) << 24) | vlen;
             let name = self.str(name);
             for w in [name, info, size_or_type].iter().chain(tail) {
@@ -612,14 +629,44 @@ mod tests {
             self.next_id - 1
         }
         /// Members are (name, type, raw offset word).
-        fn comp(&mut self, kind: u32, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+        pub(crate) fn comp(
+            &mut self,
+            kind: u32,
+            name: &str,
+            size: u32,
+            members: &[(&str, u32, u32)],
+        ) -> u32 {
             let mut tail = Vec::new();
             for &(name, ty, off) in members {
                 tail.extend([self.str(name), ty, off]);
             }
             self.ty(name, kind, members.len() as u32, size, &tail)
         }
-        fn enumer(&mut self, kind: u32, name: &str, values: &[(&str, u64)]) -> u32 {
+        /// An unsigned integer of `size` bytes.
+        pub(crate) fn int(&mut self, name: &str, size: u32) -> u32 {
+            self.ty(name, INT, 0, size, &[size * 8])
+        }
+        /// Members are (name, type, byte offset).
+        pub(crate) fn structure(
+            &mut self,
+            name: &str,
+            size: u32,
+            members: &[(&str, u32, u32)],
+        ) -> u32 {
+            self.plain(STRUCT, name, size, members)
+        }
+        /// Members are (name, type, byte offset).
+        pub(crate) fn union(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+            self.plain(UNION, name, size, members)
+        }
+        fn plain(&mut self, kind: u32, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+            let in_bits: Vec<_> = members
+                .iter()
+                .map(|&(name, ty, offset)| (name, ty, offset * 8))
+                .collect();
+            self.comp(kind, name, size, &in_bits)
+        }
+        pub(crate) fn enumer(&mut self, kind: u32, name: &str, values: &[(&str, u64)]) -> u32 {
             let mut tail = Vec::new();
             for &(name, v) in values {
                 tail.extend([self.str(name), v as u32]);
@@ -630,7 +677,7 @@ mod tests {
             let size = if kind & 0x1f == ENUM64 { 8 } else { 4 };
             self.ty(name, kind, values.len() as u32, size, &tail)
         }
-        fn build(&self) -> Vec<u8> {
+        pub(crate) fn build(&self) -> Vec<u8> {
             let tlen = self.types.len() as u32;
             let mut out = vec![0x9f, 0xeb, VERSION, 0];
             for w in [24, 0, tlen, tlen, self.strings.len() as u32] {
@@ -641,13 +688,16 @@ mod tests {
             out
         }
     }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::testing::{Builder, KF};
+    use super::*;
 
     fn sample() -> Vec<u8> {
-        let mut b = Builder {
-            types: Vec::new(),
-            strings: vec![0],
-            next_id: 1,
-        };
+        let mut b = Builder::default();
         // Kinds that lookups never touch come first, so a mis-sized walk
         // would shift every later id and break the tests below.
         let u8_ = b.ty("u8", INT, 0, 1, &[8]);

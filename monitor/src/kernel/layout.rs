@@ -4,7 +4,7 @@
 use anyhow::{Context as _, bail};
 use monitor_common::KernelLayout;
 
-use super::btf::{KernelBtf, Member};
+use super::btf::{BtfError, KernelBtf, Member};
 
 /// Resolves every offset, checking each member's size against what the
 /// programs read so that a changed kernel fails loudly instead of reporting
@@ -43,7 +43,7 @@ pub fn resolve(btf: &KernelBtf) -> anyhow::Result<KernelLayout> {
         skc_net: sock("__sk_common.skc_net", &[8])?,
         // Moved into sock_common (as skc_flags) in 6.16.
         sk_flags: sock("sk_flags", &[8]).or_else(|_| sock("__sk_common.skc_flags", &[8]))?,
-        sk_timer: sock("sk_timer", &[])?,
+        sk_timer: keepalive_timer(btf)?,
         keepopen_bit: keepopen as u32,
         lsndtime: tcp("lsndtime", &[4])?,
         rcv_tstamp: tcp("rcv_tstamp", &[4])?,
@@ -66,6 +66,25 @@ pub fn resolve(btf: &KernelBtf) -> anyhow::Result<KernelLayout> {
     })
 }
 
+/// Offset from the socket of the timer that `tcp_keepalive_timer` runs on:
+/// the keepalive hook subtracts it from its `struct timer_list *`.
+///
+/// Upstream "tcp: introduce icsk->icsk_keepalive_timer" (net-next, 2025-11)
+/// moved the keepalive timer out of `sock.sk_timer`, and stable kernels carry
+/// it: Debian's 6.1.0-56 and 6.12.117 set up the keepalive handler at
+/// sk + 1176 and sk + 1184 (`inet_csk_init_xmit_timers`), where BTF has
+/// `icsk_keepalive_timer`, although BTF still has `sk_timer` (at 408 and
+/// 448). Where the member exists it is the one; older kernels use `sk_timer`.
+fn keepalive_timer(btf: &KernelBtf) -> anyhow::Result<u32> {
+    match btf.member("tcp_sock", "inet_conn.icsk_keepalive_timer") {
+        Ok(Member { offset, .. }) => Ok(offset),
+        Err(BtfError::NoSuchMember { .. }) => {
+            member(btf, "tcp_sock", "inet_conn.icsk_inet.sk.sk_timer", &[])
+        }
+        Err(e) => Err(e).context("idlemon cannot find the keepalive timer on this kernel"),
+    }
+}
+
 /// One member's offset; `sizes` lists the accepted sizes (empty: any).
 fn member(btf: &KernelBtf, ty: &str, path: &str, sizes: &[u32]) -> anyhow::Result<u32> {
     let Member { offset, size } = btf
@@ -79,7 +98,56 @@ fn member(btf: &KernelBtf, ty: &str, path: &str, sizes: &[u32]) -> anyhow::Resul
 
 #[cfg(test)]
 mod tests {
+    use super::super::btf::testing::Builder;
     use super::*;
+
+    /// The socket structs as Debian's 6.1.0-56 BTF has them, reduced to the
+    /// keepalive timer candidates (offsets and sizes are the real ones), with
+    /// or without `icsk_keepalive_timer`.
+    fn tcp_sock_btf(icsk_keepalive_timer: bool) -> KernelBtf {
+        let mut b = Builder::default();
+        let u64_ = b.int("u64", 8);
+        let timer = b.structure(
+            "timer_list",
+            40,
+            &[("expires", u64_, 16), ("function", u64_, 24)],
+        );
+        let sk_timers = b.union(
+            "",
+            40,
+            &[("sk_timer", timer, 0), ("mptcp_retransmit_timer", timer, 0)],
+        );
+        let sock = b.structure("sock", 776, &[("", sk_timers, 408)]);
+        let inet = b.structure("inet_sock", 992, &[("sk", sock, 0)]);
+        let mut icsk_members = vec![("icsk_inet", inet, 0)];
+        if icsk_keepalive_timer {
+            let icsk_timers = b.union(
+                "",
+                40,
+                &[
+                    ("icsk_keepalive_timer", timer, 0),
+                    ("mptcp_tout_timer", timer, 0),
+                ],
+            );
+            icsk_members.push(("", icsk_timers, 1176));
+        }
+        let icsk = b.structure("inet_connection_sock", 1440, &icsk_members);
+        b.structure("tcp_sock", 2280, &[("inet_conn", icsk, 0)]);
+        KernelBtf::parse(b.build()).unwrap()
+    }
+
+    #[test]
+    fn keepalive_timer_is_icsk_keepalive_timer_where_it_exists() {
+        let btf = tcp_sock_btf(true);
+        // The disused sk_timer is still there; the hook must not take it.
+        assert_eq!(btf.member("sock", "sk_timer").unwrap().offset, 408);
+        assert_eq!(keepalive_timer(&btf).unwrap(), 1176);
+    }
+
+    #[test]
+    fn keepalive_timer_is_sk_timer_on_older_kernels() {
+        assert_eq!(keepalive_timer(&tcp_sock_btf(false)).unwrap(), 408);
+    }
 
     #[test]
     fn resolves_on_the_running_kernel() {

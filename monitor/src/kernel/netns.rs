@@ -65,10 +65,14 @@ pub struct Walker {
     link: OwnedFd,
     home: File,
     home_inode: u64,
-    /// Reused between walks: 200k sockets are 29 MB of records, and growing
-    /// a fresh buffer each walk costs copies and page faults.
-    buffer: std::cell::RefCell<Vec<u8>>,
+    /// One read's worth of records, reused: records are decoded as they
+    /// arrive, never all held at once.
+    buffer: std::cell::RefCell<Box<[u8]>>,
 }
+
+/// Records per read(2) of the iterator: large enough that the syscalls cost
+/// little, small enough to stay in cache.
+const RECORDS_PER_READ: usize = 256;
 
 /// Why one namespace could not be walked.
 #[derive(Debug, thiserror::Error)]
@@ -94,15 +98,17 @@ impl Walker {
             link,
             home,
             home_inode,
-            buffer: std::cell::RefCell::default(),
+            buffer: std::cell::RefCell::new(
+                vec![0; RECORDS_PER_READ * size_of::<SocketRecord>()].into_boxed_slice(),
+            ),
         })
     }
 
-    /// Appends the records of every ESTABLISHED socket in `namespace` to `into`.
+    /// Hands the record of every ESTABLISHED socket in `namespace` to `visit`.
     pub fn walk(
         &self,
         namespace: &Namespace,
-        into: &mut Vec<SocketRecord>,
+        mut visit: impl FnMut(&SocketRecord),
     ) -> Result<(), WalkError> {
         let iterator = if namespace.inode == self.home_inode {
             create_iterator(&self.link)
@@ -133,16 +139,28 @@ impl Walker {
             path: namespace.path.clone(),
             source,
         })?;
-        let mut bytes = self.buffer.borrow_mut();
-        bytes.clear();
-        File::from(iterator)
-            .read_to_end(&mut bytes)
-            .map_err(|source| WalkError::Walk {
-                path: namespace.path.clone(),
-                source,
-            })?;
-        into.extend(decode(&bytes));
-        Ok(())
+        let mut buffer = self.buffer.borrow_mut();
+        let mut iterator = File::from(iterator);
+        // A read may end inside a record: the rest comes with the next one.
+        let mut filled = 0;
+        loop {
+            let read = match iterator.read(&mut buffer[filled..]) {
+                Ok(0) => return Ok(()),
+                Ok(read) => read,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(WalkError::Walk {
+                        path: namespace.path.clone(),
+                        source,
+                    });
+                }
+            };
+            filled += read;
+            let whole = filled - filled % size_of::<SocketRecord>();
+            decode(&buffer[..whole]).for_each(|record| visit(&record));
+            buffer.copy_within(whole..filled, 0);
+            filled -= whole;
+        }
     }
 }
 
@@ -175,7 +193,7 @@ mod tests {
             local_port: 443,
             ..SocketRecord::default()
         };
-        first.info.owner_comm = *b"curl\0\0\0\0\0\0\0\0\0\0\0\0";
+        first.info.owner_tgid = 4242;
         let mut second = first;
         second.remote_port = 5432;
         let mut bytes = Vec::new();

@@ -29,8 +29,17 @@ pub const NAT_CLIENT_SIDE_IP: &str = "192.0.2.1";
 pub const NAT_SERVER_SIDE_IP: &str = "198.51.100.1";
 pub const SERVER_IP: &str = "198.51.100.2";
 pub const DAEMON_PORT: u16 = 9781;
-/// The task name of test clients made by `NatPath::connect`.
-pub const CLIENT_COMM: &str = "idle-client";
+/// The connecting thread of `NatPath::connect` has its own task name; what
+/// idlemon reports is the process's (`/proc/PID/comm`, as `ps` shows it).
+pub const CLIENT_THREAD_COMM: &str = "idle-client";
+
+/// This test process's name, which idlemon reports for its sockets.
+pub fn own_comm() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .unwrap()
+        .trim_end()
+        .to_owned()
+}
 
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(program: &str, args: &[&str]) -> Output {
@@ -273,8 +282,8 @@ impl NatPath {
 
     /// A client connection to the echo server, configured by `keepalive`
     /// before connect, as applications do.
-    /// The connecting thread is named CLIENT_COMM, so that attribution can
-    /// be checked.
+    /// The connecting thread is named CLIENT_THREAD_COMM, so that a report
+    /// of the thread's name instead of the process's shows.
     pub fn connect(&self, port: u16, keepalive: Keepalive) -> TcpStream {
         let target: SocketAddr = format!("{SERVER_IP}:{port}").parse().unwrap();
         self.client.run(move || {

@@ -162,6 +162,16 @@ pub const EXPECTATIONS: &[Expectation] = &[
     ),
 ];
 
+/// Whether an attached keepalive hook must have counted the keepalive
+/// socket's timer runs, or a zero only earns a warning. Required in the VMs,
+/// whose kernels keep the keepalive timer in `icsk_keepalive_timer` rather
+/// than `sk_timer`: a zero there means idlemon took the wrong timer, with
+/// every attach kind. On the host, whose kernel is whatever the machine runs,
+/// a zero stays a warning.
+pub fn timer_runs_required(target: Target) -> bool {
+    matches!(target, Target::V6_1 | Target::V6_12)
+}
+
 pub fn expectation(target: Target, mode: Mode) -> Option<&'static Expectation> {
     EXPECTATIONS
         .iter()
@@ -381,7 +391,7 @@ pub fn parse_guest_output(text: &str) -> GuestReport {
 pub struct Check {
     pub cell: String,
     pub failure: Option<String>,
-    /// Worth saying, not failing for (the optional timer_runs check).
+    /// Worth saying, not failing for (timer_runs where it is optional).
     pub warning: Option<String>,
 }
 
@@ -545,7 +555,7 @@ pub fn judge(target: Target, mode: Mode, observation: Option<&ModeObservation>) 
                 judge_idle(observed, ports),
                 judge_keepalive(observed, ports),
                 judge_reset(observed, ports),
-                judge_timer_runs(observed, ports, keepalive_hook),
+                judge_timer_runs(observed, ports, keepalive_hook, timer_runs_required(target)),
             )
         }
     };
@@ -653,11 +663,16 @@ fn judge_reset(observed: &ModeObservation, ports: Ports) -> Check {
     }
 }
 
-/// Optional: the keepalive hook counts timer runs only where it attached.
-/// With TCP_KEEPIDLE=1 the timer has run by the time the walk is read (an
-/// answered probe proves it: only that timer sends keepalive probes), so a
-/// count of 0 is worth a warning.
-fn judge_timer_runs(observed: &ModeObservation, ports: Ports, hook: Option<&str>) -> Check {
+/// The keepalive hook counts timer runs only where it attached. With
+/// TCP_KEEPIDLE=1 the timer has run by the time the walk is read (an answered
+/// probe proves it: only that timer sends keepalive probes), so a count of 0
+/// is a failure where `required`, else a warning.
+fn judge_timer_runs(
+    observed: &ModeObservation,
+    ports: Ports,
+    hook: Option<&str>,
+    required: bool,
+) -> Check {
     let Some(socket) = find_socket(&observed.sockets, ports.keepalive) else {
         return Check::pass("-");
     };
@@ -672,11 +687,18 @@ fn judge_timer_runs(observed: &ModeObservation, ports: Ports, hook: Option<&str>
         .counters
         .get("idlemon_keepalive_timer_runs_total")
         .map_or_else(|| "not reported".to_owned(), ToString::to_string);
+    let uncounted = |cell: &str, why: String| {
+        if required {
+            Check::fail(why)
+        } else {
+            Check::warn(cell, why)
+        }
+    };
     match (hook, runs) {
         (None | Some("none"), None) => Check::pass("-"),
         (None | Some("none"), Some(runs)) => Check::pass(runs.to_string()),
         (Some(_), Some(runs)) if runs > 0 => Check::pass(runs.to_string()),
-        (Some(kind), Some(_)) => Check::warn(
+        (Some(kind), Some(_)) => uncounted(
             "0",
             format!(
                 "keepalive hook attached as {kind}, but the socket's timer_runs is 0 although \
@@ -684,7 +706,7 @@ fn judge_timer_runs(observed: &ModeObservation, ports: Ports, hook: Option<&str>
                  idlemon_keepalive_timer_runs_total {total}"
             ),
         ),
-        (Some(kind), None) => Check::warn(
+        (Some(kind), None) => uncounted(
             "null",
             format!("keepalive hook attached as {kind}, but timer_runs is null"),
         ),
@@ -1077,16 +1099,27 @@ LOG default INFO hook attached
             .replace("\"timer_runs\":2", "\"timer_runs\":null");
         let report = parse_guest_output(&broken);
         let row = judge(Target::V6_12, Mode::Default, report.mode("default"));
-        for check in [&row.idle, &row.keepalive, &row.reset, &row.exit] {
+        for check in [
+            &row.idle,
+            &row.keepalive,
+            &row.reset,
+            &row.timer_runs,
+            &row.exit,
+        ] {
             assert_eq!(check.cell, "FAIL", "{check:?}");
         }
-        assert_eq!(row.timer_runs.cell, "null");
-        assert_eq!(row.failures().len(), 4, "{:?}", row.failures());
-        assert_eq!(row.warnings().len(), 1);
+        let failures = row.failures();
+        assert_eq!(failures.len(), 5, "{failures:?}");
+        assert!(
+            failures.iter().any(|f| f.contains("timer_runs is null")),
+            "{failures:?}"
+        );
+        assert!(row.warnings().is_empty());
     }
 
+    /// The VM kernels must count keepalive timer runs; the host only warns.
     #[test]
-    fn warns_when_the_keepalive_timer_went_uncounted() {
+    fn an_uncounted_keepalive_timer_fails_in_vms_and_warns_natively() {
         let output = passing_default()
             .replace("\"timer_runs\":2", "\"probes_answered\":1,\"timer_runs\":0")
             + "METRIC default idlemon_keepalive_timer_runs_total 0\n";
@@ -1096,15 +1129,30 @@ LOG default INFO hook attached
             observed.and_then(|o| o.counters.get("idlemon_keepalive_timer_runs_total")),
             Some(&0.0)
         );
-        let row = judge(Target::V6_1, Mode::Default, observed);
+        let mentions_the_evidence = |why: &str| {
+            why.contains("probes_answered 1")
+                && why.contains("idlemon_keepalive_timer_runs_total 0")
+        };
+        for target in [Target::V6_1, Target::V6_12] {
+            let row = judge(target, Mode::Default, observed);
+            assert_eq!(row.timer_runs.cell, "FAIL");
+            let failures = row.failures();
+            assert_eq!(failures.len(), 1, "{failures:?}");
+            assert!(
+                failures[0].starts_with("keepalive timer_runs: ")
+                    && mentions_the_evidence(&failures[0]),
+                "{failures:?}"
+            );
+        }
+
+        // The host attaches tracepoints where the VMs attach fentry.
+        let native = output.replace("kind=\"fentry\"", "kind=\"tp_btf\"");
+        let report = parse_guest_output(&native);
+        let row = judge(Target::Native, Mode::Default, report.mode("default"));
         assert_eq!(row.timer_runs.cell, "0");
         assert!(row.failures().is_empty(), "{:?}", row.failures());
         let warnings = row.warnings();
-        assert!(
-            warnings[0].contains("probes_answered 1")
-                && warnings[0].contains("idlemon_keepalive_timer_runs_total 0"),
-            "{warnings:?}"
-        );
+        assert!(mentions_the_evidence(&warnings[0]), "{warnings:?}");
     }
 
     #[test]
