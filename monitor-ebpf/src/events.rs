@@ -9,7 +9,7 @@ use aya_ebpf::{
 use monitor_common::{Event, counter, event_kind};
 
 use crate::{
-    kernel::{Untyped, jiffies32, offset, read, snapshot},
+    kernel::{Untyped, jiffies32, offset, read, recorded, snapshot},
     maps::count,
 };
 
@@ -23,6 +23,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 pub fn emit(kind: u8, sk: u64) -> Result<(), u32> {
     emit_with(kind, |event| {
         if snapshot::<Untyped>(sk, &mut event.socket).is_ok() {
+            recorded(sk, &mut event.socket);
             event.socket_known = 1;
         }
         event.error = read::<i32>(sk, offset!(sk_err)).unwrap_or(0) as u32;

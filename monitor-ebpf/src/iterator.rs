@@ -8,16 +8,28 @@
 //! The context is `struct bpf_iter__tcp { meta; sk_common; uid }`, three
 //! 8-byte slots fixed by the kernel ABI.
 
-use aya_ebpf::{cty::c_void, helpers::generated::bpf_seq_write, macros::map, maps::PerCpuArray};
+use aya_ebpf::{
+    cty::c_void,
+    helpers::generated::bpf_seq_write,
+    macros::map,
+    maps::{Array, PerCpuArray},
+};
 use monitor_common::{SocketRecord, TCP_ESTABLISHED};
 
-use crate::kernel::{Memory, Typed, offset, snapshot};
+use crate::kernel::{Memory, Typed, forget_recorded, idle_threshold, offset, recorded, snapshot};
 
 /// The record being built, per CPU: on the stack it would have to be zeroed
 /// for every socket (a 120-byte `memset` loop), where `snapshot` writes
 /// every field anyway.
 #[map]
 static WALK_RECORD: PerCpuArray<SocketRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Set by user space before a walk: 1 to look up what the hooks recorded
+/// (owner, keepalive counts) for every socket, 0 only for sockets idle at
+/// least the idle threshold (the only ones that can be at risk). The lookup
+/// is a third of a walk's cost on a host with many sockets.
+#[map]
+static WALK_OPTIONS: Array<u32> = Array::with_max_entries(1, 0);
 
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
@@ -58,6 +70,13 @@ fn try_walk_tcp(ctx: *mut c_void) -> Result<i32, i32> {
     let record = unsafe { &mut *record };
     record.uid = uid;
     snapshot::<Typed>(sk, record).map_err(|_| 0)?;
+    let every_owner = WALK_OPTIONS.get(0).is_none_or(|&all| all != 0);
+    let idle = record.last_send_age.min(record.last_recv_age);
+    if every_owner || idle >= idle_threshold() {
+        recorded(sk, record);
+    } else {
+        forget_recorded(record);
+    }
     // SAFETY: `seq` comes from the iterator meta and `record` is a map value.
     unsafe {
         bpf_seq_write(

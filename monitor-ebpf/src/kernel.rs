@@ -168,9 +168,10 @@ pub fn idle_for<M: Memory>(tp: u64, now: u32) -> Result<u32, u32> {
     })
 }
 
-/// Reads everything idlemon reports about a full TCP socket (`tp`, as
-/// `M::tcp_sock` returned it). Writes every field but `uid`, so that a
-/// reused buffer carries nothing over from the previous socket.
+/// Reads what the kernel knows about a full TCP socket (`tp`, as
+/// `M::tcp_sock` returned it): every field but `uid` and `info` (see
+/// `recorded`), so that a reused buffer carries nothing over from the
+/// previous socket.
 #[inline(always)]
 pub fn snapshot<M: Memory>(tp: u64, record: &mut SocketRecord) -> Result<(), u32> {
     record.sock = tp;
@@ -212,7 +213,12 @@ pub fn snapshot<M: Memory>(tp: u64, record: &mut SocketRecord) -> Result<(), u32
     record.ns_keepalive_time = M::read(net, offset!(net_keepalive_time))?;
     record.ns_keepalive_intvl = M::read(net, offset!(net_keepalive_intvl))?;
     record.ns_keepalive_probes = M::read(net, offset!(net_keepalive_probes))?;
+    Ok(())
+}
 
+/// Adds what the hooks recorded for the socket (`info`), when anything.
+#[inline(always)]
+pub fn recorded(tp: u64, record: &mut SocketRecord) {
     match SOCKETS.get_ptr(tp) {
         Some(info) => {
             // SAFETY: a valid map value, copied out at once; the two never
@@ -220,12 +226,15 @@ pub fn snapshot<M: Memory>(tp: u64, record: &mut SocketRecord) -> Result<(), u32
             unsafe { core::ptr::copy_nonoverlapping(info, &mut record.info, 1) };
             record.info_known = 1;
         }
-        None => {
-            zero(&mut record.info);
-            record.info_known = 0;
-        }
+        None => forget_recorded(record),
     }
-    Ok(())
+}
+
+/// Clears `info`: nothing recorded, or not looked up.
+#[inline(always)]
+pub fn forget_recorded(record: &mut SocketRecord) {
+    zero(&mut record.info);
+    record.info_known = 0;
 }
 
 /// Zeroes a value of a multiple of 4 bytes with plain stores: LLVM turns

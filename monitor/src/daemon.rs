@@ -186,6 +186,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     )?;
     let (rescan, scanner) = scan::spawn(
         walk_link,
+        loaded.walk_options,
         ScannerConfig {
             classifier,
             pods,
@@ -281,8 +282,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let _ = event_task.await;
     // The scanner exits once every rescan sender is gone (the router held one).
     let _ = tokio::task::spawn_blocking(move || scanner.join()).await;
-    // Dropping the object detaches every program; it goes last.
-    drop(loaded);
+    // Dropping the object detaches every program; it goes last (the walk's
+    // options map went with the scanner).
+    drop(loaded.walk_link);
+    drop(loaded.ebpf);
     info!("all programs detached");
     outcome
 }

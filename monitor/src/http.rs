@@ -8,7 +8,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -209,7 +209,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn sockets(
-    State(mut state): State<AppState>,
+    State(state): State<AppState>,
     filter: Result<Query<Filter>, QueryRejection>,
 ) -> Response {
     let Query(filter) = match filter {
@@ -225,15 +225,16 @@ async fn sockets(
                 .into_response();
         }
     };
-    let stale = state
-        .snapshots
-        .borrow_and_update()
-        .taken
-        .is_none_or(|taken| taken.elapsed() > FRESH_ENOUGH);
-    if stale && state.rescan.send(()).is_ok() {
-        let _ = tokio::time::timeout(REFRESH_WAIT, state.snapshots.changed()).await;
+    // A walk that started this recently and looked up every owner will do.
+    let oldest = Instant::now().checked_sub(FRESH_ENOUGH);
+    let usable = |snapshot: &Arc<Snapshot>| {
+        snapshot.every_owner && snapshot.taken.is_some_and(|taken| Some(taken) >= oldest)
+    };
+    let mut snapshots = state.snapshots.clone();
+    if !usable(&snapshots.borrow_and_update()) && state.rescan.send(()).is_ok() {
+        let _ = tokio::time::timeout(REFRESH_WAIT, snapshots.wait_for(usable)).await;
     }
-    let snapshot = state.snapshots.borrow().clone();
+    let snapshot = snapshots.borrow().clone();
     socket_list(snapshot, &filter)
 }
 

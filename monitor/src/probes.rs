@@ -10,6 +10,7 @@ use std::fmt;
 use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
+    maps::{Array, MapData},
     programs::{BtfTracePoint, FEntry, Iter, KProbe, RawTracePoint, TracePoint, links::FdLink},
 };
 use clap::ValueEnum;
@@ -188,6 +189,8 @@ pub struct Loaded {
     pub hooks: Vec<HookStatus>,
     /// The socket walk's link; iterators are created from it per network namespace.
     pub walk_link: FdLink,
+    /// The walk's one option: look up every socket's owner, or only long-idle ones'.
+    pub walk_options: Array<MapData, u32>,
 }
 
 /// Globals and map sizes handed to the kernel programs at load time.
@@ -221,10 +224,16 @@ pub fn load(settings: &LoadSettings, btf: &Btf, kernel_btf: &KernelBtf) -> anyho
         hooks.push(status);
     }
     let walk_link = attach_walk(&mut ebpf, btf)?;
+    let walk_options = ebpf
+        .take_map("WALK_OPTIONS")
+        .ok_or_else(|| anyhow!("map WALK_OPTIONS missing from the eBPF object"))?
+        .try_into()
+        .context("map WALK_OPTIONS is not an array")?;
     Ok(Loaded {
         ebpf,
         hooks,
         walk_link,
+        walk_options,
     })
 }
 

@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::maps::{Array, MapData};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -32,10 +33,12 @@ pub struct ScannerConfig {
 }
 
 /// Starts the scanner thread. Send `()` on the returned channel to ask for a
-/// walk now; drop it to stop the thread. A fatal error (the thread could not
-/// return to its own namespace) is sent on `fatal`.
+/// walk now, one that looks up every socket's owner (periodic walks only
+/// look up those of long-idle sockets); drop it to stop the thread. A fatal
+/// error (the thread could not return to its own namespace) is sent on `fatal`.
 pub fn spawn(
     link: OwnedFd,
+    options: Array<MapData, u32>,
     config: ScannerConfig,
     metrics: Arc<Metrics>,
     publish: watch::Sender<Arc<Snapshot>>,
@@ -45,7 +48,7 @@ pub fn spawn(
     let handle = thread::Builder::new()
         .name("idlemon-scan".into())
         .spawn(move || {
-            if let Err(error) = run(link, &config, &metrics, &publish, &incoming) {
+            if let Err(error) = run(link, options, &config, &metrics, &publish, &incoming) {
                 let _ = fatal.send(error);
             }
         })
@@ -55,6 +58,7 @@ pub fn spawn(
 
 fn run(
     link: OwnedFd,
+    mut options: Array<MapData, u32>,
     config: &ScannerConfig,
     metrics: &Metrics,
     publish: &watch::Sender<Arc<Snapshot>>,
@@ -65,13 +69,25 @@ fn run(
     let mut next = Instant::now();
     let mut expected = 0;
     loop {
-        match incoming.recv_timeout(next.saturating_duration_since(Instant::now())) {
-            Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
-        }
+        let every_owner =
+            match incoming.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                Ok(()) => true,
+                Err(mpsc::RecvTimeoutError::Timeout) => false,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            };
         // Requests that arrived during the wait are served by this one walk.
-        while incoming.try_recv().is_ok() {}
-        let snapshot = scan(&walker, &mut attributor, config, metrics, expected)?;
+        let every_owner = every_owner | (incoming.try_iter().count() > 0);
+        options
+            .set(0, u32::from(every_owner), 0)
+            .context("cannot set the walk's options")?;
+        let snapshot = scan(
+            &walker,
+            &mut attributor,
+            config,
+            metrics,
+            expected,
+            every_owner,
+        )?;
         expected = snapshot.sockets.len();
         // The previous table is freed here (or when its last reader is done).
         publish.send_replace(Arc::new(snapshot));
@@ -85,13 +101,17 @@ fn scan(
     config: &ScannerConfig,
     metrics: &Metrics,
     expected: usize,
+    every_owner: bool,
 ) -> anyhow::Result<Snapshot> {
     let started = Instant::now();
     let cpu_started = thread_cpu_time();
     let namespaces = netns::discover(&config.proc_root, &config.bind_mounts);
     // Room for growth, so that the table is rarely reallocated mid-walk.
-    let mut builder =
-        SnapshotBuilder::new(Arc::clone(&config.classifier), expected + expected / 8 + 64);
+    let mut builder = SnapshotBuilder::new(
+        Arc::clone(&config.classifier),
+        expected + expected / 8 + 64,
+        every_owner,
+    );
     for namespace in &namespaces {
         let walked = walker.walk(namespace, |record| {
             builder.add(record, |pid, cgroup_id| {

@@ -393,6 +393,10 @@ pub struct Snapshot {
     pub classifier: Arc<Classifier>,
     pub sockets: Vec<Socket>,
     pub owners: Vec<Owner>,
+    /// Whether the walk looked up every socket's owner; periodic walks only
+    /// look up those of sockets idle at least the threshold, which are all
+    /// the metrics need.
+    pub every_owner: bool,
 }
 
 impl Snapshot {
@@ -402,6 +406,7 @@ impl Snapshot {
             classifier,
             sockets: Vec::new(),
             owners: Vec::new(),
+            every_owner: false,
         }
     }
 
@@ -432,9 +437,10 @@ pub struct SnapshotBuilder {
 impl SnapshotBuilder {
     /// `capacity`: the sockets expected (the last walk's count), so that the
     /// table is allocated once.
-    pub fn new(classifier: Arc<Classifier>, capacity: usize) -> Self {
+    pub fn new(classifier: Arc<Classifier>, capacity: usize, every_owner: bool) -> Self {
         let mut snapshot = Snapshot::empty(classifier);
         snapshot.sockets.reserve_exact(capacity);
+        snapshot.every_owner = every_owner;
         Self {
             snapshot,
             owner_index: HashMap::new(),
@@ -748,7 +754,7 @@ mod tests {
     }
 
     fn snapshot(classifier: Classifier, records: &[SocketRecord]) -> Snapshot {
-        let mut builder = SnapshotBuilder::new(Arc::new(classifier), 0);
+        let mut builder = SnapshotBuilder::new(Arc::new(classifier), 0, true);
         for record in records {
             builder.add(record, |pid, _| {
                 Arc::new(Attribution {
@@ -804,7 +810,7 @@ mod tests {
             record(400, false),
         ];
         let mut attributed = Vec::new();
-        let mut builder = SnapshotBuilder::new(Arc::new(classifier("")), 0);
+        let mut builder = SnapshotBuilder::new(Arc::new(classifier("")), 0, true);
         for record in &records {
             builder.add(record, |pid, _| {
                 attributed.push(pid);

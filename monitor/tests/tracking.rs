@@ -267,6 +267,29 @@ fn closed_sockets_leave_the_table_and_the_gauges() {
 
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn a_busy_socket_is_attributed_in_the_socket_list() {
+    // Periodic walks look up owners only for sockets idle past the
+    // threshold; /sockets must still name the owner of a busy one.
+    let config = nat_config();
+    let daemon = start_daemon(&config);
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(8008, 1);
+    let mut stream = path.connect(8008, Keepalive::Off);
+    let local = stream.local_addr().unwrap();
+    // Let periodic walks see the socket first, then use it again.
+    thread::sleep(Duration::from_millis(1200));
+    echo(&mut stream).unwrap();
+    let socket = client_socket(&daemon, &path, local).expect("client socket tracked");
+    assert!(
+        socket["idle_seconds"].as_f64().unwrap() < 2.0,
+        "busy: {socket:#}"
+    );
+    assert_eq!(socket["pid"], std::process::id(), "{socket:#}");
+    assert_eq!(socket["comm"], common::own_comm().as_str());
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn idle_times_agree_with_ss() {
     let config = nat_config();
     let daemon = start_daemon(&config);

@@ -105,12 +105,19 @@ impl Walker {
     }
 
     /// Hands the record of every ESTABLISHED socket in `namespace` to `visit`.
+    ///
+    /// A namespace without one is not walked: `iter/tcp` scans the host's
+    /// whole connection table (shared by all namespaces) for each namespace,
+    /// so a walk costs as much for an empty pod as for a busy one.
     pub fn walk(
         &self,
         namespace: &Namespace,
         mut visit: impl FnMut(&SocketRecord),
     ) -> Result<(), WalkError> {
         let iterator = if namespace.inode == self.home_inode {
+            if !has_established_sockets() {
+                return Ok(());
+            }
             create_iterator(&self.link)
         } else {
             let target = match File::open(&namespace.path) {
@@ -131,9 +138,12 @@ impl Walker {
                 path: namespace.path.clone(),
                 source,
             })?;
-            let iterator = create_iterator(&self.link);
+            let iterator = has_established_sockets().then(|| create_iterator(&self.link));
             enter(&self.home).map_err(WalkError::Stranded)?;
-            iterator
+            match iterator {
+                Some(iterator) => iterator,
+                None => return Ok(()),
+            }
         };
         let iterator = iterator.map_err(|source| WalkError::Walk {
             path: namespace.path.clone(),
@@ -162,6 +172,25 @@ impl Walker {
             filled -= whole;
         }
     }
+}
+
+/// Whether this thread's network namespace has ESTABLISHED (or CLOSE_WAIT)
+/// TCP sockets, from its `CurrEstab` counter; true when that cannot be read.
+fn has_established_sockets() -> bool {
+    fs::read_to_string("/proc/thread-self/net/snmp")
+        .ok()
+        .and_then(|snmp| current_established(&snmp))
+        .is_none_or(|count| count > 0)
+}
+
+/// `Tcp: ... CurrEstab ...` from /proc/net/snmp: a header line, then values.
+fn current_established(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|line| line.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let column = names
+        .split_whitespace()
+        .position(|name| name == "CurrEstab")?;
+    values.split_whitespace().nth(column)?.parse().ok()
 }
 
 fn enter(namespace: &File) -> io::Result<()> {
@@ -209,6 +238,20 @@ mod tests {
         bytes.extend_from_slice(&[1, 2, 3]);
         let decoded: Vec<_> = decode(&bytes).collect();
         assert_eq!(decoded, vec![first, second]);
+    }
+
+    #[test]
+    fn reads_the_established_count_from_snmp() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+            Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails EstabResets CurrEstab InSegs\n\
+            Tcp: 1 200 120000 -1 4053 3766 206 28 17 153553\n\
+            Udp: InDatagrams\nUdp: 5\n";
+        assert_eq!(current_established(snmp), Some(17));
+        assert_eq!(current_established("Tcp: RtoAlgorithm\nTcp: 1\n"), None);
+        assert_eq!(current_established(""), None);
+        // This thread's own namespace can always be read.
+        let own = fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
+        assert!(current_established(&own).is_some());
     }
 
     #[test]
