@@ -76,7 +76,9 @@ pub struct KernelLayout {
     pub skc_v6_rcv_saddr: u32,
     pub skc_net: u32,
     pub sk_flags: u32,
-    pub sk_timer: u32,
+    /// The timer `tcp_keepalive_timer` runs on, from the socket:
+    /// `icsk_keepalive_timer` where the kernel has it, else `sk_timer`.
+    pub keepalive_timer: u32,
     /// Bit of `sk_flags` that SO_KEEPALIVE sets (`SOCK_KEEPOPEN`).
     pub keepopen_bit: u32,
     pub lsndtime: u32,
@@ -99,8 +101,11 @@ pub struct KernelLayout {
     /// `struct timer_list.function`: the keepalive hook on tracepoint-only
     /// kernels recognises the keepalive timer by its callback.
     pub timer_function: u32,
+    /// `sock_common.skc_num`, the local port in host order: on the socket's
+    /// first cache line, where `inet_sport` is twelve lines further.
+    pub skc_num: u32,
 }
-const _: () = assert!(size_of::<KernelLayout>() == 112);
+const _: () = assert!(size_of::<KernelLayout>() == 116);
 
 /// What the kernel programs remember about a socket between packets: who
 /// uses it and what keepalive did. Keyed by the socket's kernel address.

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use monitor_common::{Event, counter, event_kind};
 
 use crate::{
-    kernel::{Untyped, jiffies32, offset, read, recorded, snapshot},
+    kernel::{Depth, Untyped, jiffies32, offset, read, recorded, snapshot},
     maps::count,
 };
 
@@ -22,7 +22,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[inline(always)]
 pub fn emit(kind: u8, sk: u64) -> Result<(), u32> {
     emit_with(kind, |event| {
-        if snapshot::<Untyped>(sk, &mut event.socket).is_ok() {
+        if snapshot::<Untyped>(sk, &mut event.socket, Depth::Event).is_ok() {
             recorded(sk, &mut event.socket);
             event.socket_known = 1;
         }

@@ -16,7 +16,9 @@ use aya_ebpf::{
 };
 use monitor_common::{SocketRecord, TCP_ESTABLISHED};
 
-use crate::kernel::{Memory, Typed, forget_recorded, idle_threshold, offset, recorded, snapshot};
+use crate::kernel::{
+    Depth, Memory, Typed, forget_recorded, idle_threshold, offset, recorded, snapshot,
+};
 
 /// The record being built, per CPU: on the stack it would have to be zeroed
 /// for every socket (a 120-byte `memset` loop), where `snapshot` writes
@@ -24,10 +26,12 @@ use crate::kernel::{Memory, Typed, forget_recorded, idle_threshold, offset, reco
 #[map]
 static WALK_RECORD: PerCpuArray<SocketRecord> = PerCpuArray::with_max_entries(1, 0);
 
-/// Set by user space before a walk: 1 to look up what the hooks recorded
-/// (owner, keepalive counts) for every socket, 0 only for sockets idle at
-/// least the idle threshold (the only ones that can be at risk). The lookup
-/// is a third of a walk's cost on a host with many sockets.
+/// Set by user space before a walk: 1 for everything about every socket
+/// (a walk for /sockets); 0 for what the metrics need: what the hooks
+/// recorded (owner, keepalive counts) only for sockets idle at least the
+/// idle threshold (the only ones that can be at risk), and per-socket
+/// keepalive settings only where SO_KEEPALIVE is on. The lookup is a third
+/// of a walk's cost on a host with many sockets.
 #[map]
 static WALK_OPTIONS: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -69,8 +73,15 @@ fn try_walk_tcp(ctx: *mut c_void) -> Result<i32, i32> {
     // SAFETY: this CPU's slot; iterator programs do not nest on one CPU.
     let record = unsafe { &mut *record };
     record.uid = uid;
-    snapshot::<Typed>(sk, record).map_err(|_| 0)?;
     let every_owner = WALK_OPTIONS.get(0).is_none_or(|&all| all != 0);
+    snapshot::<Typed>(
+        sk,
+        record,
+        Depth::Walk {
+            every_field: every_owner,
+        },
+    )
+    .map_err(|_| 0)?;
     let idle = record.last_send_age.min(record.last_recv_age);
     if every_owner || idle >= idle_threshold() {
         recorded(sk, record);

@@ -9,8 +9,8 @@
 //! keepalive timer's `function` of a TCP socket by the state hook):
 //! https://elixir.bootlin.com/linux/v6.12/source/kernel/time/timer.c#L1771
 //! The timer is `icsk->icsk_keepalive_timer` where the kernel has it (stable
-//! 6.1 and 6.12 took it too), `sk->sk_timer` before; `KERNEL_LAYOUT.sk_timer`
-//! holds the offset of whichever it is, so the socket is `t - sk_timer`.
+//! 6.1 and 6.12 took it too), `sk->sk_timer` before; `KERNEL_LAYOUT.keepalive_timer`
+//! holds the offset of whichever it is, so the socket is `t - keepalive_timer`.
 
 use aya_ebpf::{
     macros::{btf_tracepoint, fentry, kprobe, map, raw_tracepoint},
@@ -55,7 +55,10 @@ pub fn learn_keepalive_timer(sk: u64) {
     if unsafe { *known } != 0 {
         return;
     }
-    if let Ok(function) = read::<u64>(sk + offset!(sk_timer) as u64, offset!(timer_function)) {
+    if let Ok(function) = read::<u64>(
+        sk + offset!(keepalive_timer) as u64,
+        offset!(timer_function),
+    ) {
         // SAFETY: as above.
         unsafe { *known = function };
     }
@@ -94,7 +97,7 @@ fn try_timer(timer: u64) -> Result<u32, u32> {
 }
 
 fn try_keepalive(timer: u64) -> Result<u32, u32> {
-    let sk = timer.wrapping_sub(offset!(sk_timer) as u64);
+    let sk = timer.wrapping_sub(offset!(keepalive_timer) as u64);
     let state: u8 = read(sk, offset!(skc_state))?;
     if state != TCP_ESTABLISHED {
         return Ok(0);

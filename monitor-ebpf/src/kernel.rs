@@ -27,7 +27,7 @@ pub(crate) static KERNEL_LAYOUT: KernelLayout = KernelLayout {
     skc_v6_rcv_saddr: 0,
     skc_net: 0,
     sk_flags: 0,
-    sk_timer: 0,
+    keepalive_timer: 0,
     keepopen_bit: 0,
     lsndtime: 0,
     rcv_tstamp: 0,
@@ -45,6 +45,7 @@ pub(crate) static KERNEL_LAYOUT: KernelLayout = KernelLayout {
     skb_network_header: 0,
     skb_transport_header: 0,
     timer_function: 0,
+    skc_num: 0,
 };
 
 /// `--idle-threshold` in jiffies, the unit of the kernel's own stamps.
@@ -168,18 +169,33 @@ pub fn idle_for<M: Memory>(tp: u64, now: u32) -> Result<u32, u32> {
     })
 }
 
+/// How much of a socket `snapshot` reads. Each field is a cache line of a
+/// socket the walk would not touch otherwise: a walk reads what it needs.
+#[derive(Clone, Copy)]
+pub enum Depth {
+    /// An event: everything.
+    Event,
+    /// A walk of ESTABLISHED sockets. The per-socket keepalive settings
+    /// (two cache lines) decide nothing while SO_KEEPALIVE is off, so they
+    /// are read then only when `every_field` (a walk for /sockets).
+    Walk { every_field: bool },
+}
+
 /// Reads what the kernel knows about a full TCP socket (`tp`, as
 /// `M::tcp_sock` returned it): every field but `uid` and `info` (see
 /// `recorded`), so that a reused buffer carries nothing over from the
 /// previous socket.
 #[inline(always)]
-pub fn snapshot<M: Memory>(tp: u64, record: &mut SocketRecord) -> Result<(), u32> {
+pub fn snapshot<M: Memory>(tp: u64, record: &mut SocketRecord, depth: Depth) -> Result<(), u32> {
     record.sock = tp;
     record.state = M::read(tp, offset!(skc_state))?;
     record.family = M::read(tp, offset!(skc_family))?;
-    // inet_sport, not skc_num: closing a socket zeroes skc_num before an
-    // active reset is sent, and the event must still name the port.
-    record.local_port = u16::from_be(M::read(tp, offset!(inet_sport))?);
+    record.local_port = match depth {
+        // Closing a socket zeroes skc_num before an active reset is sent,
+        // and the event must still name the port.
+        Depth::Event => u16::from_be(M::read(tp, offset!(inet_sport))?),
+        Depth::Walk { .. } => M::read(tp, offset!(skc_num))?,
+    };
     record.remote_port = u16::from_be(M::read(tp, offset!(skc_dport))?);
     if record.family == AF_INET {
         let local: u32 = M::read(tp, offset!(skc_rcv_saddr))?;
@@ -203,9 +219,15 @@ pub fn snapshot<M: Memory>(tp: u64, record: &mut SocketRecord) -> Result<(), u32
 
     let flags: u64 = M::read(tp, offset!(sk_flags))?;
     record.keepalive_enabled = ((flags >> offset!(keepopen_bit)) & 1) as u8;
-    record.keepalive_time = M::read(tp, offset!(keepalive_time))?;
-    record.keepalive_intvl = M::read(tp, offset!(keepalive_intvl))?;
-    record.keepalive_probes = M::read(tp, offset!(keepalive_probes))?;
+    if record.keepalive_enabled != 0 || !matches!(depth, Depth::Walk { every_field: false }) {
+        record.keepalive_time = M::read(tp, offset!(keepalive_time))?;
+        record.keepalive_intvl = M::read(tp, offset!(keepalive_intvl))?;
+        record.keepalive_probes = M::read(tp, offset!(keepalive_probes))?;
+    } else {
+        record.keepalive_time = 0;
+        record.keepalive_intvl = 0;
+        record.keepalive_probes = 0;
+    }
     record.probes_out = M::read(tp, offset!(probes_out))?;
 
     let net: u64 = M::read(tp, offset!(skc_net))?;

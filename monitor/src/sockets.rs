@@ -393,9 +393,9 @@ pub struct Snapshot {
     pub classifier: Arc<Classifier>,
     pub sockets: Vec<Socket>,
     pub owners: Vec<Owner>,
-    /// Whether the walk looked up every socket's owner; periodic walks only
-    /// look up those of sockets idle at least the threshold, which are all
-    /// the metrics need.
+    /// Whether the walk read everything about every socket. Periodic walks
+    /// read what the metrics need: owners only of sockets idle at least the
+    /// threshold, per-socket keepalive settings only where SO_KEEPALIVE is on.
     pub every_owner: bool,
 }
 

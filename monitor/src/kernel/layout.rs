@@ -43,7 +43,7 @@ pub fn resolve(btf: &KernelBtf) -> anyhow::Result<KernelLayout> {
         skc_net: sock("__sk_common.skc_net", &[8])?,
         // Moved into sock_common (as skc_flags) in 6.16.
         sk_flags: sock("sk_flags", &[8]).or_else(|_| sock("__sk_common.skc_flags", &[8]))?,
-        sk_timer: keepalive_timer(btf)?,
+        keepalive_timer: keepalive_timer(btf)?,
         keepopen_bit: keepopen as u32,
         lsndtime: tcp("lsndtime", &[4])?,
         rcv_tstamp: tcp("rcv_tstamp", &[4])?,
@@ -63,6 +63,7 @@ pub fn resolve(btf: &KernelBtf) -> anyhow::Result<KernelLayout> {
         skb_network_header: member(btf, "sk_buff", "network_header", &[2])?,
         skb_transport_header: member(btf, "sk_buff", "transport_header", &[2])?,
         timer_function: member(btf, "timer_list", "function", &[8])?,
+        skc_num: sock("__sk_common.skc_num", &[2])?,
     })
 }
 
