@@ -73,17 +73,17 @@ fn try_walk_tcp(ctx: *mut c_void) -> Result<i32, i32> {
     // SAFETY: this CPU's slot; iterator programs do not nest on one CPU.
     let record = unsafe { &mut *record };
     record.uid = uid;
-    let every_owner = WALK_OPTIONS.get(0).is_none_or(|&all| all != 0);
+    let complete = WALK_OPTIONS.get(0).is_none_or(|&all| all != 0);
     snapshot::<Typed>(
         sk,
         record,
         Depth::Walk {
-            every_field: every_owner,
+            every_field: complete,
         },
     )
     .map_err(|_| 0)?;
     let idle = record.last_send_age.min(record.last_recv_age);
-    if every_owner || idle >= idle_threshold() {
+    if complete || idle >= idle_threshold() {
         recorded(sk, record);
     } else {
         forget_recorded(record);

@@ -228,7 +228,7 @@ async fn sockets(
     // A walk that started this recently and looked up every owner will do.
     let oldest = Instant::now().checked_sub(FRESH_ENOUGH);
     let usable = |snapshot: &Arc<Snapshot>| {
-        snapshot.every_owner && snapshot.taken.is_some_and(|taken| Some(taken) >= oldest)
+        snapshot.complete && snapshot.taken.is_some_and(|taken| Some(taken) >= oldest)
     };
     let mut snapshots = state.snapshots.clone();
     if !usable(&snapshots.borrow_and_update()) && state.rescan.send(()).is_ok() {

@@ -69,16 +69,15 @@ fn run(
     let mut next = Instant::now();
     let mut expected = 0;
     loop {
-        let every_owner =
-            match incoming.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                Ok(()) => true,
-                Err(mpsc::RecvTimeoutError::Timeout) => false,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
-            };
+        let complete = match incoming.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Ok(()) => true,
+            Err(mpsc::RecvTimeoutError::Timeout) => false,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        };
         // Requests that arrived during the wait are served by this one walk.
-        let every_owner = every_owner | (incoming.try_iter().count() > 0);
+        let complete = complete | (incoming.try_iter().count() > 0);
         options
-            .set(0, u32::from(every_owner), 0)
+            .set(0, u32::from(complete), 0)
             .context("cannot set the walk's options")?;
         let snapshot = scan(
             &walker,
@@ -86,7 +85,7 @@ fn run(
             config,
             metrics,
             expected,
-            every_owner,
+            complete,
         )?;
         expected = snapshot.sockets.len();
         // The previous table is freed here (or when its last reader is done).
@@ -101,7 +100,7 @@ fn scan(
     config: &ScannerConfig,
     metrics: &Metrics,
     expected: usize,
-    every_owner: bool,
+    complete: bool,
 ) -> anyhow::Result<Snapshot> {
     let started = Instant::now();
     let cpu_started = thread_cpu_time();
@@ -110,7 +109,7 @@ fn scan(
     let mut builder = SnapshotBuilder::new(
         Arc::clone(&config.classifier),
         expected + expected / 8 + 64,
-        every_owner,
+        complete,
     );
     for namespace in &namespaces {
         let walked = walker.walk(namespace, |record| {

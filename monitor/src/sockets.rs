@@ -396,7 +396,7 @@ pub struct Snapshot {
     /// Whether the walk read everything about every socket. Periodic walks
     /// read what the metrics need: owners only of sockets idle at least the
     /// threshold, per-socket keepalive settings only where SO_KEEPALIVE is on.
-    pub every_owner: bool,
+    pub complete: bool,
 }
 
 impl Snapshot {
@@ -406,7 +406,7 @@ impl Snapshot {
             classifier,
             sockets: Vec::new(),
             owners: Vec::new(),
-            every_owner: false,
+            complete: false,
         }
     }
 
@@ -437,10 +437,10 @@ pub struct SnapshotBuilder {
 impl SnapshotBuilder {
     /// `capacity`: the sockets expected (the last walk's count), so that the
     /// table is allocated once.
-    pub fn new(classifier: Arc<Classifier>, capacity: usize, every_owner: bool) -> Self {
+    pub fn new(classifier: Arc<Classifier>, capacity: usize, complete: bool) -> Self {
         let mut snapshot = Snapshot::empty(classifier);
         snapshot.sockets.reserve_exact(capacity);
-        snapshot.every_owner = every_owner;
+        snapshot.complete = complete;
         Self {
             snapshot,
             owner_index: HashMap::new(),
