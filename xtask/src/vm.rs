@@ -9,10 +9,10 @@
 //! (`vm/results.rs`) and prints one matrix.
 
 #[cfg(test)]
-mod guest;
+pub(crate) mod guest;
 mod initramfs;
 mod kernels;
-mod protocol;
+pub(crate) mod protocol;
 mod results;
 
 use std::{
@@ -27,7 +27,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 
-use results::{Mode, RunSummary, Target};
+use results::RunSummary;
+// What the bench's vm part (`bench/vm.rs`) boots with.
+pub use kernels::Kernel;
+pub use results::{HOOKS, Mode, Target, expected_kinds, parse_probe_info};
 
 #[derive(Debug, Args)]
 pub struct VmArgs {
@@ -112,15 +115,14 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
         .filter(|target| *target != Target::Native)
         .collect();
     if !vms.is_empty() {
-        kernels::ensure_packages()?;
-        // Every download before the first boot: a missing kernel fails in
-        // seconds, not after minutes of emulation.
-        let mut apt_updated = false;
-        let mut kernels = Vec::new();
-        for target in vms {
-            kernels.push((target, kernels::fetch(target, &cache, &mut apt_updated)?));
-        }
-        let initrd = initramfs::build(&cache, &idlemon, &guest, &guest_args(VM_READY_TIMEOUT))?;
+        let (kernels, initrd) = prepare_vms(
+            &cache,
+            &cache,
+            &vms,
+            &idlemon,
+            &guest,
+            &guest_args(VM_READY_TIMEOUT),
+        )?;
         for (target, kernel) in &kernels {
             runs.push(boot(*target, kernel, &initrd, &cache, timeout)?);
         }
@@ -152,11 +154,34 @@ fn guest_args(ready_timeout: Duration) -> Vec<String> {
     args
 }
 
+/// Installs qemu and the rest, fetches the kernels of `targets` into
+/// `cache/kernels`, and packs into `work` an initramfs whose /init runs the
+/// driver with `guest_args`.
+pub fn prepare_vms(
+    cache: &Path,
+    work: &Path,
+    targets: &[Target],
+    idlemon: &Path,
+    guest: &Path,
+    guest_args: &[String],
+) -> anyhow::Result<(Vec<(Target, Kernel)>, PathBuf)> {
+    kernels::ensure_packages()?;
+    // Every download before the first boot: a missing kernel fails in
+    // seconds, not after minutes of emulation.
+    let mut apt_updated = false;
+    let mut kernels = Vec::new();
+    for target in targets {
+        kernels.push((*target, kernels::fetch(*target, cache, &mut apt_updated)?));
+    }
+    let initrd = initramfs::build(work, idlemon, guest, guest_args)?;
+    Ok((kernels, initrd))
+}
+
 /// Builds the driver with plain rustc: a second cargo binary in this package
 /// would make `cargo xtask` ambiguous (see `vm/guest.rs`).
-fn build_guest(root: &Path, cache: &Path) -> anyhow::Result<PathBuf> {
+pub fn build_guest(root: &Path, work: &Path) -> anyhow::Result<PathBuf> {
     let source = root.join("xtask/src/vm/guest.rs");
-    let output = cache.join("vm-guest");
+    let output = work.join("vm-guest");
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
     println!(
         "xtask vm-test: building the guest driver from {}",
@@ -185,13 +210,52 @@ fn build_guest(root: &Path, cache: &Path) -> anyhow::Result<PathBuf> {
 /// One boot of one kernel: all three modes run in it, to pay for the boot once.
 fn boot(
     target: Target,
-    kernel: &kernels::Kernel,
+    kernel: &Kernel,
     initrd: &Path,
     cache: &Path,
     timeout: Duration,
 ) -> anyhow::Result<RunSummary> {
+    let booted = launch(target, kernel, initrd, cache, timeout, &[], "xtask vm-test")?;
+    Ok(RunSummary {
+        target,
+        source: kernel.package.clone(),
+        release: None,
+        boot_seconds: booted.boot_seconds,
+        total_seconds: booted.elapsed.as_secs_f64(),
+        problem: booted.problem,
+        report: results::parse_guest_output(&booted.results),
+        console_tail: tail(&booted.console, CONSOLE_TAIL),
+    })
+}
+
+/// What one boot left.
+pub struct Booted {
+    /// The driver's result lines, from the second serial port.
+    pub results: String,
+    /// The console: qemu's stdout and stderr.
+    pub console: Vec<String>,
+    pub console_log: PathBuf,
+    /// Seconds until the guest's /init ran.
+    pub boot_seconds: Option<f64>,
+    pub elapsed: Duration,
+    /// Why the boot went wrong: a timeout, no /init, qemu failing.
+    pub problem: Option<String>,
+}
+
+/// Boots `kernel` with `initrd` under qemu TCG (one vCPU, `qemu_args`
+/// added) until the guest powers off or `timeout` passes, and keeps the
+/// console and the results in `work`. `who` prefixes what it prints.
+pub fn launch(
+    target: Target,
+    kernel: &Kernel,
+    initrd: &Path,
+    work: &Path,
+    timeout: Duration,
+    qemu_args: &[&str],
+    who: &str,
+) -> anyhow::Result<Booted> {
     let label = target.label();
-    let results_file = cache.join(format!("results-{label}.txt"));
+    let results_file = work.join(format!("results-{label}.txt"));
     if results_file.exists() {
         fs::remove_file(&results_file)
             .with_context(|| format!("cannot remove {}", results_file.display()))?;
@@ -210,15 +274,16 @@ fn boot(
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .args(qemu_args);
     println!(
-        "xtask vm-test: booting {label} ({}) under qemu TCG, at most {} s",
+        "{who}: booting {label} ({}) under qemu TCG, at most {} s",
         kernel.package,
         timeout.as_secs()
     );
     let captured = supervise(command, timeout, label)?;
-    let console: Vec<String> = captured.merged();
-    let console_log = cache.join(format!("console-{label}.log"));
+    let console = captured.merged();
+    let console_log = work.join(format!("console-{label}.log"));
     fs::write(&console_log, console.join("\n") + "\n")
         .with_context(|| format!("cannot write {}", console_log.display()))?;
     let boot_seconds = captured
@@ -226,7 +291,6 @@ fn boot(
         .iter()
         .find(|(_, line)| line.contains(INIT_REACHED))
         .map(|(at, _)| at.as_secs_f64());
-    let text = fs::read_to_string(&results_file).unwrap_or_default();
     let problem = if captured.timed_out {
         Some(format!(
             "timed out after {} s: qemu killed (raise --timeout if the guest was only slow)",
@@ -241,20 +305,18 @@ fn boot(
         }
     };
     println!(
-        "xtask vm-test: {label}: {}VM ran {:.1} s (console: {})",
+        "{who}: {label}: {}VM ran {:.1} s (console: {})",
         boot_seconds.map_or_else(String::new, |s| format!("/init after {s:.1} s, ")),
         captured.elapsed.as_secs_f64(),
         console_log.display()
     );
-    Ok(RunSummary {
-        target,
-        source: kernel.package.clone(),
-        release: None,
+    Ok(Booted {
+        results: fs::read_to_string(&results_file).unwrap_or_default(),
+        console,
+        console_log,
         boot_seconds,
-        total_seconds: captured.elapsed.as_secs_f64(),
+        elapsed: captured.elapsed,
         problem,
-        report: results::parse_guest_output(&text),
-        console_tail: tail(&console, CONSOLE_TAIL),
     })
 }
 

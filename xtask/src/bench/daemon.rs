@@ -226,6 +226,11 @@ impl Daemon {
                     .value("idlemon_scan_duration_seconds")
                     .ok_or_else(|| anyhow!("no idlemon_scan_duration_seconds in /metrics"))?,
                 tracked: metrics.value("idlemon_tracked_sockets").unwrap_or(0.0),
+                at_risk: metrics
+                    .samples("idlemon_at_risk_sockets")
+                    .iter()
+                    .map(|(_, value)| value)
+                    .sum(),
             });
         }
         Ok(samples)
@@ -257,6 +262,8 @@ pub struct Scan {
     pub cpu_seconds: f64,
     pub wall_seconds: f64,
     pub tracked: f64,
+    /// Sockets the walk flagged at risk, over every owner.
+    pub at_risk: f64,
 }
 
 /// The Prometheus text of one scrape.

@@ -5,20 +5,15 @@
 //! rate by 20%, which restarting the traffic per run re-rolls every time).
 
 use std::{
-    io::{ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, Shutdown, TcpListener, TcpStream},
+    net::{Ipv4Addr, TcpListener, TcpStream},
     process::Stdio,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    thread::{self, JoinHandle},
+    thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail};
 
-use super::{daemon::Guarded, netns::Netns};
+use super::{daemon::Guarded, netns::Netns, ping_pong};
 
 /// A load whose progress is a counter: transactions, or bytes.
 pub trait Load {
@@ -60,126 +55,32 @@ fn thread_stat((pid, tid): (u32, u32), field: usize) -> Option<u64> {
     rest.split_whitespace().nth(field - 3)?.parse().ok()
 }
 
-fn gettid() -> u32 {
-    // SAFETY: gettid has no preconditions.
-    u32::try_from(unsafe { libc::gettid() }).unwrap_or(0)
-}
-
-/// One connection exchanging 1-byte messages, as sockperf ping-pong does.
-pub struct PingPong {
-    tids: [u32; 2],
-    stop: Arc<AtomicBool>,
-    transactions: Arc<AtomicU64>,
-    client: Option<JoinHandle<anyhow::Result<()>>>,
-    echo: Option<JoinHandle<anyhow::Result<()>>>,
-}
+/// One connection exchanging 1-byte messages, as sockperf ping-pong does
+/// (`ping_pong.rs`, shared with the vm part's guest driver).
+pub struct PingPong(ping_pong::PingPong);
 
 impl PingPong {
     pub fn start(netns: &Netns) -> anyhow::Result<Self> {
         let listener = netns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))??;
         let addr = listener.local_addr()?;
-        let mut client = netns
+        let client = netns
             .run(|| TcpStream::connect(addr))?
             .context("ping-pong: cannot connect")?;
-        let (mut server, _) = listener.accept().context("ping-pong: cannot accept")?;
-        for stream in [&client, &server] {
-            stream.set_nodelay(true)?;
-            // A lost byte must end the load, not hang it.
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        }
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-        let echo_tid = tid_tx.clone();
-        let echo = thread::Builder::new()
-            .name("bench-echo".into())
-            .spawn(move || -> anyhow::Result<()> {
-                let _ = echo_tid.send((1, gettid()));
-                let mut byte = [0u8; 1];
-                loop {
-                    match server.read(&mut byte) {
-                        Ok(0) => return Ok(()),
-                        Ok(_) => server.write_all(&byte).context("ping-pong echo")?,
-                        // A socket with a timeout is not restarted after a
-                        // stop/continue or a cgroup freeze: EINTR it is.
-                        Err(error) if error.kind() == ErrorKind::Interrupted => {}
-                        Err(error) => return Err(error).context("ping-pong echo"),
-                    }
-                }
-            })
-            .context("cannot start the ping-pong echo thread")?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let transactions = Arc::new(AtomicU64::new(0));
-        let (client_stop, client_count) = (Arc::clone(&stop), Arc::clone(&transactions));
-        let client = thread::Builder::new()
-            .name("bench-ping".into())
-            .spawn(move || -> anyhow::Result<()> {
-                let _ = tid_tx.send((0, gettid()));
-                let mut byte = [1u8; 1];
-                let result = (|| -> anyhow::Result<()> {
-                    while !client_stop.load(Ordering::Relaxed) {
-                        client.write_all(&byte)?;
-                        client.read_exact(&mut byte)?;
-                        client_count.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(())
-                })();
-                // EOF ends the echo thread whatever happened.
-                let _ = client.shutdown(Shutdown::Both);
-                result.context("ping-pong client")
-            })
-            .context("cannot start the ping-pong client thread")?;
-        let mut tids = [0; 2];
-        for _ in 0..2 {
-            let (index, tid) = tid_rx
-                .recv_timeout(Duration::from_secs(5))
-                .context("ping-pong threads did not start")?;
-            tids[index] = tid;
-        }
-        Ok(Self {
-            tids,
-            stop,
-            transactions,
-            client: Some(client),
-            echo: Some(echo),
-        })
-    }
-
-    fn join(&mut self) -> anyhow::Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
-        // Both ends' errors: the first to fail explains the other's.
-        let errors: Vec<String> = [self.client.take(), self.echo.take()]
-            .into_iter()
-            .flatten()
-            .filter_map(|thread| match thread.join() {
-                Ok(Ok(())) => None,
-                Ok(Err(error)) => Some(format!("{error:#}")),
-                Err(_) => Some("a ping-pong thread panicked".to_owned()),
-            })
-            .collect();
-        if !errors.is_empty() {
-            bail!("{}", errors.join("; "));
-        }
-        Ok(())
+        let (server, _) = listener.accept().context("ping-pong: cannot accept")?;
+        ping_pong::PingPong::start(client, server)
+            .map(Self)
+            .map_err(anyhow::Error::msg)
     }
 }
 
 impl Load for PingPong {
     fn total(&mut self) -> anyhow::Result<u64> {
-        if self.client.as_ref().is_none_or(JoinHandle::is_finished) {
-            self.join()?;
-            bail!("the ping-pong load stopped");
-        }
-        Ok(self.transactions.load(Ordering::Relaxed))
+        self.0.transactions().map_err(anyhow::Error::msg)
     }
 
     fn threads(&self) -> [(u32, u32); 2] {
         let me = std::process::id();
-        [(me, self.tids[0]), (me, self.tids[1])]
-    }
-}
-
-impl Drop for PingPong {
-    fn drop(&mut self) {
-        let _ = self.join();
+        [(me, self.0.tids[0]), (me, self.0.tids[1])]
     }
 }
 

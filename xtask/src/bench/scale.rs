@@ -9,13 +9,18 @@ use anyhow::{Context as _, anyhow};
 use super::{
     Bench, MIB,
     bpf::{self, RunTimeStats},
-    daemon::{self, Daemon},
+    daemon::{self, Daemon, Scan},
     netns::Netns,
     table::{Check, Summary, Table},
     traffic,
 };
 
 const SCAN_CPU_TARGET: f64 = 0.100;
+/// Short, so that the walks are sampled quickly.
+const SCAN_INTERVAL: Duration = Duration::from_secs(2);
+/// Short, so that every socket is flagged soon after its last send, and long
+/// enough that the walks right after it find none idle that long.
+const IDLE_THRESHOLD: Duration = Duration::from_secs(30);
 const RSS_TARGET: u64 = 64 * MIB;
 const BYTES_PER_SOCKET_TARGET: f64 = 128.0;
 
@@ -39,15 +44,38 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         opening.elapsed().as_secs_f64()
     );
 
-    let mut daemon = Daemon::start(
+    // Loopback has no middlebox unless the config file says so.
+    let config =
+        std::env::temp_dir().join(format!("idlemon-bench-{}-scale.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        "[[path]]\nname = \"bench-nat\"\ncidr = \"127.0.0.0/8\"\nidle_timeout = 350\n",
+    )
+    .with_context(|| format!("writing {}", config.display()))?;
+    let daemon = Daemon::start(
         &bench.binary,
-        &["--max-sockets".to_owned(), max_sockets.to_string()],
-    )?;
-    let first = daemon
-        .poll_metrics(Duration::from_secs(120), Duration::from_millis(25), |m| {
-            m.value("idlemon_tracked_sockets").unwrap_or(0.0) >= sockets as f64
-        })
-        .context("waiting for idlemon to track every pre-existing socket")?;
+        &[
+            "--config".to_owned(),
+            config.display().to_string(),
+            "--max-sockets".to_owned(),
+            max_sockets.to_string(),
+            "--scan-interval".to_owned(),
+            SCAN_INTERVAL.as_secs().to_string(),
+            "--idle-threshold".to_owned(),
+            IDLE_THRESHOLD.as_secs().to_string(),
+        ],
+    );
+    let first = daemon.and_then(|mut daemon| {
+        let first = daemon
+            .poll_metrics(Duration::from_secs(120), Duration::from_millis(25), |m| {
+                m.value("idlemon_tracked_sockets").unwrap_or(0.0) >= sockets as f64
+            })
+            .context("waiting for idlemon to track every pre-existing socket")?;
+        Ok((daemon, first))
+    });
+    // The daemon has read the file once it serves metrics.
+    let _ = std::fs::remove_file(&config);
+    let (mut daemon, first) = first?;
     let time_to_track = daemon.started.elapsed();
     let first_scan = (
         first.value("idlemon_scan_cpu_seconds").unwrap_or(f64::NAN),
@@ -72,8 +100,37 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         touching.elapsed().as_secs_f64()
     );
     // The walks are timed with the BPF run-time stats off: they add two clock
-    // reads to every program run, 200,000 per walk.
-    let scans = daemon.sample_scans(bench.settings.scan_samples, bench.settings.scan_interval)?;
+    // reads to every program run, 200,000 per walk. These walks find every
+    // socket recently used, so they look up the owners of none.
+    let recent = daemon.sample_scans(bench.settings.scan_samples, SCAN_INTERVAL)?;
+
+    // The self-cost: the same sends and two more walks, with the stats on.
+    let stats = RunTimeStats::enable()?;
+    let stats_before = bpf::prog_stats(&objects.progs)?;
+    pool.touch(Duration::from_secs(60))?;
+    let touched = Instant::now();
+    daemon.sample_scans(2, SCAN_INTERVAL)?;
+    let stats_after = bpf::prog_stats(&objects.progs)?;
+    let stats_how = stats.how.clone();
+    drop(stats);
+    let (text, _) = super::self_cost(&stats_before, &stats_after);
+    println!(
+        "self-cost of one more send per socket and two more walks (BPF run-time stats: {stats_how}):"
+    );
+    print!("{text}");
+
+    // The case the daemon is for: every socket idle past --idle-threshold
+    // without keepalive, so every walk flags, attributes and counts them all.
+    let flagged_from = touched + IDLE_THRESHOLD + SCAN_INTERVAL;
+    println!(
+        "  waiting {:.0} s until every socket has been idle longer than --idle-threshold {}",
+        flagged_from
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64(),
+        IDLE_THRESHOLD.as_secs()
+    );
+    std::thread::sleep(flagged_from.saturating_duration_since(Instant::now()));
+    let flagged = daemon.sample_scans(bench.settings.scan_samples, SCAN_INTERVAL)?;
     let memory_use = daemon::process_memory(daemon.pid())?;
     let rss = memory_use.rss;
     let metrics = daemon.metrics()?;
@@ -88,19 +145,56 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("idlemon holds no map named SOCKETS"))?;
     let (entries, owned) = bpf::count_entries(socket_map, std::process::id())?;
 
-    let cpu = Summary::of(&scans.iter().map(|s| s.cpu_seconds).collect::<Vec<_>>());
-    let wall = Summary::of(&scans.iter().map(|s| s.wall_seconds).collect::<Vec<_>>());
-    let seen = Summary::of(&scans.iter().map(|s| s.tracked).collect::<Vec<_>>());
+    let summary = |scans: &[Scan], of: fn(&Scan) -> f64| {
+        Summary::of(&scans.iter().map(of).collect::<Vec<_>>())
+    };
+    let cpu = summary(&flagged, |s| s.cpu_seconds);
+    let recent_cpu = summary(&recent, |s| s.cpu_seconds);
     let mut table = Table::new(&["scale", "n", "min", "median", "max"]);
     let ms = |v: f64| format!("{:.1} ms", v * 1e3);
-    table.summary_row("walk + classify, thread CPU", cpu, ms, &[]);
-    table.summary_row("walk + classify, wall", wall, ms, &[]);
-    table.summary_row("tracked sockets per walk", seen, |v| format!("{v:.0}"), &[]);
+    let count = |v: f64| format!("{v:.0}");
+    for (what, scans) in [
+        ("sockets recently used", &recent),
+        ("every socket idle past the threshold", &flagged),
+    ] {
+        table.row([
+            format!("walks, {what}:"),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+        table.summary_row(
+            "  walk + classify, thread CPU",
+            summary(scans, |s| s.cpu_seconds),
+            ms,
+            &[],
+        );
+        table.summary_row(
+            "  walk + classify, wall",
+            summary(scans, |s| s.wall_seconds),
+            ms,
+            &[],
+        );
+        table.summary_row(
+            "  tracked sockets per walk",
+            summary(scans, |s| s.tracked),
+            count,
+            &[],
+        );
+        table.summary_row(
+            "  flagged at risk per walk",
+            summary(scans, |s| s.at_risk),
+            count,
+            &[],
+        );
+    }
     table.row([
         "time to track every pre-existing socket".to_owned(),
         "1".to_owned(),
         String::new(),
         format!("{:.2} s", time_to_track.as_secs_f64()),
+        String::new(),
     ]);
     let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / MIB as f64);
     table.row([
@@ -108,20 +202,30 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         "1".to_owned(),
         String::new(),
         mib(rss),
+        String::new(),
     ]);
     table.row([
         "  of which RssAnon (heap), RssFile+Shmem".to_owned(),
         "1".to_owned(),
         String::new(),
         format!("{}, {}", mib(memory_use.anon), mib(memory_use.file)),
+        String::new(),
     ]);
     table.row([
         "  VmHWM (peak)".to_owned(),
         "1".to_owned(),
         String::new(),
         mib(memory_use.peak),
+        String::new(),
     ]);
     print!("{}", table.render());
+    let per_socket =
+        |cpu: Option<Summary>| cpu.map_or(f64::NAN, |s| s.median / sockets as f64 * 1e9);
+    println!(
+        "  walk + classify CPU per socket (medians): {:.0} ns recently used, {:.0} ns idle past the threshold",
+        per_socket(recent_cpu),
+        per_socket(cpu)
+    );
 
     let mut memory = Table::new(&[
         "BPF map",
@@ -158,19 +262,6 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         "  SOCKETS holds {entries} entries ({owned} of this bench's sockets; table-full count {table_full:.0}); {tracked:.0} sockets tracked: {per_tracked:.1} bytes of BPF map memory per tracked socket (all maps), {:.1} per SOCKETS slot",
         socket_map.bytes_memlock as f64 / socket_map.max_entries.max(1) as f64
     );
-    // The self-cost: the same sends and two more walks, with the stats on.
-    let stats = RunTimeStats::enable()?;
-    let stats_before = bpf::prog_stats(&objects.progs)?;
-    pool.touch(Duration::from_secs(60))?;
-    daemon.sample_scans(2, bench.settings.scan_interval)?;
-    let stats_after = bpf::prog_stats(&objects.progs)?;
-    let stats_how = stats.how.clone();
-    drop(stats);
-    let (text, _) = super::self_cost(&stats_before, &stats_after);
-    println!(
-        "self-cost of one more send per socket and two more walks (BPF run-time stats: {stats_how}):"
-    );
-    print!("{text}");
     daemon.stop()?;
     let closing = Instant::now();
     drop(pool);
@@ -181,7 +272,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
 
     let label = |what: &str| format!("{what} ({sockets} sockets)");
     bench.check(Check::new(
-        &label("scan CPU, median of walks"),
+        &label("scan CPU, median of walks flagging every socket"),
         cpu.map_or_else(|| "-".to_owned(), |s| format!("{:.1} ms", s.median * 1e3)),
         &format!("< {:.0} ms", SCAN_CPU_TARGET * 1e3),
         cpu.map(|s| s.median < SCAN_CPU_TARGET),
@@ -197,6 +288,10 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         format!("{per_tracked:.1} B"),
         &format!("<= {BYTES_PER_SOCKET_TARGET:.0} B"),
         Some(per_tracked <= BYTES_PER_SOCKET_TARGET),
+    ));
+    bench.check(Check::info(
+        &label("scan CPU, median of walks of recently used sockets"),
+        recent_cpu.map_or_else(|| "-".to_owned(), |s| format!("{:.1} ms", s.median * 1e3)),
     ));
     bench.check(Check::info(
         &label("time to track pre-existing sockets"),

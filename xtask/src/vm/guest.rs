@@ -5,6 +5,11 @@
 //! lines (`results.rs`), so that every expectation lives in one place, on the
 //! host, under unit tests.
 //!
+//! With `--bench-round`, it runs the vm part of `cargo xtask bench` instead:
+//! one 1-byte ping-pong for the whole run, measured in windows without
+//! idlemon and with it in each mode, in the order the host gives
+//! (`bench/vm.rs` owns the schedule and computes the ratios).
+//!
 //! It is built by plain `rustc` from this one file (std only), not as a cargo
 //! binary: a second binary in the xtask package would make `cargo xtask`
 //! (`cargo run -p xtask`) ambiguous. The xtask crate also compiles this file
@@ -60,6 +65,13 @@ mod protocol;
 #[cfg(test)]
 use super::protocol;
 
+// The ping-pong of the bench's overhead part, shared the same way.
+#[cfg(not(test))]
+#[path = "../bench/ping_pong.rs"]
+mod ping_pong;
+#[cfg(test)]
+use crate::bench::ping_pong;
+
 use protocol as tag;
 use protocol::NO_MODE;
 
@@ -82,13 +94,18 @@ pub fn main() {
     };
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     out.emit(tag::KERNEL, NO_MODE, release.trim());
-    match setup(&args) {
-        Ok(()) => {
+    match (setup(&args), &args.bench) {
+        (Ok(()), Some(plan)) => {
+            if let Err(error) = run_bench(&args, plan, &mut out) {
+                out.emit(tag::FAIL, NO_MODE, &format!("bench {error}"));
+            }
+        }
+        (Ok(()), None) => {
             for mode in &args.modes {
                 run_mode(&args, mode, &mut out);
             }
         }
-        Err(error) => out.emit(tag::FAIL, NO_MODE, &format!("setup {error}")),
+        (Err(error), _) => out.emit(tag::FAIL, NO_MODE, &format!("setup {error}")),
     }
     out.emit(tag::DONE, NO_MODE, "");
     out.drain();
@@ -109,6 +126,15 @@ pub struct Args {
     pub workdir: PathBuf,
     pub ready_timeout: Duration,
     pub modes: Vec<Mode>,
+    /// The bench's windows, instead of the scenario.
+    pub bench: Option<BenchPlan>,
+}
+
+/// The bench's windows: rounds of sides, each `protocol::BASELINE` or a mode's name.
+#[derive(Debug, PartialEq)]
+pub struct BenchPlan {
+    pub window: Duration,
+    pub rounds: Vec<Vec<String>>,
 }
 
 impl Args {
@@ -118,6 +144,8 @@ impl Args {
         let mut workdir = PathBuf::from("/tmp");
         let mut ready_timeout = Duration::from_secs(120);
         let mut modes = Vec::new();
+        let mut window = None;
+        let mut rounds = Vec::new();
         while let Some(flag) = args.next() {
             let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
             match flag.as_str() {
@@ -143,7 +171,33 @@ impl Args {
                         disable: disable.to_owned(),
                     });
                 }
+                "--bench-window" => {
+                    let text = value()?;
+                    let seconds: f64 = text
+                        .parse()
+                        .ok()
+                        .filter(|seconds: &f64| seconds.is_finite() && *seconds > 0.0)
+                        .ok_or_else(|| format!("--bench-window takes seconds, got {text}"))?;
+                    window = Some(Duration::from_secs_f64(seconds));
+                }
+                // SIDE,SIDE,...: one round, in the order its windows run.
+                "--bench-round" => {
+                    rounds.push(value()?.split(',').map(str::to_owned).collect());
+                }
                 _ => return Err(format!("unknown argument {flag}")),
+            }
+        }
+        let bench = match (window, rounds.is_empty()) {
+            (None, true) => None,
+            (Some(window), false) => Some(BenchPlan { window, rounds }),
+            _ => return Err("--bench-window and --bench-round go together".to_owned()),
+        };
+        for side in bench.iter().flat_map(|plan| plan.rounds.iter().flatten()) {
+            if side != tag::BASELINE && !modes.iter().any(|mode: &Mode| mode.name == *side) {
+                return Err(format!(
+                    "--bench-round names {side:?}, which is neither {} nor a --mode",
+                    tag::BASELINE
+                ));
             }
         }
         Ok(Self {
@@ -152,6 +206,7 @@ impl Args {
             workdir,
             ready_timeout,
             modes,
+            bench,
         })
     }
 }
@@ -248,7 +303,7 @@ fn run_mode(args: &Args, mode: &Mode, out: &mut Out) {
         mode.name, mode.disable
     );
     let log = args.workdir.join(format!("idlemon-{}.log", mode.name));
-    let mut daemon = match Daemon::start(args, mode, &log) {
+    let mut daemon = match Daemon::start(&args.idlemon, scenario_args(args, mode), &log) {
         Ok(daemon) => daemon,
         Err(error) => {
             out.fail(&mode.name, "start", error);
@@ -262,10 +317,14 @@ fn run_mode(args: &Args, mode: &Mode, out: &mut Out) {
     let status = daemon.stop();
     eprintln!("vm-guest: {}: idlemon stopped: {status}", mode.name);
     out.emit(tag::EXIT, &mode.name, &status);
-    let text = fs::read_to_string(&log).unwrap_or_default();
+    emit_log_tail(out, &mode.name, &log);
+}
+
+fn emit_log_tail(out: &mut Out, mode: &str, log: &Path) {
+    let text = fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     for line in &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..] {
-        out.emit(tag::LOG, &mode.name, line);
+        out.emit(tag::LOG, mode, line);
     }
 }
 
@@ -370,6 +429,247 @@ fn scenario(
     Ok(())
 }
 
+/// The bench daemon's `--scan-interval`: no walk during the run (`bench_args`).
+const BENCH_SCAN_INTERVAL: &str = "3600";
+/// Before each window, at least this long: attaching and detaching cost CPU
+/// that belongs to neither side.
+const SETTLE_MIN: Duration = Duration::from_secs(1);
+/// And then until `SETTLE_SLICES` consecutive slices of the load agree
+/// within `SETTLE_AGREE`. After the load is paused (idlemon's start loads
+/// its programs on the only vCPU, its stop frees them) the connection ran up
+/// to 10% slower for several seconds before it was back at its steady rate,
+/// which windows then repeat to within 0.5% (on 6.12, 0.01%).
+const SETTLE_SLICE: Duration = Duration::from_millis(500);
+const SETTLE_SLICES: usize = 3;
+const SETTLE_AGREE: f64 = 0.002;
+/// A load that never steadies is measured anyway; its window says so.
+const SETTLE_MAX: Duration = Duration::from_secs(15);
+/// Before the load starts, the guest must be idle but for this share of its
+/// CPU over two slices: the kernel's own start-up work (crypto self-tests on
+/// 6.12) goes on after /init runs, steadily enough to pass for the load's
+/// rate, and took 45% of the first window.
+const QUIET_BUSY: f64 = 0.05;
+const QUIET_MAX: Duration = Duration::from_secs(60);
+
+/// The bench: one ping-pong load for the whole run, so that between one
+/// window and the next only idlemon changes (not the connection), and a
+/// daemon started and stopped around each of its windows. A daemon's
+/// programs stay attached for as long as it runs, paused or not, so an A
+/// window needs it gone, and the two modes cannot share one; a start costs
+/// 1 to 5 s of the guest's time (the verifier, emulated), which the settle
+/// before each window keeps out of the measurement.
+fn run_bench(args: &Args, plan: &BenchPlan, out: &mut Out) -> Result<()> {
+    let waited = wait_quiet();
+    eprintln!(
+        "vm-guest: bench: the guest was idle after {:.1} s",
+        waited.as_secs_f64()
+    );
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .map_err(|error| format!("cannot listen on loopback: {error}"))?;
+    let address = listener
+        .local_addr()
+        .map_err(|error| format!("listener address: {error}"))?;
+    let client =
+        TcpStream::connect(address).map_err(|error| format!("connect {address}: {error}"))?;
+    let (server, _) = listener
+        .accept()
+        .map_err(|error| format!("accept: {error}"))?;
+    drop(listener);
+    let mut load = ping_pong::PingPong::start(client, server)?;
+    let rounds = plan.rounds.len();
+    for (index, round) in plan.rounds.iter().enumerate() {
+        eprintln!(
+            "vm-guest: bench round {}/{rounds}: {}",
+            index + 1,
+            round.join(" ")
+        );
+        for side in round {
+            match bench_window(args, plan.window, index + 1, side, &mut load, out) {
+                Ok(()) => {}
+                // Without the load there is nothing left to measure.
+                Err(failure) if failure.step == "load" => return Err(failure.message),
+                // A daemon that failed costs its window only.
+                Err(failure) => out.fail(side, failure.step, failure.message),
+            }
+        }
+    }
+    load.stop()
+}
+
+/// One window of `side`: idlemon started in that mode first, unless it is
+/// the baseline.
+fn bench_window(
+    args: &Args,
+    window: Duration,
+    round: usize,
+    side: &str,
+    load: &mut ping_pong::PingPong,
+    out: &mut Out,
+) -> std::result::Result<(), Failure> {
+    let mut daemon = None;
+    if side != tag::BASELINE {
+        let mode = args
+            .modes
+            .iter()
+            .find(|mode| mode.name == side)
+            .ok_or_else(|| failed("start")(format!("no --mode {side}")))?;
+        let log = args.workdir.join(format!("idlemon-bench-{side}.log"));
+        let started = Instant::now();
+        let mut running =
+            Daemon::start(&args.idlemon, bench_args(mode), &log).map_err(failed("start"))?;
+        let ready = running
+            .wait_ready(args.ready_timeout)
+            .and_then(|readiness| Ok((readiness, get_ok("/metrics")?)));
+        let (readiness, metrics) = match ready {
+            Ok(ready) => ready,
+            Err(error) => {
+                let status = running.stop();
+                out.emit(tag::EXIT, side, &status);
+                emit_log_tail(out, side, &log);
+                return Err(failed("ready")(error));
+            }
+        };
+        out.emit(
+            tag::READY,
+            side,
+            &ready_report(started.elapsed().as_secs_f64(), &readiness),
+        );
+        for line in metrics.lines() {
+            if line.starts_with("idlemon_probe_info{") || line.starts_with("idlemon_degraded{") {
+                out.emit(tag::METRIC, side, line);
+            }
+        }
+        daemon = Some((running, log));
+    }
+    let (settled, steady) = settle(load).map_err(failed("load"))?;
+    let (first, started) = (load.transactions().map_err(failed("load"))?, Instant::now());
+    thread::sleep(window);
+    let (last, ended) = (load.transactions().map_err(failed("load"))?, Instant::now());
+    if let Some((mut running, log)) = daemon {
+        // A daemon that died during the window leaves it half measured.
+        let died = !matches!(running.child.try_wait(), Ok(None));
+        let status = running.stop();
+        out.emit(tag::EXIT, side, &status);
+        if died || status != "0" {
+            emit_log_tail(out, side, &log);
+        }
+        if died {
+            return Err(failed("window")(format!(
+                "idlemon exited during the window: {status}"
+            )));
+        }
+    }
+    out.emit(
+        tag::WINDOW,
+        side,
+        &window_report(
+            round,
+            ended.duration_since(started),
+            last.saturating_sub(first),
+            settled,
+            steady,
+        ),
+    );
+    Ok(())
+}
+
+/// Waits until the load runs steadily (`SETTLE_MIN`, `SETTLE_AGREE`), at
+/// most `SETTLE_MAX`, and says how long that took and whether it did.
+fn settle(load: &mut ping_pong::PingPong) -> Result<(Duration, bool)> {
+    let started = Instant::now();
+    let (mut count, mut at) = (load.transactions()?, Instant::now());
+    let mut rates = Vec::new();
+    loop {
+        thread::sleep(SETTLE_SLICE);
+        let (now, now_at) = (load.transactions()?, Instant::now());
+        rates.push(now.saturating_sub(count) as f64 / now_at.duration_since(at).as_secs_f64());
+        (count, at) = (now, now_at);
+        let elapsed = started.elapsed();
+        let last = &rates[rates.len().saturating_sub(SETTLE_SLICES)..];
+        if elapsed >= SETTLE_MIN && last.len() == SETTLE_SLICES && steady(last) {
+            return Ok((elapsed, true));
+        }
+        if elapsed >= SETTLE_MAX {
+            return Ok((elapsed, false));
+        }
+    }
+}
+
+/// Waits until the CPU is idle (`QUIET_BUSY`, `QUIET_MAX`), and says how long that took.
+fn wait_quiet() -> Duration {
+    let started = Instant::now();
+    let mut last = cpu_ticks();
+    let mut quiet_slices = 0;
+    while quiet_slices < 2 && started.elapsed() < QUIET_MAX {
+        thread::sleep(SETTLE_SLICE);
+        let now = cpu_ticks();
+        let busy = match (last, now) {
+            (Some(last), Some(now)) => busy_share(last, now),
+            // Without /proc/stat there is nothing to wait for.
+            _ => 0.0,
+        };
+        quiet_slices = if busy <= QUIET_BUSY {
+            quiet_slices + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    started.elapsed()
+}
+
+/// (busy, all) ticks of every CPU together, from /proc/stat.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    parse_cpu_ticks(&stat)
+}
+
+/// (busy, all) from /proc/stat's `cpu` line: idle and iowait are not busy.
+pub fn parse_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<std::result::Result<_, _>>()
+        .ok()?;
+    let all: u64 = ticks.iter().sum();
+    let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
+    Some((all.saturating_sub(idle), all))
+}
+
+/// The busy share of the ticks between two readings.
+pub fn busy_share(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let all = after.1.saturating_sub(before.1);
+    if all == 0 {
+        return 0.0;
+    }
+    after.0.saturating_sub(before.0) as f64 / all as f64
+}
+
+/// Whether the slices' rates all lie within `SETTLE_AGREE` of the slowest.
+pub fn steady(rates: &[f64]) -> bool {
+    let slowest = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let fastest = rates.iter().copied().fold(0.0, f64::max);
+    slowest > 0.0 && slowest.is_finite() && fastest / slowest - 1.0 <= SETTLE_AGREE
+}
+
+/// The rest of a WINDOW line; the host parses it back (`bench/vm.rs`).
+pub fn window_report(
+    round: usize,
+    length: Duration,
+    transactions: u64,
+    settled: Duration,
+    steady: bool,
+) -> String {
+    format!(
+        "round={round} seconds={:.6} transactions={transactions} settled={:.2} steady={}",
+        length.as_secs_f64(),
+        settled.as_secs_f64(),
+        u8::from(steady)
+    )
+}
+
 /// The rest of a READY line: seconds, then `ready` or `degraded BODY`.
 pub fn ready_report(seconds: f64, readiness: &str) -> String {
     format!("{seconds:.2} {readiness}")
@@ -380,39 +680,75 @@ pub fn local_field(port: u16) -> String {
     format!("\"local\":\"127.0.0.1:{port}\"")
 }
 
+/// idlemon's arguments for the scenario: short thresholds, the loopback path.
+fn scenario_args(args: &Args, mode: &Mode) -> Vec<String> {
+    let config = args.workdir.join("idlemon-vm-test.toml");
+    let mut daemon_args: Vec<String> = [
+        "--listen",
+        LISTEN,
+        "--idle-threshold",
+        IDLE_THRESHOLD,
+        "--idle-timeout",
+        IDLE_TIMEOUT,
+        "--scan-interval",
+        SCAN_INTERVAL,
+        "--event-log",
+        "",
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect();
+    daemon_args.extend(["--config".to_owned(), config.display().to_string()]);
+    daemon_args.extend(disable_attach(mode));
+    daemon_args
+}
+
+/// idlemon's arguments for the bench: default flags as the overhead part on
+/// the host runs them (no event log, warnings only), except that the walks
+/// are an hour apart. On the guest's one vCPU a walk pauses the ping-pong
+/// for milliseconds, and the connection then ran about 10% slower for one to
+/// three seconds (seen on 6.12; not once with walks a minute apart): a cost
+/// of having one CPU, not of the hooks' attach kind, which is what the bench
+/// compares. The walks' own cost is the idle and scale parts' business.
+pub fn bench_args(mode: &Mode) -> Vec<String> {
+    let mut daemon_args: Vec<String> = [
+        "--listen",
+        LISTEN,
+        "--event-log",
+        "",
+        "--log-level",
+        "warn",
+        "--scan-interval",
+        BENCH_SCAN_INTERVAL,
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect();
+    daemon_args.extend(disable_attach(mode));
+    daemon_args
+}
+
+fn disable_attach(mode: &Mode) -> Vec<String> {
+    if mode.disable.is_empty() {
+        Vec::new()
+    } else {
+        vec!["--disable-attach".to_owned(), mode.disable.clone()]
+    }
+}
+
 struct Daemon {
     child: Child,
     args: Vec<String>,
 }
 
 impl Daemon {
-    fn start(args: &Args, mode: &Mode, log: &Path) -> Result<Self> {
-        let config = args.workdir.join("idlemon-vm-test.toml");
-        let mut daemon_args: Vec<String> = [
-            "--listen",
-            LISTEN,
-            "--idle-threshold",
-            IDLE_THRESHOLD,
-            "--idle-timeout",
-            IDLE_TIMEOUT,
-            "--scan-interval",
-            SCAN_INTERVAL,
-            "--event-log",
-            "",
-        ]
-        .iter()
-        .map(|arg| (*arg).to_owned())
-        .collect();
-        daemon_args.extend(["--config".to_owned(), config.display().to_string()]);
-        if !mode.disable.is_empty() {
-            daemon_args.extend(["--disable-attach".to_owned(), mode.disable.clone()]);
-        }
+    fn start(idlemon: &Path, daemon_args: Vec<String>, log: &Path) -> Result<Self> {
         let log_file = File::create(log)
             .map_err(|error| format!("cannot create {}: {error}", log.display()))?;
         let stderr = log_file
             .try_clone()
             .map_err(|error| format!("cannot share {}: {error}", log.display()))?;
-        let mut command = Command::new(&args.idlemon);
+        let mut command = Command::new(idlemon);
         // SAFETY: prctl is async-signal-safe and touches no memory of ours.
         unsafe {
             command.pre_exec(|| {
@@ -430,7 +766,7 @@ impl Daemon {
             // The log tail lands in a report: escape codes would garble it.
             .env("NO_COLOR", "1")
             .spawn()
-            .map_err(|error| format!("cannot start {}: {error}", args.idlemon.display()))?;
+            .map_err(|error| format!("cannot start {}: {error}", idlemon.display()))?;
         Ok(Self {
             child,
             args: daemon_args,
@@ -812,5 +1148,52 @@ mod tests {
             ]
         );
         assert!(Args::parse(["--mode".to_owned()].into_iter()).is_err());
+        assert_eq!(args.bench, None);
+    }
+
+    #[test]
+    fn a_load_is_steady_when_its_slices_agree() {
+        assert!(steady(&[1000.0, 1001.0, 999.5]));
+        assert!(!steady(&[1000.0, 1001.0, 1003.0]));
+        // A slow recovery: each slice within 0.2% of the one before, but not
+        // the first of the third.
+        assert!(!steady(&[997.0, 998.5, 1000.0]));
+        // A load that did nothing is not steady, it is stuck.
+        assert!(!steady(&[0.0, 0.0, 0.0]));
+        assert!(!steady(&[]));
+    }
+
+    #[test]
+    fn reads_how_busy_the_guest_is() {
+        let before = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 100 0 50 800 50 0 0 0 0 0\nintr 1\n";
+        let after = "cpu  110 0 55 880 55 0 0 0 0 0\n";
+        let (before, after) = (
+            parse_cpu_ticks(before).expect("parsed"),
+            parse_cpu_ticks(after).expect("parsed"),
+        );
+        assert_eq!(before, (150, 1000));
+        assert_eq!(after, (165, 1100));
+        assert!((busy_share(before, after) - 0.15).abs() < 1e-9);
+        assert_eq!(busy_share(after, after), 0.0);
+        assert_eq!(parse_cpu_ticks("cpu0 1 2 3 4\n"), None);
+    }
+
+    #[test]
+    fn bench_rounds_name_known_sides_only() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["--idlemon", "/idlemon", "--mode", "default:"];
+            args.extend(extra);
+            Args::parse(args.iter().map(|arg| (*arg).to_owned()))
+        };
+        let plan = parse(&["--bench-window", "2.5", "--bench-round", "default,baseline"])
+            .expect("args")
+            .bench
+            .expect("a plan");
+        assert_eq!(plan.window, Duration::from_millis(2500));
+        assert_eq!(plan.rounds, [["default", "baseline"]]);
+        // A side that no --mode defines, a round without a window, a bad window.
+        assert!(parse(&["--bench-window", "2", "--bench-round", "default,kprobe"]).is_err());
+        assert!(parse(&["--bench-round", "default"]).is_err());
+        assert!(parse(&["--bench-window", "0", "--bench-round", "default"]).is_err());
     }
 }

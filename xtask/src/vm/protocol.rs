@@ -16,8 +16,14 @@ pub const EXIT: &str = "EXIT";
 /// cannot tell a step that found nothing from one that never ran.
 pub const STEP: &str = "STEP";
 pub const LOG: &str = "LOG";
+/// One measuring window of the bench (`cargo xtask bench --only vm`):
+/// `WINDOW SIDE round=R seconds=S transactions=T`.
+pub const WINDOW: &str = "WINDOW";
 pub const FAIL: &str = "FAIL";
 pub const DONE: &str = "DONE";
 
 /// The MODE of lines that belong to no mode (`KERNEL`, `DONE`, setup failures).
 pub const NO_MODE: &str = "-";
+
+/// The bench's side without idlemon (A): a window's SIDE is this or a mode's name.
+pub const BASELINE: &str = "baseline";
