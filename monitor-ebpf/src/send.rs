@@ -19,7 +19,7 @@ use monitor_common::{SocketInfo, counter, event_kind};
 use crate::{
     events::emit,
     kernel::{Memory, Typed, Untyped, idle_for, idle_threshold, jiffies32},
-    maps::{SOCKETS, count},
+    maps::{SOCKETS, count, note_owner_seen, owner_seen},
 };
 
 #[fentry(function = "tcp_sendmsg")]
@@ -82,12 +82,13 @@ fn try_send<M: Memory>(sk: u64) -> Result<u32, u32> {
 }
 
 /// Remembers the current process as the socket's user. Writes only when the
-/// user changed, so a busy socket costs one lookup per send.
+/// user changed, and a busy socket's sends by the same process cost one
+/// inlined array read (`OWNERS_SEEN`) instead of a hash lookup.
 #[inline(always)]
 pub fn record_owner(sk: u64) -> Result<(), u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if tgid == 0 {
+    if tgid == 0 || owner_seen(sk, tgid) {
         return Ok(());
     }
     if let Some(info) = SOCKETS.get_ptr_mut(sk) {
@@ -98,6 +99,7 @@ pub fn record_owner(sk: u64) -> Result<(), u32> {
             // SAFETY: helper without pointer arguments.
             info.owner_cgroup = unsafe { bpf_get_current_cgroup_id() };
         }
+        note_owner_seen(sk, tgid);
         return Ok(());
     }
     let info = SocketInfo {
@@ -106,7 +108,9 @@ pub fn record_owner(sk: u64) -> Result<(), u32> {
         owner_cgroup: unsafe { bpf_get_current_cgroup_id() },
         ..SocketInfo::default()
     };
-    insert(sk, &info)
+    insert(sk, &info)?;
+    note_owner_seen(sk, tgid);
+    Ok(())
 }
 
 /// Adds a socket to the table, counting (never hiding) a full table.

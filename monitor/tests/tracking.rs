@@ -290,6 +290,71 @@ fn a_busy_socket_is_attributed_in_the_socket_list() {
 
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn owners_follow_address_reuse_and_changes_of_user() {
+    // The send hook skips its table lookup for a process sending again on
+    // a socket it was already recorded for; that memo must neither outlive
+    // a socket (the next one gets its memory, and must get its own entry)
+    // nor hide a new user.
+    let config = nat_config();
+    let daemon = start_daemon(&config);
+    let netns = Netns::new("owners");
+    let me = std::process::id();
+    let kept = netns.run(|| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let pair = || {
+            let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            client.write_all(b"x").unwrap();
+            (client, server)
+        };
+        // Opened, used and closed one after another: each new socket gets
+        // the memory, so the address, of one just freed.
+        for _ in 0..200 {
+            drop(pair());
+        }
+        (0..20).map(|_| pair()).collect::<Vec<_>>()
+    });
+    let owner = |client: &TcpStream| {
+        let local = client.local_addr().unwrap();
+        find_socket(&daemon.sockets(""), netns.inode(), local).map(|socket| socket["pid"].clone())
+    };
+    for (client, _) in &kept {
+        let pid = wait_for(Duration::from_secs(5), || owner(client));
+        assert_eq!(pid, Some(Value::from(me)), "{client:?}");
+    }
+
+    // Another process sends on the first socket, then this one again.
+    let client = &kept[0].0;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(client);
+    let mut other = std::process::Command::new("sh");
+    other.args(["-c", "printf y >&3"]);
+    // SAFETY: dup2 is async-signal-safe; fd 3 of the child is the socket.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut other, move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut other = other.spawn().unwrap();
+    let other_pid = Value::from(other.id());
+    assert!(other.wait().unwrap().success());
+    // /sockets serves a walk up to 0.5 s old: wait for one after the send.
+    let becomes = |pid: &Value| {
+        wait_for(Duration::from_secs(5), || {
+            owner(client).filter(|owner| owner == pid)
+        })
+    };
+    assert_eq!(becomes(&other_pid), Some(other_pid));
+    let mut writer: &TcpStream = client;
+    writer.write_all(b"z").unwrap();
+    assert_eq!(becomes(&Value::from(me)), Some(Value::from(me)));
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn idle_times_agree_with_ss() {
     let config = nat_config();
     let daemon = start_daemon(&config);
