@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{Context as _, anyhow, bail};
 
 use super::{
     Bench, MIB,
@@ -23,6 +23,12 @@ const SCAN_INTERVAL: Duration = Duration::from_secs(2);
 const IDLE_THRESHOLD: Duration = Duration::from_secs(30);
 const RSS_TARGET: u64 = 64 * MIB;
 const BYTES_PER_SOCKET_TARGET: f64 = 128.0;
+/// Commands that read every socket of the namespace, as baselines for a walk.
+const BASELINES: [&[&str]; 2] = [
+    &["ss", "-tnoi", "state", "established"],
+    &["cat", "/proc/net/tcp", "/proc/net/tcp6"],
+];
+const BASELINE_RUNS: usize = 3;
 
 pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let connections = bench.settings.connections;
@@ -138,6 +144,12 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let table_full = metrics
         .value("idlemon_socket_table_full_total")
         .unwrap_or(0.0);
+    // The same sockets read by the tools an SRE would reach for: what any
+    // full reading of 200,000 sockets costs this kernel, side by side.
+    let baselines = BASELINES
+        .iter()
+        .map(|argv| Ok((argv.join(" "), baseline_cpu(&netns, argv)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let maps = bpf::maps(&objects.maps)?;
     let socket_map = maps
         .iter()
@@ -227,6 +239,32 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         per_socket(cpu)
     );
 
+    println!(
+        "baselines: the same {sockets} sockets read by the kernel's own tools, CPU (user+system) of the whole command, output to /dev/null, {BASELINE_RUNS} runs:"
+    );
+    let mut baseline_table = Table::new(&["baseline", "n", "min", "median", "max", "walk / it"]);
+    for (what, runs) in &baselines {
+        let ratio = match (cpu, runs) {
+            (Some(walk), Some(runs)) => format!("{:.2}", walk.median / runs.median),
+            _ => "-".to_owned(),
+        };
+        match runs {
+            Some(runs) => baseline_table.row([
+                what.clone(),
+                runs.n.to_string(),
+                ms(runs.min),
+                ms(runs.median),
+                ms(runs.max),
+                ratio,
+            ]),
+            None => baseline_table.row([what.clone(), "0".to_owned(), "-".into(), "-".into(), "-".into(), ratio]),
+        }
+    }
+    print!("{}", baseline_table.render());
+    println!(
+        "  walk / it: idlemon's walk + classify CPU (every socket idle past the threshold, median) over the tool's; below 1, idlemon reads the table for less"
+    );
+
     let mut memory = Table::new(&[
         "BPF map",
         "type",
@@ -293,9 +331,58 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         &label("scan CPU, median of walks of recently used sockets"),
         recent_cpu.map_or_else(|| "-".to_owned(), |s| format!("{:.1} ms", s.median * 1e3)),
     ));
+    for (what, runs) in &baselines {
+        if let (Some(walk), Some(runs)) = (cpu, runs) {
+            bench.check(Check::info(
+                &label(&format!("scan CPU over `{what}` CPU, same sockets")),
+                format!("{:.2} ({:.1} ms)", walk.median / runs.median, runs.median * 1e3),
+            ));
+        }
+    }
     bench.check(Check::info(
         &label("time to track pre-existing sockets"),
         format!("{:.2} s", time_to_track.as_secs_f64()),
     ));
     Ok(())
+}
+
+/// CPU time (user + system, from wait4) of `argv` run inside `netns`, once
+/// per `BASELINE_RUNS`, its output discarded; None when the tool is missing.
+fn baseline_cpu(netns: &Netns, argv: &[&str]) -> anyhow::Result<Option<Summary>> {
+    let mut runs = Vec::new();
+    for _ in 0..BASELINE_RUNS {
+        // A child forked by a thread inside the namespace starts there: no
+        // `ip netns exec` of its own to count.
+        let child = netns.run(|| {
+            std::process::Command::new(argv[0])
+                .args(&argv[1..])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+        })?;
+        let child = match child {
+            Ok(child) => child,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                println!("  baseline {}: not installed, skipped", argv[0]);
+                return Ok(None);
+            }
+            Err(error) => return Err(error).with_context(|| format!("cannot run {}", argv[0])),
+        };
+        let mut status = 0;
+        // SAFETY: plain out-parameters; rusage is valid when zeroed.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: waits for our own child, which `Child` never reaps itself.
+        let waited = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+        if waited < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("waiting for {}", argv[0]));
+        }
+        if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+            bail!("{} failed (wait status {status})", argv.join(" "));
+        }
+        let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        runs.push(seconds(usage.ru_utime) + seconds(usage.ru_stime));
+    }
+    Ok(Summary::of(&runs))
 }
