@@ -263,7 +263,7 @@ pub fn forget_recorded(record: &mut SocketRecord) {
 /// ordinary zeroing into a call to `memset`, which in BPF is a byte loop.
 #[inline(always)]
 fn zero<T>(value: &mut T) {
-    const { assert!(size_of::<T>() % 4 == 0) };
+    const { assert!(size_of::<T>().is_multiple_of(4)) };
     let words = (value as *mut T).cast::<u32>();
     for word in 0..size_of::<T>() / 4 {
         // SAFETY: within `value`, whose size is a whole number of words;

@@ -257,7 +257,14 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
                 ms(runs.max),
                 ratio,
             ]),
-            None => baseline_table.row([what.clone(), "0".to_owned(), "-".into(), "-".into(), "-".into(), ratio]),
+            None => baseline_table.row([
+                what.clone(),
+                "0".to_owned(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                ratio,
+            ]),
         }
     }
     print!("{}", baseline_table.render());
@@ -335,7 +342,11 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         if let (Some(walk), Some(runs)) = (cpu, runs) {
             bench.check(Check::info(
                 &label(&format!("scan CPU over `{what}` CPU, same sockets")),
-                format!("{:.2} ({:.1} ms)", walk.median / runs.median, runs.median * 1e3),
+                format!(
+                    "{:.2} ({:.1} ms)",
+                    walk.median / runs.median,
+                    runs.median * 1e3
+                ),
             ));
         }
     }
