@@ -58,6 +58,37 @@ pub mod counter {
     pub const SLOTS: u32 = 32;
 }
 
+/// Slots of the `WALK_OPTIONS` array, which user space sets before it walks
+/// a network namespace and the walk program reads (and partly writes).
+pub mod walk_option {
+    /// 1: a walk for /sockets, which reads everything about every socket;
+    /// 0: a periodic walk, which reads what the metrics need.
+    pub const COMPLETE: u32 = 0;
+    /// 1 when `OWNERS_KNOWN_SINCE` holds a stamp: user space still has the
+    /// owner that the previous walk of this namespace read (or carried over)
+    /// for every socket idle at least the idle threshold at that walk, which
+    /// started at that stamp (jiffies). A periodic walk then leaves the
+    /// owner of a socket idle since before `stamp - threshold` to user
+    /// space (`SocketRecord::info_known` = `INFO_CARRIED_OVER`): nothing
+    /// has sent on it since it was read.
+    pub const OWNERS_KNOWN: u32 = 1;
+    pub const OWNERS_KNOWN_SINCE: u32 = 2;
+    /// Written by the walk program at the first ESTABLISHED socket of a walk
+    /// (user space zeroes `STARTED` before): the walk's start, in jiffies.
+    pub const STARTED: u32 = 3;
+    pub const STARTED_AT: u32 = 4;
+    /// Number of slots.
+    pub const SLOTS: u32 = 5;
+}
+
+/// `SocketRecord::info_known`: nothing recorded, or not looked up.
+pub const INFO_UNKNOWN: u8 = 0;
+/// `SocketRecord::info_known`: `info` holds what the hooks recorded.
+pub const INFO_KNOWN: u8 = 1;
+/// `SocketRecord::info_known`: not looked up, because user space has the
+/// owner from the previous walk (see `walk_option::OWNERS_KNOWN`).
+pub const INFO_CARRIED_OVER: u8 = 2;
+
 /// Kernel struct member offsets (bytes), resolved from the running kernel's
 /// BTF at load time and handed to the programs as a read-only global, since
 /// rustc emits no CO-RE relocations. Offsets into `struct sock` also apply to
@@ -166,7 +197,8 @@ pub struct SocketRecord {
     pub ns_keepalive_probes: u8,
     /// Keepalive (or zero-window) probes sent and not yet answered.
     pub probes_out: u8,
-    /// 1 when `info` holds what the hooks recorded for this socket.
+    /// `INFO_KNOWN` when `info` holds what the hooks recorded for this
+    /// socket; `INFO_UNKNOWN`; or `INFO_CARRIED_OVER`.
     pub info_known: u8,
     pub info: SocketInfo,
 }

@@ -14,10 +14,10 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray},
 };
-use monitor_common::{SocketRecord, TCP_ESTABLISHED};
+use monitor_common::{INFO_CARRIED_OVER, SocketRecord, TCP_ESTABLISHED, walk_option};
 
 use crate::kernel::{
-    Depth, Memory, Typed, forget_recorded, idle_threshold, offset, recorded, snapshot,
+    Depth, Memory, Typed, forget_recorded, idle_threshold, jiffies32, offset, recorded, snapshot,
 };
 
 /// The record being built, per CPU: on the stack it would have to be zeroed
@@ -26,14 +26,21 @@ use crate::kernel::{
 #[map]
 static WALK_RECORD: PerCpuArray<SocketRecord> = PerCpuArray::with_max_entries(1, 0);
 
-/// Set by user space before a walk: 1 for everything about every socket
-/// (a walk for /sockets); 0 for what the metrics need: what the hooks
-/// recorded (owner, keepalive counts) only for sockets idle at least the
-/// idle threshold (the only ones that can be at risk), and per-socket
-/// keepalive settings only where SO_KEEPALIVE is on. The lookup is a third
-/// of a walk's cost on a host with many sockets.
+/// Set by user space before each namespace's walk, slots `walk_option::*`.
+/// A periodic walk reads what the metrics need: what the hooks recorded
+/// (the owner) only for sockets idle at least the idle threshold (the only
+/// ones that can be at risk), and of those only the ones whose owner user
+/// space does not still have from the previous walk; per-socket keepalive
+/// settings only where SO_KEEPALIVE is on. The lookup in `SOCKETS` is a
+/// fifth of a walk's cost on a host with many idle sockets.
 #[map]
-static WALK_OPTIONS: Array<u32> = Array::with_max_entries(1, 0);
+static WALK_OPTIONS: Array<u32> = Array::with_max_entries(walk_option::SLOTS, 0);
+
+/// A slot of `WALK_OPTIONS`; 0 if absent (never: the array is that large).
+#[inline(always)]
+fn option(slot: u32) -> u32 {
+    WALK_OPTIONS.get(slot).copied().unwrap_or(0)
+}
 
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
@@ -73,7 +80,20 @@ fn try_walk_tcp(ctx: *mut c_void) -> Result<i32, i32> {
     // SAFETY: this CPU's slot; iterator programs do not nest on one CPU.
     let record = unsafe { &mut *record };
     record.uid = uid;
-    let complete = WALK_OPTIONS.get(0).is_none_or(|&all| all != 0);
+    let now = jiffies32();
+    if option(walk_option::STARTED) == 0
+        && let Some(started_at) = WALK_OPTIONS.get_ptr_mut(walk_option::STARTED_AT)
+        && let Some(started) = WALK_OPTIONS.get_ptr_mut(walk_option::STARTED)
+    {
+        // SAFETY: map values; one walk runs at a time.
+        unsafe {
+            *started_at = now;
+            *started = 1;
+        }
+    }
+    let complete = WALK_OPTIONS
+        .get(walk_option::COMPLETE)
+        .is_none_or(|&all| all != 0);
     snapshot::<Typed>(
         sk,
         record,
@@ -83,8 +103,21 @@ fn try_walk_tcp(ctx: *mut c_void) -> Result<i32, i32> {
     )
     .map_err(|_| 0)?;
     let idle = record.last_send_age.min(record.last_recv_age);
-    if complete || idle >= idle_threshold() {
+    if complete {
         recorded(sk, record);
+    } else if idle >= idle_threshold() {
+        // Idle since before the previous walk began minus the threshold: that
+        // walk found it idle past the threshold and read its owner, and no
+        // send has changed the owner since.
+        let since_previous = now.wrapping_sub(option(walk_option::OWNERS_KNOWN_SINCE));
+        if option(walk_option::OWNERS_KNOWN) != 0
+            && idle >= since_previous.saturating_add(idle_threshold())
+        {
+            forget_recorded(record);
+            record.info_known = INFO_CARRIED_OVER;
+        } else {
+            recorded(sk, record);
+        }
     } else {
         forget_recorded(record);
     }

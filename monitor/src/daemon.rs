@@ -186,7 +186,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     )?;
     let (rescan, scanner) = scan::spawn(
         walk_link,
-        loaded.walk_options,
+        scan::WalkMaps {
+            options: loaded.walk_options,
+            sockets: loaded.sockets,
+        },
         ScannerConfig {
             classifier,
             pods,

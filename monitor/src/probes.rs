@@ -14,7 +14,7 @@ use aya::{
     programs::{BtfTracePoint, FEntry, Iter, KProbe, RawTracePoint, TracePoint, links::FdLink},
 };
 use clap::ValueEnum;
-use monitor_common::KernelLayout;
+use monitor_common::{KernelLayout, SocketInfo};
 use serde::Serialize;
 
 use crate::kernel::btf::KernelBtf;
@@ -189,8 +189,11 @@ pub struct Loaded {
     pub hooks: Vec<HookStatus>,
     /// The socket walk's link; iterators are created from it per network namespace.
     pub walk_link: FdLink,
-    /// The walk's one option: look up every socket's owner, or only long-idle ones'.
+    /// The walk's options (`walk_option::*`).
     pub walk_options: Array<MapData, u32>,
+    /// The hooks' per-socket table, for owners the walk left to user space
+    /// and user space could not carry over.
+    pub sockets: aya::maps::HashMap<MapData, u64, SocketInfo>,
 }
 
 /// Globals and map sizes handed to the kernel programs at load time.
@@ -229,11 +232,17 @@ pub fn load(settings: &LoadSettings, btf: &Btf, kernel_btf: &KernelBtf) -> anyho
         .ok_or_else(|| anyhow!("map WALK_OPTIONS missing from the eBPF object"))?
         .try_into()
         .context("map WALK_OPTIONS is not an array")?;
+    let sockets = ebpf
+        .take_map("SOCKETS")
+        .ok_or_else(|| anyhow!("map SOCKETS missing from the eBPF object"))?
+        .try_into()
+        .context("map SOCKETS is not a hash map")?;
     Ok(Loaded {
         ebpf,
         hooks,
         walk_link,
         walk_options,
+        sockets,
     })
 }
 

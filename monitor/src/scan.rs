@@ -3,6 +3,7 @@
 //! interval, or sooner when asked, and publishes the classified table.
 
 use std::{
+    collections::HashMap,
     os::fd::OwnedFd,
     path::PathBuf,
     sync::{Arc, mpsc},
@@ -11,7 +12,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{Array, MapData};
+use aya::maps::{Array, MapData, MapError};
+use monitor_common::{
+    INFO_CARRIED_OVER, INFO_KNOWN, INFO_UNKNOWN, SocketInfo, SocketRecord, walk_option,
+};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -19,7 +23,7 @@ use crate::{
     attribution::{Attributor, pods::PodCache},
     kernel::netns::{self, WalkError, Walker},
     metrics::Metrics,
-    sockets::{Classifier, Risk, SnapshotBuilder, Summary},
+    sockets::{Classifier, PreviousOwners, Risk, SnapshotBuilder, Summary},
 };
 
 pub use crate::sockets::Snapshot;
@@ -38,7 +42,7 @@ pub struct ScannerConfig {
 /// error (the thread could not return to its own namespace) is sent on `fatal`.
 pub fn spawn(
     link: OwnedFd,
-    options: Array<MapData, u32>,
+    maps: WalkMaps,
     config: ScannerConfig,
     metrics: Arc<Metrics>,
     publish: watch::Sender<Arc<Snapshot>>,
@@ -48,7 +52,7 @@ pub fn spawn(
     let handle = thread::Builder::new()
         .name("idlemon-scan".into())
         .spawn(move || {
-            if let Err(error) = run(link, options, &config, &metrics, &publish, &incoming) {
+            if let Err(error) = run(link, maps, &config, &metrics, &publish, &incoming) {
                 let _ = fatal.send(error);
             }
         })
@@ -56,18 +60,41 @@ pub fn spawn(
     Ok((requests, handle))
 }
 
+/// The maps the scanner uses besides the iterator.
+pub struct WalkMaps {
+    /// `WALK_OPTIONS`, slots `walk_option::*`.
+    pub options: Array<MapData, u32>,
+    /// `SOCKETS`: the owner of a socket the walk left to user space when the
+    /// previous walk did not list it after all.
+    pub sockets: aya::maps::HashMap<MapData, u64, SocketInfo>,
+}
+
+/// What the scanner keeps from one walk to the next.
+struct WalkState {
+    attributor: Attributor,
+    /// The start (jiffies, from the walk program) of the last successful walk
+    /// of each network namespace (by inode): the previous snapshot holds the
+    /// owner of every socket that was idle past the threshold then.
+    owners_known_since: HashMap<u64, u32>,
+    /// Sockets in the last walk.
+    expected: usize,
+}
+
 fn run(
     link: OwnedFd,
-    mut options: Array<MapData, u32>,
+    mut maps: WalkMaps,
     config: &ScannerConfig,
     metrics: &Metrics,
     publish: &watch::Sender<Arc<Snapshot>>,
     incoming: &mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
     let walker = Walker::new(link).context("cannot open this thread's network namespace")?;
-    let mut attributor = Attributor::new(config.proc_root.clone(), Arc::clone(&config.pods));
+    let mut state = WalkState {
+        attributor: Attributor::new(config.proc_root.clone(), Arc::clone(&config.pods)),
+        owners_known_since: HashMap::new(),
+        expected: 0,
+    };
     let mut next = Instant::now();
-    let mut expected = 0;
     loop {
         let complete = match incoming.recv_timeout(next.saturating_duration_since(Instant::now())) {
             Ok(()) => true,
@@ -76,18 +103,11 @@ fn run(
         };
         // Requests that arrived during the wait are served by this one walk.
         let complete = complete | (incoming.try_iter().count() > 0);
-        options
-            .set(0, u32::from(complete), 0)
-            .context("cannot set the walk's options")?;
+        let previous = Arc::clone(&publish.borrow());
         let snapshot = scan(
-            &walker,
-            &mut attributor,
-            config,
-            metrics,
-            expected,
-            complete,
+            &walker, &mut maps, &mut state, config, metrics, previous, complete,
         )?;
-        expected = snapshot.sockets.len();
+        state.expected = snapshot.sockets.len();
         // The previous table is freed here (or when its last reader is done).
         publish.send_replace(Arc::new(snapshot));
         next = Instant::now() + config.interval;
@@ -96,29 +116,58 @@ fn run(
 
 fn scan(
     walker: &Walker,
-    attributor: &mut Attributor,
+    maps: &mut WalkMaps,
+    state: &mut WalkState,
     config: &ScannerConfig,
     metrics: &Metrics,
-    expected: usize,
+    previous: Arc<Snapshot>,
     complete: bool,
 ) -> anyhow::Result<Snapshot> {
     let started = Instant::now();
     let cpu_started = thread_cpu_time();
     let namespaces = netns::discover(&config.proc_root, &config.bind_mounts);
     // Room for growth, so that the table is rarely reallocated mid-walk.
+    let expected = state.expected;
     let mut builder = SnapshotBuilder::new(
         Arc::clone(&config.classifier),
         expected + expected / 8 + 64,
         complete,
     );
+    let mut previous = PreviousOwners::new(previous);
+    let (mut carried, mut looked_up) = (0usize, 0usize);
+    state
+        .owners_known_since
+        .retain(|inode, _| namespaces.iter().any(|namespace| namespace.inode == *inode));
     for namespace in &namespaces {
+        let known_since = state.owners_known_since.remove(&namespace.inode);
+        set_options(&mut maps.options, complete, known_since)?;
         let walked = walker.walk(namespace, |record| {
-            builder.add(record, |pid, cgroup_id| {
-                attributor.attribute(pid, cgroup_id)
+            let mut record = *record;
+            if record.info_known == INFO_CARRIED_OVER {
+                carried += 1;
+                match previous.owner_of(record.sock) {
+                    Some((tgid, cgroup)) => {
+                        record.info.owner_tgid = tgid;
+                        record.info.owner_cgroup = cgroup;
+                        record.info_known = INFO_KNOWN;
+                    }
+                    None => {
+                        looked_up += 1;
+                        look_up_owner(&maps.sockets, &mut record);
+                    }
+                }
+            }
+            builder.add(&record, |pid, cgroup_id| {
+                state.attributor.attribute(pid, cgroup_id)
             });
         });
         match walked {
-            Ok(()) => {}
+            Ok(()) => {
+                if maps.options.get(&walk_option::STARTED, 0).unwrap_or(0) != 0 {
+                    let started_at = maps.options.get(&walk_option::STARTED_AT, 0)?;
+                    state.owners_known_since.insert(namespace.inode, started_at);
+                }
+            }
             Err(WalkError::Stranded(error)) => {
                 return Err(WalkError::Stranded(error).into());
             }
@@ -149,6 +198,8 @@ fn scan(
     debug!(
         sockets = snapshot.sockets.len(),
         owners = snapshot.owners.len(),
+        owners_carried_over = carried,
+        owners_looked_up_again = looked_up,
         no_keepalive = summary.at_risk_total(Risk::NoKeepalive),
         keepalive_too_slow = summary.at_risk_total(Risk::KeepaliveTooSlow),
         namespaces = namespaces.len(),
@@ -156,6 +207,53 @@ fn scan(
         "walk done"
     );
     Ok(snapshot)
+}
+
+/// The options of one namespace's walk (`walk_option::*`).
+fn set_options(
+    options: &mut Array<MapData, u32>,
+    complete: bool,
+    owners_known_since: Option<u32>,
+) -> anyhow::Result<()> {
+    for (slot, value) in [
+        (walk_option::COMPLETE, u32::from(complete)),
+        (
+            walk_option::OWNERS_KNOWN,
+            u32::from(owners_known_since.is_some()),
+        ),
+        (
+            walk_option::OWNERS_KNOWN_SINCE,
+            owners_known_since.unwrap_or(0),
+        ),
+        (walk_option::STARTED, 0),
+    ] {
+        options
+            .set(slot, value, 0)
+            .context("cannot set the walk's options")?;
+    }
+    Ok(())
+}
+
+/// The owner of a socket the walk left to user space that the previous walk
+/// did not list after all (it is never so in steady state): read from
+/// `SOCKETS` directly, one system call.
+fn look_up_owner(
+    sockets: &aya::maps::HashMap<MapData, u64, SocketInfo>,
+    record: &mut SocketRecord,
+) {
+    match sockets.get(&record.sock, 0) {
+        Ok(info) => {
+            record.info = info;
+            record.info_known = INFO_KNOWN;
+        }
+        Err(error) => {
+            if !matches!(error, MapError::KeyNotFound) {
+                debug!(%error, "cannot read a socket's owner");
+            }
+            record.info = SocketInfo::default();
+            record.info_known = INFO_UNKNOWN;
+        }
+    }
 }
 
 /// CPU time this thread has used, to report what a walk costs.

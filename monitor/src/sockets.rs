@@ -481,6 +481,61 @@ impl SnapshotBuilder {
     }
 }
 
+/// The owners of the previous walk's sockets, for the records whose owner
+/// the walk program left to user space (`INFO_CARRIED_OVER`). Records come in
+/// the order of the previous walk, less closed sockets and plus new ones
+/// (which are never carried over), so a cursor finds nearly every socket
+/// within a few steps; an index of the previous walk is built only when it
+/// does not (a namespace gone, sockets reordered).
+pub struct PreviousOwners {
+    snapshot: Arc<Snapshot>,
+    cursor: usize,
+    index: Option<WalkMap<u64, usize>>,
+}
+
+/// How far ahead of the cursor a socket is looked for before the index.
+const CURSOR_REACH: usize = 64;
+
+impl PreviousOwners {
+    pub fn new(snapshot: Arc<Snapshot>) -> Self {
+        Self {
+            snapshot,
+            cursor: 0,
+            index: None,
+        }
+    }
+
+    /// The owner (thread group id, cgroup id; 0 for unknown) that the
+    /// previous walk gave `sock`, or None when that walk did not list it.
+    pub fn owner_of(&mut self, sock: u64) -> Option<(u32, u64)> {
+        let sockets = &self.snapshot.sockets;
+        let ahead = sockets
+            .get(self.cursor..)
+            .unwrap_or_default()
+            .iter()
+            .take(CURSOR_REACH)
+            .position(|socket| socket.sock == sock);
+        let at = match ahead {
+            Some(offset) => self.cursor + offset,
+            None => *self
+                .index
+                .get_or_insert_with(|| {
+                    sockets
+                        .iter()
+                        .enumerate()
+                        .map(|(at, socket)| (socket.sock, at))
+                        .collect()
+                })
+                .get(&sock)?,
+        };
+        self.cursor = at + 1;
+        Some(match self.snapshot.owner(&sockets[at]) {
+            Some(owner) => (owner.pid, owner.cgroup_id.unwrap_or(0)),
+            None => (0, 0),
+        })
+    }
+}
+
 fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
@@ -634,6 +689,47 @@ mod tests {
         record.local_addr[..4].copy_from_slice(&[10, 0, 0, 5]);
         record.remote_addr[..4].copy_from_slice(&[52, 1, 2, 3]);
         record
+    }
+
+    /// A walk of sockets 1..=n (their addresses), owned by process 100 + address
+    /// in cgroup 7, except the multiples of 5, which have no owner.
+    fn walked(socks: &[u64]) -> Arc<Snapshot> {
+        let mut builder = SnapshotBuilder::new(Arc::new(classifier("")), socks.len(), false);
+        for &sock in socks {
+            let mut record = record(400, false);
+            record.sock = sock;
+            if sock % 5 != 0 {
+                record.info_known = monitor_common::INFO_KNOWN;
+                record.info.owner_tgid = 100 + sock as u32;
+                record.info.owner_cgroup = 7;
+            }
+            builder.add(&record, |_, _| Arc::default());
+        }
+        Arc::new(builder.finish(Instant::now()))
+    }
+
+    #[test]
+    fn previous_owners_are_found_in_walk_order_and_out_of_it() {
+        let socks: Vec<u64> = (1..=300).collect();
+        let mut previous = PreviousOwners::new(walked(&socks));
+        // The same order, some closed since: the cursor finds each.
+        for sock in (1..=150).filter(|sock| sock % 7 != 0) {
+            let expected = if sock % 5 == 0 {
+                (0, 0)
+            } else {
+                (100 + sock as u32, 7)
+            };
+            assert_eq!(previous.owner_of(sock), Some(expected), "socket {sock}");
+        }
+        assert!(previous.index.is_none(), "walk order needs no index");
+        // Far out of order (beyond the cursor's reach, and behind it).
+        assert_eq!(previous.owner_of(291), Some((391, 7)));
+        assert_eq!(previous.owner_of(3), Some((103, 7)));
+        // ...after which the cursor follows on from there.
+        assert_eq!(previous.owner_of(4), Some((104, 7)));
+        // Never walked before: for the caller to look up.
+        assert_eq!(previous.owner_of(9999), None);
+        assert_eq!(PreviousOwners::new(walked(&[])).owner_of(1), None);
     }
 
     #[test]
