@@ -355,6 +355,60 @@ fn owners_follow_address_reuse_and_changes_of_user() {
 
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn owners_of_idle_sockets_carry_over_between_periodic_walks() {
+    // A periodic walk leaves the owner of a socket idle since before the
+    // previous walk to user space, which takes it from the previous
+    // snapshot: the metric keeps naming the process, walk after walk.
+    let config = nat_config();
+    let daemon = Daemon::start(&[
+        "--idle-threshold",
+        "2",
+        "--scan-interval",
+        "0.5",
+        "--config",
+        config.path(),
+        "--log-format",
+        "json",
+    ]);
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(8010, 1);
+    let mut stream = path.connect(8010, Keepalive::Off);
+    echo(&mut stream).unwrap();
+    let local = stream.local_addr().unwrap();
+    let flagged = flagged_before_timeout(&daemon, &path, local, Instant::now());
+    assert_eq!(flagged["pid"], std::process::id());
+    let at_risk_series = || {
+        let (_, body) = daemon.get("/metrics");
+        body.lines()
+            .filter(|line| line.starts_with("idlemon_at_risk_sockets{") && !line.ends_with(" 0"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    // /sockets walks read every owner; from here on only periodic walks run.
+    let looked_up = at_risk_series();
+    assert_eq!(looked_up.len(), 1, "{looked_up:?}");
+    // Walks that carried at least one owner over (this socket's, or another
+    // long-idle one's on this host), from the JSON log.
+    let carries = || {
+        daemon
+            .log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line["owners_carried_over"].as_u64() >= Some(1))
+            .count()
+    };
+    let before = carries();
+    thread::sleep(Duration::from_millis(2500));
+    assert!(
+        carries() >= before + 2,
+        "no periodic walk carried the owner over; log:\n{}",
+        daemon.log()
+    );
+    assert_eq!(at_risk_series(), looked_up);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn idle_times_agree_with_ss() {
     let config = nat_config();
     let daemon = start_daemon(&config);

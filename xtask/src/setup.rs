@@ -34,6 +34,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "libcap2-bin",
         "tests run idlemon without privileges (capsh)",
     ),
+    (
+        "prometheus",
+        "a test scrapes idlemon with a real Prometheus server",
+    ),
 ];
 
 pub fn run() -> anyhow::Result<()> {
