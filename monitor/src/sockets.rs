@@ -400,7 +400,8 @@ pub struct Snapshot {
     pub owners: Vec<Owner>,
     /// Whether the walk read everything about every socket. Periodic walks
     /// read what the metrics need: owners only of sockets idle at least the
-    /// threshold, per-socket keepalive settings only where SO_KEEPALIVE is on.
+    /// threshold (carried over from the previous walk where unchanged),
+    /// per-socket keepalive settings only where SO_KEEPALIVE is on.
     pub complete: bool,
 }
 
