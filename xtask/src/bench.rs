@@ -29,8 +29,15 @@
 //! the BPF time per ping-pong transaction (all of it on the transaction's
 //! critical path, so its share of the transaction is the slowdown to
 //! expect), and the BPF share of the CPU both iperf3 ends used (the
-//! throughput a CPU-bound stream loses). `hooks attached` says how each hook
-//! attached (`tp_btf`, `kprobe`, ...): every figure depends on it.
+//! throughput a CPU-bound stream loses). A program that does nothing,
+//! attached by the bench beside the receive hook on `tcp:tcp_probe` for
+//! the same window, measures the stats' own cost (their clock reads
+//! around each run, about 60 ns in this VM): the `net of the stats' own
+//! cost` lines subtract it from every run. The targets use the gross
+//! figures, an upper bound of the hooks' cost; the net ones are a lower
+//! bound (the kernel's dispatch of each run happens outside the stats).
+//! `hooks attached` says how each hook attached (`tp_btf`, `kprobe`,
+//! ...): every figure depends on it.
 //! **Scale** opens 100,000 idle connections (200,000 sockets) before idlemon
 //! starts (with `--scan-interval 2 --idle-threshold 30` and a config file
 //! that puts loopback behind a 350 s timeout) and reports the time until
