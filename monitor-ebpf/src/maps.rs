@@ -39,61 +39,62 @@ pub struct OwnerSeen {
 }
 const _: () = assert!(size_of::<OwnerSeen>() == 16);
 
-/// One word per CPU, through which `owner_seen_slot` reads a pointer as a number.
+/// One word per CPU, through which `SeenSlot::of` reads a pointer as a number.
 #[map]
 static POINTER_SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// This socket's slot of `OWNERS_SEEN` (a plain array: the lookup is inlined).
-///
-/// Tracing programs get socket pointers that the verifier types from BTF and
-/// allows no arithmetic on (a hash of one is refused); a word read back from
-/// map memory is a plain number, the same one kprobes get. Storing a pointer
-/// in a map needs CAP_PERFMON, which idlemon has.
-#[inline(always)]
-fn owner_seen_slot(sk: u64) -> Option<*mut OwnerSeen> {
-    let word = POINTER_SCRATCH.get_ptr_mut(0)?;
-    // A program in an interrupt on this CPU may write the word between our
-    // store and load: reading it once more after hashing catches that (the
-    // compiler cannot turn `number` back into the pointer, as it would after
-    // comparing the two), and a second try all but surely runs undisturbed.
-    for _ in 0..2 {
-        // SAFETY: this CPU's word. Volatile, so that the compiler neither
-        // forwards the store to the loads nor merges the loads.
-        let number = unsafe {
-            core::ptr::write_volatile(word, sk);
-            core::ptr::read_volatile(word)
-        };
-        // Sockets are cache-line aligned slab objects: the bits above the
-        // line offset, spread by a multiplicative (Fibonacci) hash.
-        let index = ((number >> 6) as u32).wrapping_mul(0x9E37_79B1) >> (32 - OWNERS_SEEN_BITS);
-        // SAFETY: as above.
-        if unsafe { core::ptr::read_volatile(word) } == sk {
-            return OWNERS_SEEN.get_ptr_mut(index);
-        }
-    }
-    None
-}
+/// A socket's slot of `OWNERS_SEEN`.
+pub struct SeenSlot(*mut OwnerSeen);
 
-/// Whether the send hook already recorded `tgid` as the user of `sk`.
-#[inline(always)]
-pub fn owner_seen(sk: u64, tgid: u32) -> bool {
-    match owner_seen_slot(sk) {
+impl SeenSlot {
+    /// The slot of `sk` (a plain array: the lookup is inlined).
+    ///
+    /// Tracing programs get socket pointers that the verifier types from BTF
+    /// and allows no arithmetic on (a hash of one is refused); a word read
+    /// back from map memory is a plain number, the same one kprobes get.
+    /// Storing a pointer in a map needs CAP_PERFMON, which idlemon has.
+    #[inline(always)]
+    pub fn of(sk: u64) -> Option<Self> {
+        let word = POINTER_SCRATCH.get_ptr_mut(0)?;
+        // A program in an interrupt on this CPU may write the word between
+        // our store and load: reading it once more after hashing catches
+        // that (the compiler cannot turn `number` back into the pointer, as
+        // it would after comparing the two), and a second try all but surely
+        // runs undisturbed.
+        for _ in 0..2 {
+            // SAFETY: this CPU's word. Volatile, so that the compiler neither
+            // forwards the store to the loads nor merges the loads.
+            let number = unsafe {
+                core::ptr::write_volatile(word, sk);
+                core::ptr::read_volatile(word)
+            };
+            // Sockets are cache-line aligned slab objects: the bits above the
+            // line offset, spread by a multiplicative (Fibonacci) hash.
+            let index = ((number >> 6) as u32).wrapping_mul(0x9E37_79B1) >> (32 - OWNERS_SEEN_BITS);
+            // SAFETY: as above.
+            if unsafe { core::ptr::read_volatile(word) } == sk {
+                return OWNERS_SEEN.get_ptr_mut(index).map(Self);
+            }
+        }
+        None
+    }
+
+    /// Whether the send hook already recorded `tgid` as the user of `sk`.
+    #[inline(always)]
+    pub fn holds(&self, sk: u64, tgid: u32) -> bool {
         // SAFETY: a valid map value. Two CPUs writing one slot at once can
         // leave one's socket with the other's process: that socket's owner
         // then stays the previous one until its next change of user, the
         // same precision as the unsynchronised owner fields themselves.
-        Some(seen) => unsafe { (*seen).sock == sk && (*seen).tgid == tgid },
-        None => false,
+        unsafe { (*self.0).sock == sk && (*self.0).tgid == tgid }
     }
-}
 
-/// Notes that `SOCKETS` holds `tgid` as the user of `sk`.
-#[inline(always)]
-pub fn note_owner_seen(sk: u64, tgid: u32) {
-    if let Some(seen) = owner_seen_slot(sk) {
+    /// Notes that `SOCKETS` holds `tgid` as the user of `sk`.
+    #[inline(always)]
+    pub fn note(&self, sk: u64, tgid: u32) {
         // SAFETY: a valid map value.
         unsafe {
-            *seen = OwnerSeen {
+            *self.0 = OwnerSeen {
                 sock: sk,
                 tgid,
                 _pad: 0,
@@ -107,12 +108,12 @@ pub fn note_owner_seen(sk: u64, tgid: u32) {
 /// recorded afresh.
 #[inline(always)]
 pub fn forget(sk: u64) {
-    if let Some(seen) = owner_seen_slot(sk) {
+    if let Some(seen) = SeenSlot::of(sk) {
         // SAFETY: a valid map value. No send runs on a socket being
         // destroyed, so nothing refills the slot with it afterwards.
         unsafe {
-            if (*seen).sock == sk {
-                (*seen).sock = 0;
+            if (*seen.0).sock == sk {
+                (*seen.0).sock = 0;
             }
         }
     }

@@ -19,7 +19,7 @@ use monitor_common::{SocketInfo, counter, event_kind};
 use crate::{
     events::emit,
     kernel::{Memory, Typed, Untyped, idle_for, idle_threshold, jiffies32},
-    maps::{SOCKETS, count, note_owner_seen, owner_seen},
+    maps::{SOCKETS, SeenSlot, count},
 };
 
 #[fentry(function = "tcp_sendmsg")]
@@ -88,7 +88,11 @@ fn try_send<M: Memory>(sk: u64) -> Result<u32, u32> {
 pub fn record_owner(sk: u64) -> Result<(), u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if tgid == 0 || owner_seen(sk, tgid) {
+    if tgid == 0 {
+        return Ok(());
+    }
+    let seen = SeenSlot::of(sk);
+    if seen.as_ref().is_some_and(|seen| seen.holds(sk, tgid)) {
         return Ok(());
     }
     if let Some(info) = SOCKETS.get_ptr_mut(sk) {
@@ -99,7 +103,9 @@ pub fn record_owner(sk: u64) -> Result<(), u32> {
             // SAFETY: helper without pointer arguments.
             info.owner_cgroup = unsafe { bpf_get_current_cgroup_id() };
         }
-        note_owner_seen(sk, tgid);
+        if let Some(seen) = &seen {
+            seen.note(sk, tgid);
+        }
         return Ok(());
     }
     let info = SocketInfo {
@@ -109,7 +115,9 @@ pub fn record_owner(sk: u64) -> Result<(), u32> {
         ..SocketInfo::default()
     };
     insert(sk, &info)?;
-    note_owner_seen(sk, tgid);
+    if let Some(seen) = &seen {
+        seen.note(sk, tgid);
+    }
     Ok(())
 }
 

@@ -142,7 +142,6 @@ fn scan(
         let known_since = state.owners_known_since.remove(&namespace.inode);
         set_options(&mut maps.options, complete, known_since)?;
         let walked = walker.walk(namespace, |record| {
-            let mut record = *record;
             if record.info_known == INFO_CARRIED_OVER {
                 carried += 1;
                 match previous.owner_of(record.sock) {
@@ -153,11 +152,11 @@ fn scan(
                     }
                     None => {
                         looked_up += 1;
-                        look_up_owner(&maps.sockets, &mut record);
+                        look_up_owner(&maps.sockets, record);
                     }
                 }
             }
-            builder.add(&record, |pid, cgroup_id| {
+            builder.add(record, |pid, cgroup_id| {
                 state.attributor.attribute(pid, cgroup_id)
             });
         });

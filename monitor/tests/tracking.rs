@@ -40,7 +40,11 @@ fn nat_config() -> TempFile {
 }
 
 fn start_daemon(config: &TempFile) -> Daemon {
-    Daemon::start(&[
+    start_daemon_with(config, &[])
+}
+
+fn start_daemon_with(config: &TempFile, extra: &[&str]) -> Daemon {
+    let mut args = vec![
         "--idle-threshold",
         "2",
         "--idle-timeout",
@@ -49,7 +53,9 @@ fn start_daemon(config: &TempFile) -> Daemon {
         "0.5",
         "--config",
         config.path(),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(&args)
 }
 
 /// The client's socket as idlemon reports it.
@@ -360,16 +366,7 @@ fn owners_of_idle_sockets_carry_over_between_periodic_walks() {
     // previous walk to user space, which takes it from the previous
     // snapshot: the metric keeps naming the process, walk after walk.
     let config = nat_config();
-    let daemon = Daemon::start(&[
-        "--idle-threshold",
-        "2",
-        "--scan-interval",
-        "0.5",
-        "--config",
-        config.path(),
-        "--log-format",
-        "json",
-    ]);
+    let daemon = start_daemon_with(&config, &["--log-format", "json"]);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8010, 1);
     let mut stream = path.connect(8010, Keepalive::Off);

@@ -104,7 +104,8 @@ impl Walker {
         })
     }
 
-    /// Hands the record of every ESTABLISHED socket in `namespace` to `visit`.
+    /// Hands the record of every ESTABLISHED socket in `namespace` to `visit`,
+    /// which may complete it (a decoded copy, the walker's own).
     ///
     /// A namespace without one is not walked: `iter/tcp` scans the host's
     /// whole connection table (shared by all namespaces) for each namespace,
@@ -112,7 +113,7 @@ impl Walker {
     pub fn walk(
         &self,
         namespace: &Namespace,
-        mut visit: impl FnMut(&SocketRecord),
+        mut visit: impl FnMut(&mut SocketRecord),
     ) -> Result<(), WalkError> {
         let iterator = if namespace.inode == self.home_inode {
             if !has_established_sockets() {
@@ -167,7 +168,7 @@ impl Walker {
             };
             filled += read;
             let whole = filled - filled % size_of::<SocketRecord>();
-            decode(&buffer[..whole]).for_each(|record| visit(&record));
+            decode(&buffer[..whole]).for_each(|mut record| visit(&mut record));
             buffer.copy_within(whole..filled, 0);
             filled -= whole;
         }
