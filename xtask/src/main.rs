@@ -61,14 +61,11 @@ fn main() -> anyhow::Result<()> {
             build(true)?;
             let binary = workspace_root().join("target/release/idlemon");
             println!("xtask: starting {} (Ctrl-C stops it)", binary.display());
-            let status = Command::new(&binary)
-                .args(&args)
-                .status()
-                .with_context(|| format!("cannot start {}", binary.display()))?;
-            if !status.success() {
-                bail!("idlemon exited with {status}");
-            }
-            Ok(())
+            // In place of this process (cargo run execs xtask too), so that a
+            // SIGTERM meant for `cargo xtask run` (timeout, a service manager)
+            // reaches idlemon, which detaches everything and exits.
+            let error = std::os::unix::process::CommandExt::exec(Command::new(&binary).args(&args));
+            Err(error).with_context(|| format!("cannot start {}", binary.display()))
         }
         Action::Test { unit, filter } => test(unit, filter.as_deref()),
         Action::Bench(args) => {
