@@ -9,7 +9,7 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_jiffies64, bpf_probe_read_kernel, generated::bpf_skc_to_tcp_sock},
 };
-use monitor_common::{AF_INET, AF_INET6, KernelLayout, SocketRecord};
+use monitor_common::{AF_INET, AF_INET6, INFO_KNOWN, INFO_UNKNOWN, KernelLayout, SocketRecord};
 
 use crate::maps::SOCKETS;
 
@@ -246,7 +246,7 @@ pub fn recorded(tp: u64, record: &mut SocketRecord) {
             // SAFETY: a valid map value, copied out at once; the two never
             // overlap, which spares the copy a call to `memmove`.
             unsafe { core::ptr::copy_nonoverlapping(info, &mut record.info, 1) };
-            record.info_known = 1;
+            record.info_known = INFO_KNOWN;
         }
         None => forget_recorded(record),
     }
@@ -256,7 +256,7 @@ pub fn recorded(tp: u64, record: &mut SocketRecord) {
 #[inline(always)]
 pub fn forget_recorded(record: &mut SocketRecord) {
     zero(&mut record.info);
-    record.info_known = 0;
+    record.info_known = INFO_UNKNOWN;
 }
 
 /// Zeroes a value of a multiple of 4 bytes with plain stores: LLVM turns

@@ -135,11 +135,10 @@ fn scan(
     );
     let mut previous = PreviousOwners::new(previous);
     let (mut carried, mut looked_up) = (0usize, 0usize);
-    state
-        .owners_known_since
-        .retain(|inode, _| namespaces.iter().any(|namespace| namespace.inode == *inode));
+    // Only namespaces this walk finishes keep a stamp for the next one.
+    let mut known_before = std::mem::take(&mut state.owners_known_since);
     for namespace in &namespaces {
-        let known_since = state.owners_known_since.remove(&namespace.inode);
+        let known_since = known_before.remove(&namespace.inode);
         set_options(&mut maps.options, complete, known_since)?;
         let walked = walker.walk(namespace, |record| {
             if record.info_known == INFO_CARRIED_OVER {

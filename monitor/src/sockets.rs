@@ -376,7 +376,7 @@ impl Owner {
         attribute: impl FnOnce(Option<u32>, Option<u64>) -> Arc<Attribution>,
     ) -> Option<Self> {
         let info = &record.info;
-        if record.info_known == 0 || info.owner_tgid == 0 {
+        if record.info_known == monitor_common::INFO_UNKNOWN || info.owner_tgid == 0 {
             return None;
         }
         let cgroup_id = Some(info.owner_cgroup).filter(|id| *id != 0);

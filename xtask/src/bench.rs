@@ -342,18 +342,30 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Each program of `after` with its runs and run time (ns) since `before`.
+fn run_deltas<'a>(
+    before: &BTreeMap<u32, ProgInfo>,
+    after: &'a BTreeMap<u32, ProgInfo>,
+) -> impl Iterator<Item = (u64, u64, &'a ProgInfo)> {
+    after.values().map(|prog| {
+        let (runs0, time0) = before
+            .get(&prog.id)
+            .map_or((0, 0), |b| (b.run_cnt, b.run_time_ns));
+        (
+            prog.run_cnt.saturating_sub(runs0),
+            prog.run_time_ns.saturating_sub(time0),
+            prog,
+        )
+    })
+}
+
 /// Runs and time per program between two snapshots of run-time stats:
 /// the rendered table (programs that did not run are named on one line
 /// below it) and the time of all programs together, in ns.
 fn self_cost(before: &BTreeMap<u32, ProgInfo>, after: &BTreeMap<u32, ProgInfo>) -> (String, u64) {
     let mut ran: Vec<(u64, u64, &ProgInfo)> = Vec::new();
     let mut idle = Vec::new();
-    for prog in after.values() {
-        let (runs0, time0) = before
-            .get(&prog.id)
-            .map_or((0, 0), |b| (b.run_cnt, b.run_time_ns));
-        let runs = prog.run_cnt.saturating_sub(runs0);
-        let time = prog.run_time_ns.saturating_sub(time0);
+    for (runs, time, prog) in run_deltas(before, after) {
         if runs == 0 {
             idle.push(prog.name.as_str());
         } else {

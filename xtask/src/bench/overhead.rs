@@ -481,16 +481,8 @@ fn self_cost_window(
         (runs > 0).then(|| end.run_time_ns.saturating_sub(start.run_time_ns) as f64 / runs as f64)
     });
     let net_ns = floor.map(|floor| {
-        after
-            .values()
-            .map(|prog| {
-                let (runs0, time0) = before
-                    .get(&prog.id)
-                    .map_or((0, 0), |b| (b.run_cnt, b.run_time_ns));
-                let runs = prog.run_cnt.saturating_sub(runs0) as f64;
-                let time = prog.run_time_ns.saturating_sub(time0) as f64;
-                (time - runs * floor).max(0.0)
-            })
+        super::run_deltas(&before, &after)
+            .map(|(runs, time, _)| (time as f64 - runs as f64 * floor).max(0.0))
             .sum::<f64>() as u64
     });
     let (text, ns) = super::self_cost(&before, &after);
