@@ -181,7 +181,7 @@ struct EnableStatsAttr {
 
 /// bpf(2). The kernel reads `size_of::<T>()` bytes and treats the rest of
 /// its union as zero.
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+pub(super) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     // SAFETY: attr is a live, properly laid-out bpf_attr member of the
     // given size; the kernel writes only within it (and through the
     // pointers it carries, which the caller sized).
@@ -200,7 +200,7 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     }
 }
 
-fn fd_from(ret: libc::c_long) -> anyhow::Result<OwnedFd> {
+pub(super) fn fd_from(ret: libc::c_long) -> anyhow::Result<OwnedFd> {
     let fd = i32::try_from(ret).context("bpf(2) returned an impossible fd")?;
     // SAFETY: the kernel just handed us this fd, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -318,126 +318,5 @@ impl Drop for RunTimeStats {
         {
             eprintln!("bench: cannot restore {STATS_SYSCTL} to {before}: {error}");
         }
-    }
-}
-
-/// A program that does nothing, attached by tp_btf to a tracepoint beside
-/// idlemon's: what the run-time stats report for it (their own clock reads
-/// around a program call) is the floor under every program's ns/run there.
-pub struct NoopProgram {
-    pub id: u32,
-    _link: OwnedFd,
-    _prog: OwnedFd,
-}
-
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
-const BPF_PROG_TYPE_TRACING: u32 = 26;
-const BPF_TRACE_RAW_TP: u32 = 23;
-
-/// The `BPF_PROG_LOAD` member of `union bpf_attr`, up to `attach_btf_id`.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-    prog_btf_fd: u32,
-    func_info_rec_size: u32,
-    func_info: u64,
-    func_info_cnt: u32,
-    line_info_rec_size: u32,
-    line_info: u64,
-    line_info_cnt: u32,
-    attach_btf_id: u32,
-    attach_prog_fd: u32,
-    _pad: u32,
-}
-
-/// The `raw_tracepoint` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct RawTracepointAttr {
-    name: u64,
-    prog_fd: u32,
-    _pad: u32,
-    cookie: u64,
-}
-
-/// The `info` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-impl NoopProgram {
-    /// Loads `r0 = 0; exit` as a tp_btf program on `tracepoint` (e.g.
-    /// `tcp_probe`) and attaches it.
-    pub fn attach(tracepoint: &str) -> anyhow::Result<Self> {
-        let typedef = format!("TYPEDEF 'btf_trace_{tracepoint}'");
-        let output = Command::new("bpftool")
-            .args(["btf", "dump", "file", "/sys/kernel/btf/vmlinux"])
-            .output()
-            .context("cannot run bpftool btf dump")?;
-        let dump = String::from_utf8_lossy(&output.stdout);
-        let btf_id: u32 = dump
-            .lines()
-            .find(|line| line.contains(&typedef))
-            .and_then(|line| line.strip_prefix('[')?.split(']').next()?.parse().ok())
-            .ok_or_else(|| anyhow!("the kernel's BTF has no {typedef}"))?;
-        // mov64 r0, 0; exit
-        let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
-        let license = b"GPL\0";
-        let mut name = [0u8; 16];
-        name[..10].copy_from_slice(b"bench_noop");
-        let mut load = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_TRACING,
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            prog_name: name,
-            expected_attach_type: BPF_TRACE_RAW_TP,
-            attach_btf_id: btf_id,
-            ..ProgLoadAttr::default()
-        };
-        let prog = fd_from(
-            bpf(BPF_PROG_LOAD, &mut load)
-                .with_context(|| format!("cannot load a no-op tp_btf program on {tracepoint}"))?,
-        )?;
-        use std::os::fd::AsRawFd as _;
-        let mut open = RawTracepointAttr {
-            prog_fd: prog.as_raw_fd() as u32,
-            ..RawTracepointAttr::default()
-        };
-        let link = fd_from(
-            bpf(BPF_RAW_TRACEPOINT_OPEN, &mut open)
-                .with_context(|| format!("cannot attach a no-op program to {tracepoint}"))?,
-        )?;
-        // struct bpf_prog_info begins with type and id.
-        let mut info = [0u32; 2];
-        let mut get = InfoAttr {
-            bpf_fd: prog.as_raw_fd() as u32,
-            info_len: std::mem::size_of_val(&info) as u32,
-            info: info.as_mut_ptr() as u64,
-        };
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get).context("cannot read the no-op program's id")?;
-        Ok(Self {
-            id: info[1],
-            _link: link,
-            _prog: prog,
-        })
     }
 }

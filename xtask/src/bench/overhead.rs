@@ -17,7 +17,7 @@ use super::{
     host::Others,
     load::{self, Load},
     netns::Netns,
-    pause,
+    noop, pause,
     table::{Check, Summary, Table},
 };
 
@@ -459,7 +459,9 @@ fn self_cost_window(
     let ours = bpf::objects_of(daemon.pid())?.progs;
     // Beside the receive hook: a program that does nothing, whose ns/run is
     // what the stats themselves add to every run.
-    let noop = match bpf::NoopProgram::attach(FLOOR_TRACEPOINT) {
+    let noop = match noop::KernelBtf::load()
+        .and_then(|btf| noop::NoopProgram::attach(&btf, noop::Hook::TpBtf(FLOOR_TRACEPOINT)))
+    {
         Ok(noop) => Some(noop),
         Err(error) => {
             println!("  the stats' floor is not measured: {error:#}");

@@ -11,6 +11,7 @@ use super::{
     bpf::{self, RunTimeStats},
     daemon::{self, Daemon, Scan},
     netns::Netns,
+    noop,
     table::{Check, Summary, Table},
     traffic,
 };
@@ -29,6 +30,15 @@ const BASELINES: [&[&str]; 2] = [
     &["cat", "/proc/net/tcp", "/proc/net/tcp6"],
 ];
 const BASELINE_RUNS: usize = 3;
+/// `iter/` targets walked with a no-op program, as baselines of the kernel's
+/// own part of a walk.
+const NOOP_WALKS: [(&str, &str); 2] = [
+    ("tcp", "no-op iter/tcp program (the kernel's walk)"),
+    (
+        "task_file",
+        "no-op iter/task_file program (every open file)",
+    ),
+];
 
 pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let connections = bench.settings.connections;
@@ -146,10 +156,17 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         .unwrap_or(0.0);
     // The same sockets read by the tools an SRE would reach for: what any
     // full reading of 200,000 sockets costs this kernel, side by side.
-    let baselines = BASELINES
+    let mut baselines = BASELINES
         .iter()
         .map(|argv| Ok((argv.join(" "), baseline_cpu(&netns, argv)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // And the kernel's walks alone: a program that does nothing, over the
+    // same namespace's sockets (what every iter/tcp walk costs before its
+    // program does anything), and over every open file of the host (what a
+    // walk by file descriptor would cost instead).
+    for (target, what) in NOOP_WALKS {
+        baselines.push((what.to_owned(), noop_walk_cpu(&netns, target)?));
+    }
     let maps = bpf::maps(&objects.maps)?;
     let socket_map = maps
         .iter()
@@ -240,7 +257,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     );
 
     println!(
-        "baselines: the same {sockets} sockets read by the kernel's own tools, CPU (user+system) of the whole command, output to /dev/null, {BASELINE_RUNS} runs:"
+        "baselines: the same {sockets} sockets read by the kernel's own tools, CPU (user+system) of the whole command, output to /dev/null; and walked by a program that does nothing (thread CPU of the read, all of it the kernel's); {BASELINE_RUNS} runs each:"
     );
     let mut baseline_table = Table::new(&["baseline", "n", "min", "median", "max", "walk / it"]);
     for (what, runs) in &baselines {
@@ -340,8 +357,13 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     ));
     for (what, runs) in &baselines {
         if let (Some(walk), Some(runs)) = (cpu, runs) {
+            let over = if what.starts_with("no-op") {
+                format!("scan CPU over a {what}")
+            } else {
+                format!("scan CPU over `{what}` CPU, same sockets")
+            };
             bench.check(Check::info(
-                &label(&format!("scan CPU over `{what}` CPU, same sockets")),
+                &label(&over),
                 format!(
                     "{:.2} ({:.1} ms)",
                     walk.median / runs.median,
@@ -355,6 +377,24 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         format!("{:.2} s", time_to_track.as_secs_f64()),
     ));
     Ok(())
+}
+
+/// Thread CPU time of a walk of `iter/{target}` by a no-op program, from a
+/// thread inside `netns`, once per `BASELINE_RUNS`; None when this kernel
+/// cannot load one (said so).
+fn noop_walk_cpu(netns: &Netns, target: &str) -> anyhow::Result<Option<Summary>> {
+    let btf = noop::KernelBtf::load()?;
+    let mut runs = Vec::new();
+    for _ in 0..BASELINE_RUNS {
+        match netns.run(|| noop::walk(&btf, target))? {
+            Ok(cpu) => runs.push(cpu.as_secs_f64()),
+            Err(error) => {
+                println!("  baseline iter/{target}: not measured: {error:#}");
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Summary::of(&runs))
 }
 
 /// CPU time (user + system, from wait4) of `argv` run inside `netns`, once

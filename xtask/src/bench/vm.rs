@@ -5,9 +5,13 @@
 //! of one 1-byte ping-pong (`ping_pong.rs`, the overhead part's load)
 //! without idlemon (A), with idlemon attaching as it does by default, by
 //! fentry (B1), and with `--disable-attach fentry`, by kprobe (B2); its
-//! walks are an hour apart there (`vm/guest.rs` says why). Only B1/A and
-//! B2/A of one round are printed: emulation makes every absolute rate
-//! meaningless, but both sides of a ratio are emulated alike.
+//! walks are an hour apart there (`vm/guest.rs` says why). A fourth side
+//! (F) has no idlemon but a program that does nothing on each of the two
+//! functions idlemon's per-packet hooks attach to by fentry (`noop.rs`):
+//! F/A is the floor of any fentry program there, and B1/F what idlemon's
+//! code costs over it. Only ratios within one round are printed: emulation
+//! makes every absolute rate meaningless, but both sides of a ratio are
+//! emulated alike.
 //!
 //! The guest's clock counts instructions (`-icount`), not the host's time:
 //! with wall-clock TCG, a build on the host's other core moved one window's
@@ -63,16 +67,18 @@ enum Side {
     B1,
     /// idlemon, `--disable-attach fentry`: kprobe.
     B2,
+    /// No idlemon; a no-op fentry program on each of `tag::FLOOR_FUNCTIONS`.
+    F,
 }
 
-use Side::{A, B1, B2};
+use Side::{A, B1, B2, F};
 
 impl Side {
-    const ALL: [Self; 3] = [A, B1, B2];
+    const ALL: [Self; 4] = [A, B1, B2, F];
 
     fn mode(self) -> Option<Mode> {
         match self {
-            A => None,
+            A | F => None,
             B1 => Some(Mode::Default),
             B2 => Some(Mode::NoFentry),
         }
@@ -80,7 +86,11 @@ impl Side {
 
     /// The side's name in the driver's arguments and result lines.
     fn guest_name(self) -> &'static str {
-        self.mode().map_or(tag::BASELINE, Mode::name)
+        match self {
+            A => tag::BASELINE,
+            F => tag::FLOOR,
+            B1 | B2 => self.mode().map_or(tag::BASELINE, Mode::name),
+        }
     }
 
     fn from_guest(name: &str) -> Option<Self> {
@@ -93,6 +103,7 @@ impl Side {
             A => "none",
             B1 => "fentry",
             B2 => "kprobe",
+            F => "no-op fentry",
         }
     }
 
@@ -101,6 +112,7 @@ impl Side {
             A => "A",
             B1 => "B1",
             B2 => "B2",
+            F => "F",
         }
     }
 
@@ -109,24 +121,23 @@ impl Side {
             A => "no idlemon",
             B1 => "default attach kinds",
             B2 => "--disable-attach fentry",
+            F => "no idlemon, a no-op fentry program on tcp_sendmsg and tcp_rcv_established",
         }
     }
 }
 
-/// The order of the sides in each round. Over six rounds every side takes
-/// every position twice, and each round is followed by its mirror image
-/// (ABBA for three), so that neither a steady drift of the host nor the
+/// The order of the sides in each round. Over four rounds every side takes
+/// every position once, and each round is followed by its mirror image
+/// (ABBA for four), so that neither a steady drift of the host nor the
 /// start of a window after a daemon stop favours one side.
-const ORDERS: [[Side; 3]; 6] = [
-    [A, B1, B2],
-    [B2, B1, A],
-    [B1, B2, A],
-    [A, B2, B1],
-    [B2, A, B1],
-    [B1, A, B2],
+const ORDERS: [[Side; 4]; 4] = [
+    [A, B1, F, B2],
+    [B2, F, B1, A],
+    [B1, A, B2, F],
+    [F, B2, A, B1],
 ];
 
-fn schedule(rounds: usize) -> Vec<[Side; 3]> {
+fn schedule(rounds: usize) -> Vec<[Side; 4]> {
     (0..rounds)
         .map(|index| ORDERS[index % ORDERS.len()])
         .collect()
@@ -264,6 +275,7 @@ struct Round {
     order: Vec<Side>,
     fentry: Option<f64>,
     kprobe: Option<f64>,
+    floor: Option<f64>,
 }
 
 impl Round {
@@ -272,7 +284,13 @@ impl Round {
             A => Some(1.0),
             B1 => self.fentry,
             B2 => self.kprobe,
+            F => self.floor,
         }
+    }
+
+    /// B1 over F: idlemon's fentry programs over programs that do nothing.
+    fn over_floor(&self) -> Option<f64> {
+        Some(self.fentry? / self.floor.filter(|floor| *floor > 0.0)?)
     }
 }
 
@@ -300,6 +318,7 @@ fn rounds(windows: &[Window]) -> Vec<Round> {
                 order: windows.iter().map(|window| window.side).collect(),
                 fentry: ratio(B1),
                 kprobe: ratio(B2),
+                floor: ratio(F),
             }
         })
         .collect()
@@ -322,10 +341,12 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         &guest,
         &guest_args(rounds, window),
     )?;
-    let timeout = BOOT_BUDGET + (window + WINDOW_OVERHEAD) * (3 * rounds as u32);
+    let timeout =
+        BOOT_BUDGET + (window + WINDOW_OVERHEAD) * (Side::ALL.len() as u32 * rounds as u32);
     println!(
-        "{rounds} rounds of {} s windows per kernel, A = no idlemon, B1 = idlemon (fentry, its default), B2 = idlemon --disable-attach fentry (kprobe), both with --scan-interval 3600, over one 1-byte ping-pong on the guest's loopback; qemu TCG, 1 vCPU, {} {} (the guest's clock counts instructions); ratios only",
+        "{rounds} rounds of {} s windows per kernel, A = no idlemon, B1 = idlemon (fentry, its default), B2 = idlemon --disable-attach fentry (kprobe), both with --scan-interval 3600, F = no idlemon but a no-op fentry program on {} (the floor under B1's per-packet hooks), over one 1-byte ping-pong on the guest's loopback; qemu TCG, 1 vCPU, {} {} (the guest's clock counts instructions); ratios only",
         window.as_secs_f64(),
+        tag::FLOOR_FUNCTIONS.join(" and "),
         ICOUNT[0],
         ICOUNT[1]
     );
@@ -347,7 +368,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
             }
             Err(error) => {
                 println!("{label} FAILED: {error:#}");
-                for side in [B1, B2] {
+                for side in [B1, B2, F] {
                     bench.check(Check::new(
                         &check_name(label, side),
                         "-".to_owned(),
@@ -480,12 +501,14 @@ fn report(bench: &mut Bench, target: Target, measured: &Measured) {
     for round in rounds {
         let order: Vec<&str> = round.order.iter().map(|side| side.label()).collect();
         println!(
-            "  round {}/{} ({}): B1/A {}, B2/A {}",
+            "  round {}/{} ({}): B1/A {}, B2/A {}, F/A {}, B1/F {}",
             round.number,
             rounds.len(),
             order.join(" "),
             ratio(round.fentry),
             ratio(round.kprobe),
+            ratio(round.floor),
+            ratio(round.over_floor()),
         );
     }
     let settled: Vec<f64> = report.windows.iter().map(|window| window.settled).collect();
@@ -514,13 +537,15 @@ fn report(bench: &mut Bench, target: Target, measured: &Measured) {
         "max",
     ]);
     let mut checks = Vec::new();
-    for side in [B1, B2] {
+    for side in [B1, B2, F] {
         let (hooks, unexpected) = hooks_line(target, side, report);
-        println!(
-            "hooks attached, {} ({}): {hooks}",
-            side.label(),
-            side.flags()
-        );
+        if side.mode().is_some() {
+            println!(
+                "hooks attached, {} ({}): {hooks}",
+                side.label(),
+                side.flags()
+            );
+        }
         let ratios: Vec<f64> = rounds
             .iter()
             .filter_map(|round| round.ratio(side))
@@ -547,10 +572,28 @@ fn report(bench: &mut Bench, target: Target, measured: &Measured) {
             None => Check::new(&check_name(label, side), measured, "-", None),
         });
     }
+    let over_floor: Vec<f64> = rounds.iter().filter_map(Round::over_floor).collect();
+    let over_floor = Summary::of(&over_floor);
+    table.summary_row(
+        "ping-pong B1/F (over the floor)",
+        over_floor,
+        |v| format!("{v:.4}"),
+        &[],
+    );
     print!("{}", table.render());
+    println!(
+        "  F/A: what any fentry program on those two functions costs the ping-pong (trampoline and call); B1/F: what idlemon's programs and daemon cost over that"
+    );
     for check in checks {
         bench.check(check);
     }
+    bench.check(Check::info(
+        &format!("vm {label}: ping-pong B1/F, idlemon over the no-op floor (median of rounds)"),
+        over_floor.map_or_else(
+            || "-".to_owned(),
+            |s| format!("{:.4} (IQR {:.3}-{:.3})", s.median, s.q1, s.q3),
+        ),
+    ));
 }
 
 #[cfg(test)]
@@ -560,14 +603,14 @@ mod tests {
 
     #[test]
     fn every_side_takes_every_position_equally_often() {
-        let rounds = schedule(6);
-        for position in 0..3 {
+        let rounds = schedule(4);
+        for position in 0..Side::ALL.len() {
             for side in Side::ALL {
                 let count = rounds
                     .iter()
                     .filter(|round| round[position] == side)
                     .count();
-                assert_eq!(count, 2, "{side:?} at position {position}");
+                assert_eq!(count, 1, "{side:?} at position {position}");
             }
         }
         // Each odd round mirrors the one before it.
@@ -577,7 +620,7 @@ mod tests {
             assert_eq!(pair[1], mirrored);
         }
         // More rounds start the cycle again.
-        assert_eq!(schedule(8)[6], ORDERS[0]);
+        assert_eq!(schedule(6)[4], ORDERS[0]);
     }
 
     #[test]
@@ -590,8 +633,8 @@ mod tests {
         assert_eq!(
             plan.rounds,
             vec![
-                vec!["baseline", "default", "no-fentry"],
-                vec!["no-fentry", "default", "baseline"]
+                vec!["baseline", "default", "noop-fentry", "no-fentry"],
+                vec!["no-fentry", "noop-fentry", "default", "baseline"]
             ]
         );
         let modes: Vec<(&str, &str)> = parsed
@@ -617,12 +660,12 @@ mod tests {
         );
     }
 
-    /// What a driver that measured `rates` (A, B1, B2 per round) would write.
-    fn driver_output(rates: &[[u64; 3]]) -> String {
+    /// What a driver that measured `rates` (A, B1, B2, F per round) would write.
+    fn driver_output(rates: &[[u64; 4]]) -> String {
         let mut text = guest::result_line(tag::KERNEL, tag::NO_MODE, "6.1.0-56-cloud-amd64");
         for (index, (order, rates)) in schedule(rates.len()).iter().zip(rates).enumerate() {
             for side in order {
-                if *side != A {
+                if side.mode().is_some() {
                     text.push_str(&guest::result_line(
                         tag::METRIC,
                         side.guest_name(),
@@ -652,14 +695,17 @@ mod tests {
 
     #[test]
     fn pairs_windows_within_each_round() {
-        let report = parse_report(&driver_output(&[[1000, 990, 950], [2000, 1960, 1800]]));
+        let report = parse_report(&driver_output(&[
+            [1000, 990, 950, 995],
+            [2000, 1960, 1800, 1990],
+        ]));
         assert!(report.done && report.garbled.is_empty(), "{report:?}");
         assert!(report.bad_exits.is_empty() && report.failures.is_empty());
         assert_eq!(
             report.kernel_release.as_deref(),
             Some("6.1.0-56-cloud-amd64")
         );
-        assert_eq!(report.windows.len(), 6);
+        assert_eq!(report.windows.len(), 8);
         assert_eq!(
             report.windows[1],
             Window {
@@ -672,17 +718,22 @@ mod tests {
             }
         );
         // The driver says which windows began before the load was steady.
-        assert!(report.windows[..3].iter().all(|window| window.steady));
-        assert!(report.windows[3..].iter().all(|window| !window.steady));
+        assert!(report.windows[..4].iter().all(|window| window.steady));
+        assert!(report.windows[4..].iter().all(|window| !window.steady));
         let rounds = rounds(&report.windows);
         assert_eq!(rounds.len(), 2);
-        assert_eq!(rounds[0].order, [A, B1, B2]);
-        assert_eq!(rounds[1].order, [B2, B1, A]);
+        assert_eq!(rounds[0].order, [A, B1, F, B2]);
+        assert_eq!(rounds[1].order, [B2, F, B1, A]);
         // Each ratio against its own round's A, not a run-wide one.
         assert_eq!(rounds[0].fentry, Some(0.99));
         assert_eq!(rounds[0].kprobe, Some(0.95));
+        assert_eq!(rounds[0].floor, Some(0.995));
         assert_eq!(rounds[1].fentry, Some(0.98));
         assert_eq!(rounds[1].kprobe, Some(0.9));
+        assert_eq!(rounds[1].floor, Some(0.995));
+        // Over the floor: B1 over F of the same round.
+        let over = rounds[1].over_floor().expect("both windows");
+        assert!((over - 1960.0 / 1990.0).abs() < 1e-12, "{over}");
         let kinds = |side: Side| {
             report.hooks[&side]["send"]
                 .iter()
@@ -712,6 +763,7 @@ mod tests {
         ];
         let rounds = rounds(&windows);
         assert_eq!((rounds[0].fentry, rounds[0].kprobe), (None, Some(0.9)));
+        assert_eq!((rounds[0].floor, rounds[0].over_floor()), (None, None));
         // No A window, or one that counted nothing: no ratio at all.
         assert_eq!((rounds[1].fentry, rounds[1].kprobe), (None, None));
         assert_eq!((rounds[2].fentry, rounds[2].kprobe), (None, None));

@@ -72,6 +72,14 @@ mod ping_pong;
 #[cfg(test)]
 use crate::bench::ping_pong;
 
+// The bench's no-op programs (the F side's floor), shared the same way.
+#[cfg(not(test))]
+#[path = "../bench/noop.rs"]
+#[allow(dead_code)]
+mod noop;
+#[cfg(test)]
+use crate::bench::noop;
+
 use protocol as tag;
 use protocol::NO_MODE;
 
@@ -193,10 +201,14 @@ impl Args {
             _ => return Err("--bench-window and --bench-round go together".to_owned()),
         };
         for side in bench.iter().flat_map(|plan| plan.rounds.iter().flatten()) {
-            if side != tag::BASELINE && !modes.iter().any(|mode: &Mode| mode.name == *side) {
+            if side != tag::BASELINE
+                && side != tag::FLOOR
+                && !modes.iter().any(|mode: &Mode| mode.name == *side)
+            {
                 return Err(format!(
-                    "--bench-round names {side:?}, which is neither {} nor a --mode",
-                    tag::BASELINE
+                    "--bench-round names {side:?}, which is neither {}, {} nor a --mode",
+                    tag::BASELINE,
+                    tag::FLOOR
                 ));
             }
         }
@@ -507,7 +519,17 @@ fn bench_window(
     out: &mut Out,
 ) -> std::result::Result<(), Failure> {
     let mut daemon = None;
-    if side != tag::BASELINE {
+    // The floor: programs that do nothing, where idlemon's per-packet hooks
+    // attach by fentry, held for the window.
+    let mut floor = Vec::new();
+    if side == tag::FLOOR {
+        let btf = noop::KernelBtf::load().map_err(|error| failed("start")(error.to_string()))?;
+        for function in tag::FLOOR_FUNCTIONS {
+            let program = noop::NoopProgram::attach(&btf, noop::Hook::Fentry(function))
+                .map_err(|error| failed("start")(error.to_string()))?;
+            floor.push(program);
+        }
+    } else if side != tag::BASELINE {
         let mode = args
             .modes
             .iter()

@@ -27,3 +27,9 @@ pub const NO_MODE: &str = "-";
 
 /// The bench's side without idlemon (A): a window's SIDE is this or a mode's name.
 pub const BASELINE: &str = "baseline";
+/// The bench's side without idlemon but with a no-op fentry program on each
+/// of its per-packet hooks' functions (F): the floor under idlemon's cost.
+pub const FLOOR: &str = "noop-fentry";
+/// The functions of idlemon's per-packet hooks (send, receive) where it
+/// attaches by fentry, and the F side its no-op programs.
+pub const FLOOR_FUNCTIONS: [&str; 2] = ["tcp_sendmsg", "tcp_rcv_established"];
