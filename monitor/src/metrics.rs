@@ -106,6 +106,7 @@ pub struct Metrics {
     pub scan_errors: IntCounterVec,
     pub scan_seconds: Gauge,
     pub scan_cpu_seconds: Gauge,
+    pub shared_table_walks: IntGauge,
     pub ready: IntGauge,
     resets_received: IntCounterVec,
     events: IntCounterVec,
@@ -282,6 +283,11 @@ impl Metrics {
             "CPU time of the last socket walk and classification.",
         )?;
         register(Box::new(scan_cpu_seconds.clone()))?;
+        let shared_table_walks = IntGauge::new(
+            "idlemon_scan_shared_table_walks",
+            "Network namespaces the last scan walked that share the host's TCP connection table: each of those walks passes over every TCP socket of the host (net.ipv4.tcp_child_ehash_entries gives new namespaces their own).",
+        )?;
+        register(Box::new(shared_table_walks.clone()))?;
         let ready = IntGauge::new(
             "idlemon_ready",
             "1 when every required program is attached and a walk has completed.",
@@ -362,6 +368,7 @@ impl Metrics {
             scan_errors,
             scan_seconds,
             scan_cpu_seconds,
+            shared_table_walks,
             ready,
             resets_received,
             events,

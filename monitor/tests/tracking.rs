@@ -525,3 +525,80 @@ fn bad_configs_are_rejected_before_anything_loads() {
         common::assert_programs_back_to(baseline, name);
     }
 }
+
+/// A connection on loopback inside `netns`, both ends kept.
+fn loopback_pair(netns: &Netns) -> (TcpStream, TcpStream) {
+    netns.run(|| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    })
+}
+
+/// A namespace made while `net.ipv4.tcp_child_ehash_entries` is `entries`
+/// (0: it shares the host's table); the sysctl is put back at once.
+fn namespace_with_table(tag: &str, entries: u32) -> Netns {
+    const CHILD_TABLE: &str = "/proc/sys/net/ipv4/tcp_child_ehash_entries";
+    let before = std::fs::read_to_string(CHILD_TABLE).unwrap();
+    std::fs::write(CHILD_TABLE, entries.to_string()).unwrap();
+    let netns = Netns::new(tag);
+    std::fs::write(CHILD_TABLE, before.trim()).unwrap();
+    netns
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn walks_of_namespaces_sharing_the_host_table_are_counted() {
+    let shared = namespace_with_table("shared-table", 0);
+    let own = namespace_with_table("own-table", 1024);
+    // What the kernel says of each: negative where the table is the host's.
+    let entries = |netns: &Netns| -> i64 {
+        let output = netns.exec("cat", &["/proc/sys/net/ipv4/tcp_ehash_entries"]);
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(entries(&shared) < 0, "{}", entries(&shared));
+    assert_eq!(entries(&own), 1024);
+    let shared_pair = loopback_pair(&shared);
+    let own_pair = loopback_pair(&own);
+
+    // The daemon's own namespace (where the test's requests to it make
+    // connections) has a table of its own too, so that only `shared` counts.
+    let daemon = Daemon::start_in(
+        namespace_with_table("daemon-own-table", 1024),
+        &["--scan-interval", "0.5"],
+    );
+    let walks = || daemon.metric("idlemon_scan_shared_table_walks");
+    // Both namespaces are walked (their sockets are tracked) before counting.
+    let tracked = |netns: &Netns| {
+        let sockets = daemon.sockets("");
+        sockets
+            .iter()
+            .filter(|socket| socket["netns"].as_u64() == Some(netns.inode()))
+            .count()
+    };
+    wait_for(Duration::from_secs(20), || {
+        (tracked(&shared) == 2 && tracked(&own) == 2).then_some(())
+    })
+    .expect("both namespaces' sockets tracked");
+    let with_both = walks().expect("the series is exported");
+    assert!(with_both >= 1.0, "the shared namespace's walk: {with_both}");
+
+    // The shared namespace without sockets is no longer walked: one fewer.
+    drop(shared_pair);
+    wait_for(Duration::from_secs(20), || {
+        (walks() == Some(with_both - 1.0)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{:?} after closing the shared namespace's sockets", walks()));
+    // The namespace with a table of its own never counted.
+    drop(own_pair);
+    wait_for(Duration::from_secs(20), || {
+        (tracked(&own) == 0).then_some(())
+    })
+    .expect("the own table's sockets gone");
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(walks(), Some(with_both - 1.0));
+}

@@ -114,12 +114,12 @@ impl Walker {
         &self,
         namespace: &Namespace,
         mut visit: impl FnMut(&mut SocketRecord),
-    ) -> Result<(), WalkError> {
-        let iterator = if namespace.inode == self.home_inode {
+    ) -> Result<Walked, WalkError> {
+        let (iterator, table) = if namespace.inode == self.home_inode {
             if !has_established_sockets() {
-                return Ok(());
+                return Ok(Walked::Skipped);
             }
-            create_iterator(&self.link)
+            (create_iterator(&self.link), table_of_this_namespace(false))
         } else {
             let target = match File::open(&namespace.path) {
                 Ok(target) => target,
@@ -139,11 +139,12 @@ impl Walker {
                 path: namespace.path.clone(),
                 source,
             })?;
-            let iterator = has_established_sockets().then(|| create_iterator(&self.link));
+            let iterator = has_established_sockets()
+                .then(|| (create_iterator(&self.link), table_of_this_namespace(true)));
             enter(&self.home).map_err(WalkError::Stranded)?;
             match iterator {
                 Some(iterator) => iterator,
-                None => return Ok(()),
+                None => return Ok(Walked::Skipped),
             }
         };
         let iterator = iterator.map_err(|source| WalkError::Walk {
@@ -156,7 +157,7 @@ impl Walker {
         let mut filled = 0;
         loop {
             let read = match iterator.read(&mut buffer[filled..]) {
-                Ok(0) => return Ok(()),
+                Ok(0) => return Ok(table),
                 Ok(read) => read,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => {
@@ -173,6 +174,44 @@ impl Walker {
             filled -= whole;
         }
     }
+}
+
+/// How the walk of one namespace went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walked {
+    /// It has no ESTABLISHED socket: not walked.
+    Skipped,
+    /// Walked, in a TCP connection table of its own (the host's, or a
+    /// namespace's made while `net.ipv4.tcp_child_ehash_entries` was set).
+    OwnTable,
+    /// Walked, in the host's table, which it shares: the walk passed over
+    /// every TCP socket of the host to find this namespace's. On a node of
+    /// many pods, these walks are most of a scan's cost.
+    SharedTable,
+}
+
+/// Whether this thread's network namespace has a TCP connection table of
+/// its own: `net.ipv4.tcp_ehash_entries` is negative where it shares the
+/// host's (Linux 6.1+). Where the kernel does not say, `shared` (older
+/// kernels have one table for all namespaces).
+fn table_of_this_namespace(shared: bool) -> Walked {
+    let entries = fs::read_to_string("/proc/sys/net/ipv4/tcp_ehash_entries").ok();
+    match entries.as_deref().and_then(shares_host_table) {
+        Some(true) => Walked::SharedTable,
+        Some(false) => Walked::OwnTable,
+        None if shared => Walked::SharedTable,
+        None => Walked::OwnTable,
+    }
+}
+
+/// `net.ipv4.tcp_ehash_entries`: the namespace's table size, negated where
+/// it is the host's, shared.
+fn shares_host_table(entries: &str) -> Option<bool> {
+    entries
+        .trim()
+        .parse::<i64>()
+        .ok()
+        .map(|entries| entries < 0)
 }
 
 /// Whether this thread's network namespace has ESTABLISHED (or CLOSE_WAIT)
@@ -253,6 +292,17 @@ mod tests {
         // This thread's own namespace can always be read.
         let own = fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
         assert!(current_established(&own).is_some());
+    }
+
+    #[test]
+    fn a_negative_table_size_is_the_hosts_shared_table() {
+        // The host's own namespace, and one made with tcp_child_ehash_entries.
+        assert_eq!(shares_host_table("262144\n"), Some(false));
+        assert_eq!(shares_host_table("1024"), Some(false));
+        // A namespace that shares the host's table of 262144 buckets.
+        assert_eq!(shares_host_table("-262144\n"), Some(true));
+        assert_eq!(shares_host_table(""), None);
+        assert_eq!(shares_host_table("many"), None);
     }
 
     #[test]
