@@ -15,6 +15,10 @@ pub const COMM_LEN: usize = 16;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
+/// `TCP_CLOSE_WAIT`: the walk by file descriptor reports these too (for
+/// their count only), since a namespace's `CurrEstab` counts them.
+pub const TCP_CLOSE_WAIT: u8 = 8;
+
 /// `TCP_ESTABLISHED` and `TCP_CLOSE` from `include/net/tcp_states.h`; these
 /// values are part of the kernel ABI (`/proc/net/tcp` prints them).
 pub const TCP_ESTABLISHED: u8 = 1;
@@ -135,8 +139,16 @@ pub struct KernelLayout {
     /// `sock_common.skc_num`, the local port in host order: on the socket's
     /// first cache line, where `inet_sport` is twelve lines further.
     pub skc_num: u32,
+    /// `sock.sk_uid.val`: the owner uid that `iter/tcp` hands its program,
+    /// for the walk by file descriptor, which gets none.
+    pub sk_uid: u32,
+    /// `socket.sk`, `sock.sk_protocol` and `task_struct.tgid`, for the walk
+    /// by file descriptor.
+    pub socket_sk: u32,
+    pub sk_protocol: u32,
+    pub task_tgid: u32,
 }
-const _: () = assert!(size_of::<KernelLayout>() == 116);
+const _: () = assert!(size_of::<KernelLayout>() == 132);
 
 /// What the kernel programs remember about a socket between packets: who
 /// uses it and what keepalive did. Keyed by the socket's kernel address.

@@ -8,17 +8,25 @@
 //! The context is `struct bpf_iter__tcp { meta; sk_common; uid }`, three
 //! 8-byte slots fixed by the kernel ABI.
 
+use aya_ebpf::helpers::generated::bpf_sock_from_file;
 use aya_ebpf::{
     cty::c_void,
     helpers::generated::bpf_seq_write,
     macros::map,
     maps::{Array, PerCpuArray},
 };
-use monitor_common::{INFO_CARRIED_OVER, SocketRecord, TCP_ESTABLISHED, walk_option};
+use monitor_common::{
+    AF_INET, AF_INET6, INFO_CARRIED_OVER, INFO_KNOWN, INFO_UNKNOWN, SocketRecord, TCP_CLOSE_WAIT,
+    TCP_ESTABLISHED, walk_option,
+};
 
 use crate::kernel::{
-    Depth, Memory, Typed, forget_recorded, idle_threshold, jiffies32, offset, recorded, snapshot,
+    Depth, Memory, SockTyped, Typed, forget_recorded, idle_threshold, jiffies32, offset, recorded,
+    snapshot,
 };
+
+/// `IPPROTO_TCP`, as `sock.sk_protocol` holds it.
+const IPPROTO_TCP: u16 = 6;
 
 /// The record being built, per CPU: on the stack it would have to be zeroed
 /// for every socket (a 120-byte `memset` loop), where `snapshot` writes
@@ -123,6 +131,91 @@ fn try_walk_tcp(ctx: *mut c_void) -> Result<i32, i32> {
     }
     // SAFETY: `seq` comes from the iterator meta and `record` is a map value.
     unsafe {
+        bpf_seq_write(
+            seq.cast(),
+            (&raw const *record) as *const c_void,
+            size_of::<SocketRecord>() as u32,
+        );
+    }
+    Ok(0)
+}
+
+/// The walk by file descriptor (`iter/task_file`): every open file of every
+/// process, of which the TCP sockets of every network namespace at once,
+/// where `iter/tcp` passes over the host's whole connection table once per
+/// namespace (for a node of 30 pods, 30 passes). It cannot see a socket that
+/// no process holds (one in an accept queue, a kernel service's), so user
+/// space checks each namespace's count (`CurrEstab`: ESTABLISHED and
+/// CLOSE_WAIT, hence the records of the latter, counted and dropped) and
+/// walks a namespace by `iter/tcp` where they differ; and a socket that
+/// several processes hold comes once per holder, which user space drops.
+/// The owner of a socket idle past the threshold is what the hooks
+/// recorded, or else the process holding it. The context is `struct
+/// bpf_iter__task_file { meta; task; fd; file }`, four 8-byte slots.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn walk_files(ctx: *mut c_void) -> i32 {
+    match try_walk_files(ctx) {
+        Ok(ret) => ret,
+        Err(ret) => ret,
+    }
+}
+
+fn try_walk_files(ctx: *mut c_void) -> Result<i32, i32> {
+    let ctx = ctx as *const u64;
+    // SAFETY: the kernel hands task_file iterators a valid context; the
+    // verifier checks these loads against its BTF.
+    let (meta, task, file) = unsafe {
+        (
+            *(ctx as *const *const *mut c_void),
+            *(ctx.add(1) as *const *const u8),
+            *(ctx.add(3) as *const *mut c_void),
+        )
+    };
+    if task.is_null() || file.is_null() {
+        // The final call after the last file.
+        return Ok(0);
+    }
+    // SAFETY: the helper checks that the file is a socket; NULL if not.
+    let socket = unsafe { bpf_sock_from_file(file.cast()) };
+    if socket.is_null() {
+        return Ok(0);
+    }
+    // `socket->sk` is a pointer the verifier does not trust (`SockTyped`).
+    let sk: u64 = Typed::read(socket as u64, offset!(socket_sk)).map_err(|_| 0)?;
+    if sk == 0 {
+        return Ok(0);
+    }
+    let family: u16 = Typed::read(sk, offset!(skc_family)).map_err(|_| 0)?;
+    let protocol: u16 = Typed::read(sk, offset!(sk_protocol)).map_err(|_| 0)?;
+    if (family != AF_INET && family != AF_INET6) || protocol != IPPROTO_TCP {
+        return Ok(0);
+    }
+    let state: u8 = Typed::read(sk, offset!(skc_state)).map_err(|_| 0)?;
+    if state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT {
+        return Ok(0);
+    }
+    let record = WALK_RECORD.get_ptr_mut(0).ok_or(0)?;
+    // SAFETY: this CPU's slot; iterator programs do not nest on one CPU.
+    let record = unsafe { &mut *record };
+    snapshot::<SockTyped>(sk, record, Depth::Walk { every_field: false }).map_err(|_| 0)?;
+    record.uid = Typed::read(sk, offset!(sk_uid)).map_err(|_| 0)?;
+    let idle = record.last_send_age.min(record.last_recv_age);
+    if state == TCP_ESTABLISHED && idle >= idle_threshold() {
+        recorded(sk, record);
+        if record.info_known == INFO_UNKNOWN || record.info.owner_tgid == 0 {
+            // Never seen by the hooks (older than idlemon, or a server
+            // socket that never sent): the process holding it.
+            record.info.owner_tgid = Typed::read(task as u64, offset!(task_tgid)).map_err(|_| 0)?;
+            record.info.owner_cgroup = 0;
+            record.info_known = INFO_KNOWN;
+        }
+    } else {
+        forget_recorded(record);
+    }
+    // SAFETY: `meta` is non-null with every file, and `record` is a map value.
+    unsafe {
+        let seq = *meta;
         bpf_seq_write(
             seq.cast(),
             (&raw const *record) as *const c_void,

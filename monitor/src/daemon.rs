@@ -153,6 +153,17 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .id();
     let walk_link =
         kernel::link_fd_by_id(walk_link_id).context("cannot open the socket walk link")?;
+    let files_link = match &loaded.files_link {
+        Some(link) => Some(
+            kernel::link_fd_by_id(
+                link.info()
+                    .context("cannot inspect the walk by file descriptor's link")?
+                    .id(),
+            )
+            .context("cannot open the walk by file descriptor's link")?,
+        ),
+        None => None,
+    };
     let keepalive_timer_seen = loaded
         .hooks
         .iter()
@@ -189,6 +200,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         scan::WalkMaps {
             options: loaded.walk_options,
             sockets: loaded.sockets,
+            files_link,
         },
         ScannerConfig {
             classifier,

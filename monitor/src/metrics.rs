@@ -107,6 +107,7 @@ pub struct Metrics {
     pub scan_seconds: Gauge,
     pub scan_cpu_seconds: Gauge,
     pub shared_table_walks: IntGauge,
+    pub namespace_walks: IntGauge,
     pub ready: IntGauge,
     resets_received: IntCounterVec,
     events: IntCounterVec,
@@ -288,6 +289,11 @@ impl Metrics {
             "Network namespaces the last scan walked that share the host's TCP connection table: each of those walks passes over every TCP socket of the host (net.ipv4.tcp_child_ehash_entries gives new namespaces their own).",
         )?;
         register(Box::new(shared_table_walks.clone()))?;
+        let namespace_walks = IntGauge::new(
+            "idlemon_scan_namespace_walks",
+            "Network namespaces the last scan walked one by one (iter/tcp): those whose sockets the walk of idlemon's socket table did not all find (new ones, sockets from before idlemon started), or every namespace with sockets where that walk cannot run.",
+        )?;
+        register(Box::new(namespace_walks.clone()))?;
         let ready = IntGauge::new(
             "idlemon_ready",
             "1 when every required program is attached and a walk has completed.",
@@ -369,6 +375,7 @@ impl Metrics {
             scan_seconds,
             scan_cpu_seconds,
             shared_table_walks,
+            namespace_walks,
             ready,
             resets_received,
             events,

@@ -194,6 +194,10 @@ pub struct Loaded {
     /// The hooks' per-socket table, for owners the walk left to user space
     /// and user space could not carry over.
     pub sockets: aya::maps::HashMap<MapData, u64, SocketInfo>,
+    /// The walk by file descriptor (`iter/task_file`), one for all
+    /// namespaces; None where the kernel refused it (then every namespace
+    /// is walked by `iter/tcp`, as the log says).
+    pub files_link: Option<FdLink>,
 }
 
 /// Globals and map sizes handed to the kernel programs at load time.
@@ -227,6 +231,16 @@ pub fn load(settings: &LoadSettings, btf: &Btf, kernel_btf: &KernelBtf) -> anyho
         hooks.push(status);
     }
     let walk_link = attach_walk(&mut ebpf, btf)?;
+    let files_link = match attach_file_walk(&mut ebpf, btf) {
+        Ok(link) => Some(link),
+        Err(error) => {
+            warn!(
+                error = format!("{error:#}"),
+                "no walk by file descriptor: every scan walks each network namespace by iter/tcp (idlemon_scan_namespace_walks), which costs more on a node of many pods"
+            );
+            None
+        }
+    };
     let walk_options = ebpf
         .take_map("WALK_OPTIONS")
         .ok_or_else(|| anyhow!("map WALK_OPTIONS missing from the eBPF object"))?
@@ -243,6 +257,7 @@ pub fn load(settings: &LoadSettings, btf: &Btf, kernel_btf: &KernelBtf) -> anyho
         walk_link,
         walk_options,
         sockets,
+        files_link,
     })
 }
 
@@ -382,6 +397,22 @@ fn attach_walk(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<FdLink> {
         .context("cannot attach the socket walk (iter/tcp)")?;
     let link = program.take_link(link)?;
     FdLink::try_from(link).context("socket walk link has no file descriptor")
+}
+
+/// Loads and attaches the walk by file descriptor (`iter/task_file`, Linux 5.9+).
+fn attach_file_walk(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<FdLink> {
+    let program: &mut Iter = ebpf
+        .program_mut("walk_files")
+        .ok_or_else(|| anyhow!("program walk_files missing from the eBPF object"))?
+        .try_into()?;
+    program
+        .load("task_file", btf)
+        .context("cannot load the walk by file descriptor (iter/task_file)")?;
+    let link = program
+        .attach()
+        .context("cannot attach the walk by file descriptor (iter/task_file)")?;
+    let link = program.take_link(link)?;
+    FdLink::try_from(link).context("the walk by file descriptor's link has no file descriptor")
 }
 
 /// Turns EPERM into what to do about it: it is the usual failure when idlemon

@@ -64,6 +64,10 @@ pub fn resolve(btf: &KernelBtf) -> anyhow::Result<KernelLayout> {
         skb_transport_header: member(btf, "sk_buff", "transport_header", &[2])?,
         timer_function: member(btf, "timer_list", "function", &[8])?,
         skc_num: sock("__sk_common.skc_num", &[2])?,
+        sk_uid: sock("sk_uid.val", &[4])?,
+        socket_sk: member(btf, "socket", "sk", &[8])?,
+        sk_protocol: sock("sk_protocol", &[2])?,
+        task_tgid: member(btf, "task_struct", "tgid", &[4])?,
     })
 }
 

@@ -113,7 +113,7 @@ impl Walker {
     pub fn walk(
         &self,
         namespace: &Namespace,
-        mut visit: impl FnMut(&mut SocketRecord),
+        visit: impl FnMut(&mut SocketRecord),
     ) -> Result<Walked, WalkError> {
         let (iterator, table) = if namespace.inode == self.home_inode {
             if !has_established_sockets() {
@@ -121,20 +121,7 @@ impl Walker {
             }
             (create_iterator(&self.link), table_of_this_namespace(false))
         } else {
-            let target = match File::open(&namespace.path) {
-                Ok(target) => target,
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                    return Err(WalkError::Gone {
-                        path: namespace.path.clone(),
-                    });
-                }
-                Err(source) => {
-                    return Err(WalkError::Enter {
-                        path: namespace.path.clone(),
-                        source,
-                    });
-                }
-            };
+            let target = self.open(namespace)?;
             enter(&target).map_err(|source| WalkError::Enter {
                 path: namespace.path.clone(),
                 source,
@@ -147,25 +134,74 @@ impl Walker {
                 None => return Ok(Walked::Skipped),
             }
         };
-        let iterator = iterator.map_err(|source| WalkError::Walk {
+        iterator
+            .and_then(|iterator| self.read_records(iterator, visit))
+            .map_err(|source| WalkError::Walk {
+                path: namespace.path.clone(),
+                source,
+            })?;
+        Ok(table)
+    }
+
+    /// Hands the record of every ESTABLISHED or CLOSE_WAIT socket that a
+    /// process holds to `visit`, whatever its namespace, once per holding
+    /// file descriptor: one walk of `iter/task_file` (the processes of this
+    /// thread's pid namespace: the host's, with hostPID).
+    pub fn walk_files(
+        &self,
+        files_link: &OwnedFd,
+        visit: impl FnMut(&mut SocketRecord),
+    ) -> io::Result<()> {
+        self.read_records(create_iterator(files_link)?, visit)
+    }
+
+    /// The ESTABLISHED and CLOSE_WAIT sockets of `namespace`, as its
+    /// `CurrEstab` counter has them; None when that cannot be read.
+    pub fn established(&self, namespace: &Namespace) -> Result<Option<u64>, WalkError> {
+        if namespace.inode == self.home_inode {
+            return Ok(established_here());
+        }
+        let target = self.open(namespace)?;
+        enter(&target).map_err(|source| WalkError::Enter {
             path: namespace.path.clone(),
             source,
         })?;
+        let count = established_here();
+        enter(&self.home).map_err(WalkError::Stranded)?;
+        Ok(count)
+    }
+
+    fn open(&self, namespace: &Namespace) -> Result<File, WalkError> {
+        File::open(&namespace.path).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                WalkError::Gone {
+                    path: namespace.path.clone(),
+                }
+            } else {
+                WalkError::Enter {
+                    path: namespace.path.clone(),
+                    source,
+                }
+            }
+        })
+    }
+
+    /// Decodes an iterator's records as they come, into the reused buffer.
+    fn read_records(
+        &self,
+        iterator: OwnedFd,
+        mut visit: impl FnMut(&mut SocketRecord),
+    ) -> io::Result<()> {
         let mut buffer = self.buffer.borrow_mut();
         let mut iterator = File::from(iterator);
         // A read may end inside a record: the rest comes with the next one.
         let mut filled = 0;
         loop {
             let read = match iterator.read(&mut buffer[filled..]) {
-                Ok(0) => return Ok(table),
+                Ok(0) => return Ok(()),
                 Ok(read) => read,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(WalkError::Walk {
-                        path: namespace.path.clone(),
-                        source,
-                    });
-                }
+                Err(error) => return Err(error),
             };
             filled += read;
             let whole = filled - filled % size_of::<SocketRecord>();
@@ -217,10 +253,14 @@ fn shares_host_table(entries: &str) -> Option<bool> {
 /// Whether this thread's network namespace has ESTABLISHED (or CLOSE_WAIT)
 /// TCP sockets, from its `CurrEstab` counter; true when that cannot be read.
 fn has_established_sockets() -> bool {
+    established_here().is_none_or(|count| count > 0)
+}
+
+/// `CurrEstab` of this thread's network namespace.
+fn established_here() -> Option<u64> {
     fs::read_to_string("/proc/thread-self/net/snmp")
         .ok()
         .and_then(|snmp| current_established(&snmp))
-        .is_none_or(|count| count > 0)
 }
 
 /// `Tcp: ... CurrEstab ...` from /proc/net/snmp: a header line, then values.
