@@ -45,7 +45,7 @@ METRICS = {
     "idlemon_keepalive_timeouts_total", "idlemon_events_lost_total", "idlemon_tracked_sockets",
     "idlemon_at_risk_sockets", "idlemon_long_idle_sockets", "idlemon_network_namespaces",
     "idlemon_scans_total", "idlemon_scan_errors_total", "idlemon_scan_duration_seconds",
-    "idlemon_scan_cpu_seconds", "idlemon_scan_shared_table_walks", "idlemon_ready", "idlemon_resets_received_total",
+    "idlemon_scan_cpu_seconds", "idlemon_scan_shared_table_walks", "idlemon_scan_namespace_walks", "idlemon_scan_file_walk_available", "idlemon_ready", "idlemon_resets_received_total",
     "idlemon_idle_before_reset_seconds", "idlemon_malformed_events_total",
     "idlemon_event_log_errors_total", "idlemon_events_total",
     "idlemon_attribution_series_dropped_total",

@@ -36,6 +36,13 @@ pub enum Command {
     Events(EventsArgs),
 }
 
+/// `--socket-walk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketWalk {
+    Auto,
+    Namespaces,
+}
+
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
     /// Address of the HTTP server for /metrics, /healthz, /readyz and /sockets.
@@ -58,6 +65,13 @@ pub struct DaemonArgs {
     /// How often to walk every socket (seconds; fractions allowed).
     #[arg(long, env = "IDLEMON_SCAN_INTERVAL", default_value = "5", value_parser = parse_seconds)]
     pub scan_interval: Duration,
+
+    /// How periodic scans find sockets: `auto` walks every open file once
+    /// where several network namespaces have sockets (and by namespace only
+    /// those where processes do not hold them all); `namespaces` walks each
+    /// namespace by iter/tcp, a pass over the host's TCP table each.
+    #[arg(long, env = "IDLEMON_SOCKET_WALK", value_enum, default_value_t = SocketWalk::Auto)]
+    pub socket_walk: SocketWalk,
 
     /// Capacity of the kernel's per-socket table. Sockets beyond it are still
     /// found by the walk but lose attribution; `idlemon_socket_table_full_total` counts them.
@@ -213,6 +227,16 @@ mod tests {
         assert_eq!(cli.daemon.idle_threshold, Duration::from_secs(300));
         assert_eq!(cli.daemon.idle_timeout, Duration::from_secs(350));
         assert!(cli.command.is_none());
+    }
+
+    #[test]
+    fn socket_walks_are_named() {
+        let cli = Cli::try_parse_from(["idlemon"]).expect("no flags parse");
+        assert_eq!(cli.daemon.socket_walk, SocketWalk::Auto);
+        let cli = Cli::try_parse_from(["idlemon", "--socket-walk", "namespaces"])
+            .expect("namespaces is a walk");
+        assert_eq!(cli.daemon.socket_walk, SocketWalk::Namespaces);
+        assert!(Cli::try_parse_from(["idlemon", "--socket-walk", "files"]).is_err());
     }
 
     #[test]

@@ -153,6 +153,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .id();
     let walk_link =
         kernel::link_fd_by_id(walk_link_id).context("cannot open the socket walk link")?;
+    metrics
+        .file_walk_available
+        .set(i64::from(loaded.files_link.is_some()));
     let files_link = match &loaded.files_link {
         Some(link) => Some(
             kernel::link_fd_by_id(
@@ -206,6 +209,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             classifier,
             pods,
             interval: args.scan_interval,
+            by_files: args.socket_walk == crate::cli::SocketWalk::Auto,
             proc_root: args.proc_root.clone(),
             bind_mounts: PathBuf::from("/run/netns"),
         },

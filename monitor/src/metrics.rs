@@ -108,6 +108,7 @@ pub struct Metrics {
     pub scan_cpu_seconds: Gauge,
     pub shared_table_walks: IntGauge,
     pub namespace_walks: IntGauge,
+    pub file_walk_available: IntGauge,
     pub ready: IntGauge,
     resets_received: IntCounterVec,
     events: IntCounterVec,
@@ -294,6 +295,11 @@ impl Metrics {
             "Network namespaces the last scan walked one by one (iter/tcp): those whose sockets the walk of idlemon's socket table did not all find (new ones, sockets from before idlemon started), or every namespace with sockets where that walk cannot run.",
         )?;
         register(Box::new(namespace_walks.clone()))?;
+        let file_walk_available = IntGauge::new(
+            "idlemon_scan_file_walk_available",
+            "1 when periodic scans can walk every open file once (iter/task_file) for all network namespaces; 0: the kernel refused it (the log says why), and each namespace is walked by iter/tcp.",
+        )?;
+        register(Box::new(file_walk_available.clone()))?;
         let ready = IntGauge::new(
             "idlemon_ready",
             "1 when every required program is attached and a walk has completed.",
@@ -376,6 +382,7 @@ impl Metrics {
             scan_cpu_seconds,
             shared_table_walks,
             namespace_walks,
+            file_walk_available,
             ready,
             resets_received,
             events,

@@ -33,6 +33,8 @@ pub struct ScannerConfig {
     pub classifier: Arc<Classifier>,
     pub pods: Arc<PodCache>,
     pub interval: Duration,
+    /// Whether periodic scans may walk every open file (`--socket-walk auto`).
+    pub by_files: bool,
     pub proc_root: PathBuf,
     pub bind_mounts: PathBuf,
 }
@@ -173,7 +175,9 @@ fn scan(
     // or held twice) is walked by iter/tcp below. A walk for /sockets walks
     // every namespace by iter/tcp, which misses nothing.
     let files = match maps.files_link.as_ref() {
-        Some(link) if !complete && with_sockets.len() >= FILE_WALK_NAMESPACES => {
+        Some(link)
+            if config.by_files && !complete && with_sockets.len() >= FILE_WALK_NAMESPACES =>
+        {
             let mut held: WalkMap<u32, u64> = WalkMap::default();
             let mut found: Vec<(u64, u32)> = Vec::with_capacity(expected + expected / 8 + 64);
             let walked = walker.walk_files(link, |record| {

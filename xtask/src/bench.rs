@@ -2,9 +2,9 @@
 //!
 //! ## How to read the bench output
 //!
-//! `cargo xtask bench` (as root, about 9 minutes; `--quick` for a 3-minute
-//! smoke run, `--only overhead|scale|churn|idle|vm` for one part) prints
-//! five parts, then a table of targets, each `met`, `MISSED`,
+//! `cargo xtask bench` (as root, about 20 minutes; `--quick` for a 3-minute
+//! smoke run, `--only overhead|scale|churn|idle|pods|vm` for one part) prints
+//! six parts, then a table of targets, each `met`, `MISSED`,
 //! `inconclusive` or `reported`. Each part makes its own network namespace
 //! (`idlemon-bench-PID-PART`; the vm part, its own VMs), so that no other
 //! traffic mixes in, and starts
@@ -73,6 +73,9 @@
 //! **Idle** holds 10,000 idle sockets and reads the daemon's CPU
 //! (utime+stime) over 30 s at the default 5 s scan interval, in percent of
 //! one core; the kernel counts in 10 ms ticks, so the figure is ±0.03%.
+//! **Pods** spreads the same 10,000 sockets over 30 network namespaces and
+//! measures the daemon's CPU the same way, in ABBA order: A with
+//! `--socket-walk namespaces`, B with the default (every open file once).
 //! **Vm** measures what this host's kernel refuses, the fentry and kprobe
 //! hooks, on Debian's 6.1 and 6.12 cloud kernels, booted once each under qemu
 //! TCG (one vCPU) with the vm-test harness: in the guest, one ping-pong like
@@ -103,6 +106,7 @@ mod netns;
 pub(crate) mod noop;
 mod overhead;
 pub(crate) mod ping_pong;
+mod pods;
 mod scale;
 mod soak;
 mod table;
@@ -161,6 +165,8 @@ pub enum Part {
     Scale,
     Churn,
     Idle,
+    /// The idle part's sockets spread over 30 pod namespaces.
+    Pods,
     /// A long soak (`--soak-minutes`); only with `--only soak`.
     Soak,
     /// fentry and kprobe overhead on 6.1 and 6.12 under qemu, as ratios.
@@ -178,6 +184,8 @@ struct Settings {
     churn_seconds: Duration,
     churn_threads: usize,
     idle_connections: usize,
+    /// Network namespaces of the pods part (default 30, quick 10).
+    pods: usize,
     idle_seconds: Duration,
     soak: Duration,
     vm_rounds: usize,
@@ -200,6 +208,7 @@ impl Settings {
             churn_seconds: Duration::from_secs(if quick { 5 } else { 30 }),
             churn_threads: args.churn_threads.max(1),
             idle_connections: 5_000,
+            pods: if quick { 10 } else { 30 },
             idle_seconds: Duration::from_secs(if quick { 10 } else { 30 }),
             soak: Duration::from_secs(60 * args.soak_minutes.max(1)),
             vm_rounds: args.vm_rounds.unwrap_or(if quick { 2 } else { 4 }).max(1),
@@ -303,6 +312,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             Part::Scale,
             Part::Churn,
             Part::Idle,
+            Part::Pods,
             Part::Vm,
         ],
     };
@@ -328,6 +338,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             Part::Scale => scale::run(&mut bench),
             Part::Churn => churn::run(&mut bench),
             Part::Idle => idle::run(&mut bench),
+            Part::Pods => pods::run(&mut bench),
             Part::Soak => soak::run(&mut bench),
             Part::Vm => vm::run(&mut bench),
         };

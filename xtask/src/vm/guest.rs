@@ -360,7 +360,10 @@ fn scenario(
         return Err(failed("metrics")(format!("GET /metrics answered {status}")));
     }
     for line in metrics.lines() {
-        if line.starts_with("idlemon_probe_info{") || line.starts_with("idlemon_degraded{") {
+        if line.starts_with("idlemon_probe_info{")
+            || line.starts_with("idlemon_degraded{")
+            || line.starts_with("idlemon_scan_file_walk_available ")
+        {
             out.emit(tag::METRIC, name, line);
         }
     }

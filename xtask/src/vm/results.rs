@@ -515,6 +515,14 @@ pub fn judge(target: Target, mode: Mode, observation: Option<&ModeObservation>) 
             Check::fail("idlemon says ready although a hook it relies on is expected to be missing")
         }
     };
+    // Every kernel of the matrix has iter/task_file (5.9+) and
+    // bpf_sock_from_file (5.11+): the walk by open file must load there.
+    let ready = match observed.counters.get("idlemon_scan_file_walk_available") {
+        Some(available) if *available == 0.0 && ready.failure.is_none() => {
+            Check::fail("the walk by open file (iter/task_file) did not load")
+        }
+        _ => ready,
+    };
     let hooks = HOOKS
         .iter()
         .map(|hook| {
@@ -1153,6 +1161,31 @@ LOG default INFO hook attached
         assert!(row.failures().is_empty(), "{:?}", row.failures());
         let warnings = row.warnings();
         assert!(mentions_the_evidence(&warnings[0]), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_walk_by_open_file_that_did_not_load_fails_readiness() {
+        let with = |value: &str| {
+            parse_guest_output(&passing_default().replace(
+                "READY default 12.5 ready\n",
+                &format!(
+                    "READY default 12.5 ready\nMETRIC default idlemon_scan_file_walk_available {value}\n"
+                ),
+            ))
+        };
+        let loaded = with("1");
+        let row = judge(Target::V6_12, Mode::Default, loaded.mode("default"));
+        assert!(row.ready.failure.is_none(), "{:?}", row.ready);
+        let refused = with("0");
+        let row = judge(Target::V6_12, Mode::Default, refused.mode("default"));
+        assert!(
+            row.ready
+                .failure
+                .as_deref()
+                .is_some_and(|why| why.contains("iter/task_file")),
+            "{:?}",
+            row.ready
+        );
     }
 
     #[test]
