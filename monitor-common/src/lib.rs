@@ -142,13 +142,11 @@ pub struct KernelLayout {
     /// `sock.sk_uid.val`: the owner uid that `iter/tcp` hands its program,
     /// for the walk by file descriptor, which gets none.
     pub sk_uid: u32,
-    /// `socket.sk`, `sock.sk_protocol` and `task_struct.tgid`, for the walk
-    /// by file descriptor.
+    /// `socket.sk` and `sock.sk_protocol`, for the walk by file descriptor.
     pub socket_sk: u32,
     pub sk_protocol: u32,
-    pub task_tgid: u32,
 }
-const _: () = assert!(size_of::<KernelLayout>() == 132);
+const _: () = assert!(size_of::<KernelLayout>() == 128);
 
 /// What the kernel programs remember about a socket between packets: who
 /// uses it and what keepalive did. Keyed by the socket's kernel address.

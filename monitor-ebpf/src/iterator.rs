@@ -16,8 +16,8 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
 };
 use monitor_common::{
-    AF_INET, AF_INET6, INFO_CARRIED_OVER, INFO_KNOWN, INFO_UNKNOWN, SocketRecord, TCP_CLOSE_WAIT,
-    TCP_ESTABLISHED, walk_option,
+    AF_INET, AF_INET6, INFO_CARRIED_OVER, SocketRecord, TCP_CLOSE_WAIT, TCP_ESTABLISHED,
+    walk_option,
 };
 
 use crate::kernel::{
@@ -149,8 +149,7 @@ fn try_walk_tcp(ctx: *mut c_void) -> Result<i32, i32> {
 /// CLOSE_WAIT, hence the records of the latter, counted and dropped) and
 /// walks a namespace by `iter/tcp` where they differ; and a socket that
 /// several processes hold comes once per holder, which user space drops.
-/// The owner of a socket idle past the threshold is what the hooks
-/// recorded, or else the process holding it. The context is `struct
+/// The context is `struct
 /// bpf_iter__task_file { meta; task; fd; file }`, four 8-byte slots.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task_file")]
@@ -201,15 +200,11 @@ fn try_walk_files(ctx: *mut c_void) -> Result<i32, i32> {
     snapshot::<SockTyped>(sk, record, Depth::Walk { every_field: false }).map_err(|_| 0)?;
     record.uid = Typed::read(sk, offset!(sk_uid)).map_err(|_| 0)?;
     let idle = record.last_send_age.min(record.last_recv_age);
+    // Owners as in a periodic iter/tcp walk: what the hooks recorded, of the
+    // sockets that can be at risk. (Not the holding process: a walk for
+    // /sockets, by iter/tcp, could not name it, and the two would differ.)
     if state == TCP_ESTABLISHED && idle >= idle_threshold() {
         recorded(sk, record);
-        if record.info_known == INFO_UNKNOWN || record.info.owner_tgid == 0 {
-            // Never seen by the hooks (older than idlemon, or a server
-            // socket that never sent): the process holding it.
-            record.info.owner_tgid = Typed::read(task as u64, offset!(task_tgid)).map_err(|_| 0)?;
-            record.info.owner_cgroup = 0;
-            record.info_known = INFO_KNOWN;
-        }
     } else {
         forget_recorded(record);
     }

@@ -49,7 +49,6 @@ pub(crate) static KERNEL_LAYOUT: KernelLayout = KernelLayout {
     sk_uid: 0,
     socket_sk: 0,
     sk_protocol: 0,
-    task_tgid: 0,
 };
 
 /// `--idle-threshold` in jiffies, the unit of the kernel's own stamps.

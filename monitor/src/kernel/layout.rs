@@ -67,7 +67,6 @@ pub fn resolve(btf: &KernelBtf) -> anyhow::Result<KernelLayout> {
         sk_uid: sock("sk_uid.val", &[4])?,
         socket_sk: member(btf, "socket", "sk", &[8])?,
         sk_protocol: sock("sk_protocol", &[2])?,
-        task_tgid: member(btf, "task_struct", "tgid", &[4])?,
     })
 }
 
