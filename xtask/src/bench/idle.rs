@@ -15,7 +15,8 @@ use super::{
     traffic,
 };
 
-const CPU_TARGET_PERCENT: f64 = 1.0;
+/// The idle target, for the pods part too.
+pub(super) const CPU_TARGET_PERCENT: f64 = 1.0;
 
 pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let connections = bench.settings.idle_connections;
@@ -29,33 +30,12 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     );
     let pool = traffic::open_pool(&netns, connections, Duration::from_secs(60))?;
     let mut daemon = Daemon::start(&bench.binary, &[])?;
-    daemon.wait_ready(Duration::from_secs(60))?;
-    daemon.poll_metrics(Duration::from_secs(30), Duration::from_millis(100), |m| {
-        m.value("idlemon_tracked_sockets").unwrap_or(0.0) >= sockets as f64
-    })?;
-    // Start-up (loading, the first walk) is not idle cost.
-    thread::sleep(Duration::from_secs(1));
-    let scans_before = daemon
-        .metrics()?
-        .value("idlemon_scans_total")
-        .unwrap_or(0.0);
-    let cpu_before = daemon::process_cpu(daemon.pid())?;
-    let started = Instant::now();
-    let end = started + window;
-    // No scrape inside the window: serving /metrics would be counted too.
-    while Instant::now() < end {
-        if interrupted() {
-            anyhow::bail!("interrupted");
-        }
-        thread::sleep(
-            Duration::from_millis(100).min(end.saturating_duration_since(Instant::now())),
-        );
-        daemon.check_alive()?;
-    }
-    let cpu = daemon::process_cpu(daemon.pid())? - cpu_before;
-    let elapsed = started.elapsed();
-    let metrics = daemon.metrics()?;
-    let scans = metrics.value("idlemon_scans_total").unwrap_or(0.0) - scans_before;
+    let Window {
+        cpu,
+        elapsed,
+        scans,
+        metrics,
+    } = measure(&mut daemon, sockets, window)?;
     let rss = daemon::process_memory(daemon.pid())?.rss;
     let last_scan_cpu = metrics
         .value("idlemon_scan_cpu_seconds")
@@ -65,6 +45,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     drop(pool);
 
     let percent = 100.0 * cpu.as_secs_f64() / elapsed.as_secs_f64();
+
     let mut table = Table::new(&["idle", "n", "min", "median", "max"]);
     table.summary_row(
         "daemon CPU, % of one core",
@@ -99,4 +80,56 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         Some(percent < CPU_TARGET_PERCENT),
     ));
     Ok(())
+}
+
+/// What a daemon cost over one idle window.
+pub(super) struct Window {
+    pub cpu: Duration,
+    pub elapsed: Duration,
+    /// Walks that ended in the window.
+    pub scans: f64,
+    /// A scrape right after it.
+    pub metrics: daemon::Metrics,
+}
+
+/// Waits until `daemon` is ready and tracks `sockets`, then measures its CPU
+/// (utime+stime) over `window`, without a scrape inside it (serving
+/// /metrics would be counted too).
+pub(super) fn measure(
+    daemon: &mut Daemon,
+    sockets: usize,
+    window: Duration,
+) -> anyhow::Result<Window> {
+    daemon.wait_ready(Duration::from_secs(60))?;
+    daemon.poll_metrics(Duration::from_secs(30), Duration::from_millis(100), |m| {
+        m.value("idlemon_tracked_sockets").unwrap_or(0.0) >= sockets as f64
+    })?;
+    // Start-up (loading, the first walk) is not idle cost.
+    thread::sleep(Duration::from_secs(1));
+    let scans_before = daemon
+        .metrics()?
+        .value("idlemon_scans_total")
+        .unwrap_or(0.0);
+    let cpu_before = daemon::process_cpu(daemon.pid())?;
+    let started = Instant::now();
+    let end = started + window;
+    while Instant::now() < end {
+        if interrupted() {
+            anyhow::bail!("interrupted");
+        }
+        thread::sleep(
+            Duration::from_millis(100).min(end.saturating_duration_since(Instant::now())),
+        );
+        daemon.check_alive()?;
+    }
+    let cpu = daemon::process_cpu(daemon.pid())? - cpu_before;
+    let elapsed = started.elapsed();
+    let metrics = daemon.metrics()?;
+    let scans = metrics.value("idlemon_scans_total").unwrap_or(0.0) - scans_before;
+    Ok(Window {
+        cpu,
+        elapsed,
+        scans,
+        metrics,
+    })
 }

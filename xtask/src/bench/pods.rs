@@ -5,21 +5,16 @@
 //! whole TCP table once per namespace; B is the default, which walks every
 //! open file once for all of them.
 
-use std::{
-    thread,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use super::{
     Bench,
-    daemon::{self, Daemon},
-    interrupted,
+    daemon::Daemon,
+    idle,
     netns::Netns,
     table::{Check, Summary, Table},
     traffic,
 };
-
-const CPU_TARGET_PERCENT: f64 = 1.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -104,8 +99,8 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         bench.check(Check::new(
             &format!("idle daemon CPU ({sockets} sockets over {pods} pod namespaces)"),
             format!("{:.3}% of a core", b.median),
-            &format!("< {CPU_TARGET_PERCENT}%"),
-            Some(b.median < CPU_TARGET_PERCENT),
+            &format!("< {}%", idle::CPU_TARGET_PERCENT),
+            Some(b.median < idle::CPU_TARGET_PERCENT),
         ));
         bench.check(Check::info(
             &format!("the same with --socket-walk namespaces ({pods} pod namespaces)"),
@@ -126,37 +121,17 @@ fn measure(bench: &Bench, side: Side, sockets: usize, window: Duration) -> anyho
         &bench.binary,
         &["--socket-walk".to_owned(), side.flag().to_owned()],
     )?;
-    daemon.wait_ready(Duration::from_secs(60))?;
-    daemon.poll_metrics(Duration::from_secs(30), Duration::from_millis(100), |m| {
-        m.value("idlemon_tracked_sockets").unwrap_or(0.0) >= sockets as f64
-    })?;
-    // Start-up (loading, the first walks) is not idle cost.
-    thread::sleep(Duration::from_secs(1));
-    let scans_before = daemon
-        .metrics()?
-        .value("idlemon_scans_total")
-        .unwrap_or(0.0);
-    let cpu_before = daemon::process_cpu(daemon.pid())?;
-    let started = Instant::now();
-    let end = started + window;
-    // No scrape inside the window: serving /metrics would be counted too.
-    while Instant::now() < end {
-        if interrupted() {
-            anyhow::bail!("interrupted");
-        }
-        thread::sleep(
-            Duration::from_millis(100).min(end.saturating_duration_since(Instant::now())),
-        );
-        daemon.check_alive()?;
-    }
-    let cpu = daemon::process_cpu(daemon.pid())? - cpu_before;
-    let elapsed = started.elapsed();
-    let metrics = daemon.metrics()?;
+    let idle::Window {
+        cpu,
+        elapsed,
+        scans,
+        metrics,
+    } = idle::measure(&mut daemon, sockets, window)?;
     daemon.stop()?;
     Ok(Window {
         side,
         cpu_percent: 100.0 * cpu.as_secs_f64() / elapsed.as_secs_f64(),
-        scans: metrics.value("idlemon_scans_total").unwrap_or(0.0) - scans_before,
+        scans,
         last_scan_ms: metrics
             .value("idlemon_scan_cpu_seconds")
             .unwrap_or(f64::NAN)
