@@ -129,6 +129,13 @@ fn try_walk_tcp(ctx: *mut c_void) -> Result<i32, i32> {
     } else {
         forget_recorded(record);
     }
+    write(seq, record);
+    Ok(0)
+}
+
+/// Hands one record to the reader of the iterator whose meta gave `seq`.
+#[inline(always)]
+fn write(seq: *mut c_void, record: &SocketRecord) {
     // SAFETY: `seq` comes from the iterator meta and `record` is a map value.
     unsafe {
         bpf_seq_write(
@@ -137,7 +144,6 @@ fn try_walk_tcp(ctx: *mut c_void) -> Result<i32, i32> {
             size_of::<SocketRecord>() as u32,
         );
     }
-    Ok(0)
 }
 
 /// The walk by file descriptor (`iter/task_file`): every open file of every
@@ -208,14 +214,7 @@ fn try_walk_files(ctx: *mut c_void) -> Result<i32, i32> {
     } else {
         forget_recorded(record);
     }
-    // SAFETY: `meta` is non-null with every file, and `record` is a map value.
-    unsafe {
-        let seq = *meta;
-        bpf_seq_write(
-            seq.cast(),
-            (&raw const *record) as *const c_void,
-            size_of::<SocketRecord>() as u32,
-        );
-    }
+    // SAFETY: `meta` is non-null with every file.
+    write(unsafe { *meta }, record);
     Ok(0)
 }

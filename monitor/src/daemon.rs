@@ -3,6 +3,7 @@
 
 use std::{
     num::NonZeroU32,
+    os::fd::OwnedFd,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -146,27 +147,15 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (fatal_tx, mut fatal) = tokio::sync::mpsc::unbounded_channel();
-    let walk_link_id = loaded
-        .walk_link
-        .info()
-        .context("cannot inspect the socket walk link")?
-        .id();
-    let walk_link =
-        kernel::link_fd_by_id(walk_link_id).context("cannot open the socket walk link")?;
+    let walk_link = own_link_fd(&loaded.walk_link, "the socket walk")?;
     metrics
         .file_walk_available
         .set(i64::from(loaded.files_link.is_some()));
-    let files_link = match &loaded.files_link {
-        Some(link) => Some(
-            kernel::link_fd_by_id(
-                link.info()
-                    .context("cannot inspect the walk by file descriptor's link")?
-                    .id(),
-            )
-            .context("cannot open the walk by file descriptor's link")?,
-        ),
-        None => None,
-    };
+    let files_link = loaded
+        .files_link
+        .as_ref()
+        .map(|link| own_link_fd(link, "the walk by file descriptor"))
+        .transpose()?;
     let keepalive_timer_seen = loaded
         .hooks
         .iter()
@@ -359,4 +348,14 @@ fn raise_memlock_limit() {
             "cannot raise RLIMIT_MEMLOCK; fine on kernels 5.11+"
         );
     }
+}
+
+/// A file descriptor of the scanner thread's own for an iterator's link
+/// (aya keeps the link object).
+fn own_link_fd(link: &aya::programs::links::FdLink, what: &str) -> anyhow::Result<OwnedFd> {
+    let id = link
+        .info()
+        .with_context(|| format!("cannot inspect {what}'s link"))?
+        .id();
+    kernel::link_fd_by_id(id).with_context(|| format!("cannot open {what}'s link"))
 }

@@ -383,36 +383,43 @@ fn attach(ebpf: &mut Ebpf, candidate: &Candidate, btf: &Btf) -> anyhow::Result<(
     Ok(())
 }
 
+/// The socket walk (`iter/tcp`, Linux 5.9+), which idlemon cannot run without.
 fn attach_walk(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<FdLink> {
-    let program: &mut Iter = ebpf
-        .program_mut("walk_tcp")
-        .ok_or_else(|| anyhow!("program walk_tcp missing from the eBPF object"))?
-        .try_into()?;
-    program
-        .load("tcp", btf)
-        .map_err(|error| explain_permission(anyhow::Error::new(error)))
-        .context("cannot load the socket walk (iter/tcp, Linux 5.9+)")?;
-    let link = program
-        .attach()
-        .context("cannot attach the socket walk (iter/tcp)")?;
-    let link = program.take_link(link)?;
-    FdLink::try_from(link).context("socket walk link has no file descriptor")
+    attach_iterator(ebpf, btf, "walk_tcp", "tcp", "the socket walk")
 }
 
-/// Loads and attaches the walk by file descriptor (`iter/task_file`, Linux 5.9+).
+/// The walk by file descriptor (`iter/task_file`, Linux 5.9+).
 fn attach_file_walk(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<FdLink> {
+    attach_iterator(
+        ebpf,
+        btf,
+        "walk_files",
+        "task_file",
+        "the walk by file descriptor",
+    )
+}
+
+/// Loads iterator program `name` for `iter/{target}` and attaches it.
+fn attach_iterator(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    name: &str,
+    target: &str,
+    what: &str,
+) -> anyhow::Result<FdLink> {
     let program: &mut Iter = ebpf
-        .program_mut("walk_files")
-        .ok_or_else(|| anyhow!("program walk_files missing from the eBPF object"))?
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
         .try_into()?;
     program
-        .load("task_file", btf)
-        .context("cannot load the walk by file descriptor (iter/task_file)")?;
+        .load(target, btf)
+        .map_err(|error| explain_permission(anyhow::Error::new(error)))
+        .with_context(|| format!("cannot load {what} (iter/{target}, Linux 5.9+)"))?;
     let link = program
         .attach()
-        .context("cannot attach the walk by file descriptor (iter/task_file)")?;
+        .with_context(|| format!("cannot attach {what} (iter/{target})"))?;
     let link = program.take_link(link)?;
-    FdLink::try_from(link).context("the walk by file descriptor's link has no file descriptor")
+    FdLink::try_from(link).with_context(|| format!("{what}'s link has no file descriptor"))
 }
 
 /// Turns EPERM into what to do about it: it is the usual failure when idlemon

@@ -147,14 +147,8 @@ fn scan(
     let cpu_started = thread_cpu_time();
     let namespaces = netns::discover(&config.proc_root, &config.bind_mounts);
     // Room for growth, so that the table is rarely reallocated mid-walk.
-    let expected = state.expected;
-    let new_builder = || {
-        SnapshotBuilder::new(
-            Arc::clone(&config.classifier),
-            expected + expected / 8 + 64,
-            complete,
-        )
-    };
+    let capacity = state.expected + state.expected / 8 + 64;
+    let new_builder = || SnapshotBuilder::new(Arc::clone(&config.classifier), capacity, complete);
     let mut builder = new_builder();
     let mut previous = PreviousOwners::new(previous);
     let (mut carried, mut looked_up) = (0usize, 0usize);
@@ -179,7 +173,7 @@ fn scan(
             if config.by_files && !complete && with_sockets.len() >= FILE_WALK_NAMESPACES =>
         {
             let mut held: WalkMap<u32, u64> = WalkMap::default();
-            let mut found: Vec<(u64, u32)> = Vec::with_capacity(expected + expected / 8 + 64);
+            let mut found: Vec<(u64, u32)> = Vec::with_capacity(capacity);
             let walked = walker.walk_files(link, |record| {
                 found.push((record.sock, record.netns));
                 *held.entry(record.netns).or_default() += 1;
@@ -246,8 +240,7 @@ fn scan(
             });
         });
         match walked {
-            Ok(Walked::Skipped) => {}
-            Ok(walked @ (Walked::OwnTable | Walked::SharedTable)) => {
+            Ok(walked) => {
                 namespace_walks += 1;
                 shared_tables += usize::from(walked == Walked::SharedTable);
                 if maps.options.get(&walk_option::STARTED, 0).unwrap_or(0) != 0 {

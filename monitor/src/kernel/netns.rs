@@ -105,35 +105,24 @@ impl Walker {
     }
 
     /// Hands the record of every ESTABLISHED socket in `namespace` to `visit`,
-    /// which may complete it (a decoded copy, the walker's own).
+    /// which may complete it (a decoded copy, the walker's own), and says
+    /// whether the walk passed over the host's shared table.
     ///
-    /// A namespace without one is not walked: `iter/tcp` scans the host's
-    /// whole connection table (shared by all namespaces) for each namespace,
-    /// so a walk costs as much for an empty pod as for a busy one.
+    /// Walk only a namespace that `established` found sockets in:
+    /// `iter/tcp` scans the host's whole connection table (shared by all
+    /// namespaces) for each namespace, so a walk costs as much for an empty
+    /// pod as for a busy one.
     pub fn walk(
         &self,
         namespace: &Namespace,
         visit: impl FnMut(&mut SocketRecord),
     ) -> Result<Walked, WalkError> {
-        let (iterator, table) = if namespace.inode == self.home_inode {
-            if !has_established_sockets() {
-                return Ok(Walked::Skipped);
-            }
-            (create_iterator(&self.link), table_of_this_namespace(false))
-        } else {
-            let target = self.open(namespace)?;
-            enter(&target).map_err(|source| WalkError::Enter {
-                path: namespace.path.clone(),
-                source,
-            })?;
-            let iterator = has_established_sockets()
-                .then(|| (create_iterator(&self.link), table_of_this_namespace(true)));
-            enter(&self.home).map_err(WalkError::Stranded)?;
-            match iterator {
-                Some(iterator) => iterator,
-                None => return Ok(Walked::Skipped),
-            }
-        };
+        // Without a word from the kernel, only the host's own namespace has
+        // a table of its own.
+        let shared = namespace.inode != self.home_inode;
+        let (iterator, table) = self.inside(namespace, || {
+            (create_iterator(&self.link), table_of_this_namespace(shared))
+        })?;
         iterator
             .and_then(|iterator| self.read_records(iterator, visit))
             .map_err(|source| WalkError::Walk {
@@ -158,21 +147,15 @@ impl Walker {
     /// The ESTABLISHED and CLOSE_WAIT sockets of `namespace`, as its
     /// `CurrEstab` counter has them; None when that cannot be read.
     pub fn established(&self, namespace: &Namespace) -> Result<Option<u64>, WalkError> {
-        if namespace.inode == self.home_inode {
-            return Ok(established_here());
-        }
-        let target = self.open(namespace)?;
-        enter(&target).map_err(|source| WalkError::Enter {
-            path: namespace.path.clone(),
-            source,
-        })?;
-        let count = established_here();
-        enter(&self.home).map_err(WalkError::Stranded)?;
-        Ok(count)
+        self.inside(namespace, established_here)
     }
 
-    fn open(&self, namespace: &Namespace) -> Result<File, WalkError> {
-        File::open(&namespace.path).map_err(|source| {
+    /// Runs `f` on this thread inside `namespace`, then back in its own.
+    fn inside<T>(&self, namespace: &Namespace, f: impl FnOnce() -> T) -> Result<T, WalkError> {
+        if namespace.inode == self.home_inode {
+            return Ok(f());
+        }
+        let target = File::open(&namespace.path).map_err(|source| {
             if source.kind() == io::ErrorKind::NotFound {
                 WalkError::Gone {
                     path: namespace.path.clone(),
@@ -183,7 +166,14 @@ impl Walker {
                     source,
                 }
             }
-        })
+        })?;
+        enter(&target).map_err(|source| WalkError::Enter {
+            path: namespace.path.clone(),
+            source,
+        })?;
+        let result = f();
+        enter(&self.home).map_err(WalkError::Stranded)?;
+        Ok(result)
     }
 
     /// Decodes an iterator's records as they come, into the reused buffer.
@@ -212,11 +202,9 @@ impl Walker {
     }
 }
 
-/// How the walk of one namespace went.
+/// Which table the walk of one namespace passed over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Walked {
-    /// It has no ESTABLISHED socket: not walked.
-    Skipped,
     /// Walked, in a TCP connection table of its own (the host's, or a
     /// namespace's made while `net.ipv4.tcp_child_ehash_entries` was set).
     OwnTable,
@@ -248,12 +236,6 @@ fn shares_host_table(entries: &str) -> Option<bool> {
         .parse::<i64>()
         .ok()
         .map(|entries| entries < 0)
-}
-
-/// Whether this thread's network namespace has ESTABLISHED (or CLOSE_WAIT)
-/// TCP sockets, from its `CurrEstab` counter; true when that cannot be read.
-fn has_established_sockets() -> bool {
-    established_here().is_none_or(|count| count > 0)
 }
 
 /// `CurrEstab` of this thread's network namespace.

@@ -181,7 +181,7 @@ struct EnableStatsAttr {
 
 /// bpf(2). The kernel reads `size_of::<T>()` bytes and treats the rest of
 /// its union as zero.
-pub(super) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     // SAFETY: attr is a live, properly laid-out bpf_attr member of the
     // given size; the kernel writes only within it (and through the
     // pointers it carries, which the caller sized).
@@ -200,7 +200,7 @@ pub(super) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c
     }
 }
 
-pub(super) fn fd_from(ret: libc::c_long) -> anyhow::Result<OwnedFd> {
+fn fd_from(ret: libc::c_long) -> anyhow::Result<OwnedFd> {
     let fd = i32::try_from(ret).context("bpf(2) returned an impossible fd")?;
     // SAFETY: the kernel just handed us this fd, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
