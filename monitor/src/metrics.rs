@@ -69,6 +69,13 @@ const KERNEL_COUNTERS: &[(u32, &str, &str)] = &[
         "Events the kernel ring buffer had no room for (bursts faster than idlemon reads).",
     ),
     (
+        counter::EVENTS_SHED,
+        "idlemon_events_shed_total",
+        "Of idlemon_events_lost_total, events on sockets not idle past the threshold that the \
+         kernel dropped while its ring buffer was three-quarters full, keeping the rest for \
+         idle-timeout evidence.",
+    ),
+    (
         counter::KEEPALIVE_TIMER_FIRES,
         "idlemon_keepalive_timer_runs_total",
         "Keepalive timer runs on established sockets (0 where the keepalive hook cannot attach).",
@@ -115,6 +122,10 @@ pub struct Metrics {
     idle_before_reset: Histogram,
     pub malformed_events: IntCounter,
     pub event_log_errors: IntCounter,
+    event_log_dropped: IntCounterVec,
+    pub http_refusals: IntCounterVec,
+    pub last_scan_timestamp: Gauge,
+    pub api_walks: IntCounter,
 }
 
 /// Buckets of `idlemon_idle_before_reset_seconds`: 1 s to 2 h, with the
@@ -348,6 +359,38 @@ impl Metrics {
             "Event log writes that failed (the in-memory history still has the events).",
         )?;
         register(Box::new(event_log_errors.clone()))?;
+        let event_log_dropped = IntCounterVec::new(
+            Opts::new(
+                "idlemon_event_log_dropped_total",
+                "Events the event log could not take in time (stdout or the file blocked and its \
+                 queue was full), by kind; ordinary events go first, and /events still has them \
+                 while its history does.",
+            ),
+            &["kind"],
+        )?;
+        register(Box::new(event_log_dropped.clone()))?;
+        for kind in Kind::ALL {
+            event_log_dropped.with_label_values(&[kind.as_str()]);
+        }
+        let http_refusals = IntCounterVec::new(
+            Opts::new(
+                "idlemon_http_refusals_total",
+                "HTTP requests and connections refused, by server (metrics: --listen, api: \
+                 --api-listen) and reason.",
+            ),
+            &["listener", "reason"],
+        )?;
+        register(Box::new(http_refusals.clone()))?;
+        let last_scan_timestamp = Gauge::new(
+            "idlemon_last_scan_timestamp_seconds",
+            "Unix time at which the last socket walk completed.",
+        )?;
+        register(Box::new(last_scan_timestamp.clone()))?;
+        let api_walks = IntCounter::new(
+            "idlemon_api_walks_total",
+            "Complete walks run for /sockets requests (concurrent requests share one).",
+        )?;
+        register(Box::new(api_walks.clone()))?;
 
         for risk in Risk::ALL {
             at_risk
@@ -357,7 +400,7 @@ impl Metrics {
         for coverage in Coverage::ALL {
             long_idle.with_label_values(&[coverage.as_str()]).set(0);
         }
-        for reason in ["gone", "enter", "walk"] {
+        for reason in ["gone", "enter", "walk", "not_a_namespace"] {
             scan_errors.with_label_values(&[reason]);
         }
 
@@ -389,6 +432,10 @@ impl Metrics {
             idle_before_reset,
             malformed_events,
             event_log_errors,
+            event_log_dropped,
+            http_refusals,
+            last_scan_timestamp,
+            api_walks,
         })
     }
 
@@ -534,6 +581,12 @@ impl Metrics {
         if let Some(idle) = record.idle_before_seconds {
             self.idle_before_reset.observe(idle);
         }
+    }
+
+    pub fn event_log_dropped(&self, kind: Kind) {
+        self.event_log_dropped
+            .with_label_values(&[kind.as_str()])
+            .inc();
     }
 
     pub fn render(&self) -> anyhow::Result<String> {

@@ -109,6 +109,9 @@ fn test(unit_only: bool, filter: Option<&str>) -> anyhow::Result<()> {
     if let Some(filter) = filter {
         args.push(filter);
     }
+    if !unit_only && filter.is_none() {
+        supply_chain_check()?;
+    }
     cargo(&args)?;
     if !unit_only && filter.is_none() {
         // The kprobe and fentry paths, which this kernel refuses, on the
@@ -119,6 +122,13 @@ fn test(unit_only: bool, filter: Option<&str>) -> anyhow::Result<()> {
         deploy_checks()?;
     }
     Ok(())
+}
+
+/// Licences, bans and sources of every dependency against `deny.toml`,
+/// offline (advisories need a database from the network).
+fn supply_chain_check() -> anyhow::Result<()> {
+    setup::cargo_deny()?;
+    cargo(&["deny", "--offline", "check", "licenses", "bans", "sources"])
 }
 
 /// Manifests against Kubernetes schemas, alert rules with promtool (syntax
