@@ -254,6 +254,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         let router = router(state.clone(), refusals.clone());
         tokio::spawn(http::serve(listener, router, refusals, shutdown.clone()))
     });
+    // The routers hold the state now; its rescan sender must go with them,
+    // or the scanner would wait for requests forever at shutdown.
+    drop(state);
     let mut log_shutdown = shutdown.clone();
     let log_task = kernel_log.map(|logger| {
         tokio::spawn(async move {

@@ -184,7 +184,7 @@ impl Refusal {
     }
 
     /// The refusal a handler's status code stands for; None for answers
-    /// that are no refusal (200, and 503 from the probes, which report).
+    /// that are no refusal.
     fn of_status(status: StatusCode) -> Option<Self> {
         Some(match status {
             StatusCode::BAD_REQUEST => Self::BadRequest,
@@ -240,9 +240,13 @@ fn bounded(router: Router, refusals: Refusals) -> Router {
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             let refusals = refusals.clone();
             async move {
+                // A probe's 503 reports on idlemon; it refuses nothing.
                 let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
                 let response = next.run(request).await;
-                if !probe && let Some(refusal) = Refusal::of_status(response.status()) {
+                let status = response.status();
+                if !(probe && status == StatusCode::SERVICE_UNAVAILABLE)
+                    && let Some(refusal) = Refusal::of_status(status)
+                {
                     refusals.count(refusal);
                 }
                 response
