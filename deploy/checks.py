@@ -48,7 +48,7 @@ METRICS = {
     "idlemon_scan_cpu_seconds", "idlemon_scan_shared_table_walks", "idlemon_scan_namespace_walks", "idlemon_scan_file_walk_available", "idlemon_ready", "idlemon_resets_received_total",
     "idlemon_idle_before_reset_seconds", "idlemon_malformed_events_total",
     "idlemon_event_log_errors_total", "idlemon_events_total",
-    "idlemon_attribution_series_dropped_total",
+    "idlemon_attribution_series_dropped_total", "idlemon_last_scan_timestamp_seconds",
 }
 HISTOGRAMS = {"idlemon_idle_before_reset_seconds"}
 
