@@ -670,12 +670,12 @@ def kustomize_daemonset(rendered):
     return ds
 
 
-def compare(result, what, helm, kustomize):
+def compare(result, what, helm, kustomize, other="Kustomize"):
     if helm != kustomize:
         print(f"  {what}:")
         print("    helm:      " + json.dumps(helm, sort_keys=True)[:600])
-        print("    kustomize: " + json.dumps(kustomize, sort_keys=True)[:600])
-    result.check(helm == kustomize, f"Helm and Kustomize disagree on {what}")
+        print(f"    {other.split()[0].lower() + ':':<10} " + json.dumps(kustomize, sort_keys=True)[:600])
+    result.check(helm == kustomize, f"Helm and {other} disagree on {what}")
 
 
 def same_daemonset(result, helm_docs, kustomize_rendered):
@@ -727,10 +727,11 @@ def same_options(result, helm_docs):
                  for d in load_all(f)}
     compare(result, "the PodMonitor's endpoints", helm["PodMonitor"][0]["spec"]["podMetricsEndpoints"],
             overlay["PodMonitor"]["spec"]["podMetricsEndpoints"])
-    compare(result, "the PrometheusRule's groups", helm["PrometheusRule"][0]["spec"]["groups"], load(RULES)["groups"])
+    compare(result, "the PrometheusRule's groups", helm["PrometheusRule"][0]["spec"]["groups"], load(RULES)["groups"],
+            f"{rel(RULES)} (run `bash deploy/check.sh --fix`)")
     dashboard = next((c for c in helm.get("ConfigMap", []) if "idlemon-dashboard.json" in c.get("data", {})), None)
     compare(result, "the dashboard", json.loads(dashboard["data"]["idlemon-dashboard.json"]) if dashboard else None,
-            json.loads(DASHBOARD.read_text()))
+            json.loads(DASHBOARD.read_text()), f"{rel(DASHBOARD)} (run `bash deploy/check.sh --fix`)")
     if dashboard:
         result.check(dashboard["metadata"]["labels"].get("grafana_dashboard") == "1", "the dashboard has no grafana_dashboard label")
         result.check("grafana_folder" in dashboard["metadata"].get("annotations", {}), "the dashboard has no folder annotation")
