@@ -312,12 +312,21 @@ fn gone_410_makes_the_watch_list_again() {
         api.requests(),
         daemon.log()
     );
-    let versions: Vec<_> = api
-        .watches()
-        .iter()
-        .map(|watch| watch.resource_version.clone().unwrap_or_default())
-        .collect();
-    assert_eq!(versions, ["10", "20", "30"], "{:?}", api.requests());
+    // The watch from the last list follows it.
+    let versions = wait_for(Duration::from_secs(5), || {
+        let versions: Vec<_> = api
+            .watches()
+            .iter()
+            .map(|watch| watch.resource_version.clone().unwrap_or_default())
+            .collect();
+        (versions.len() == 3).then_some(versions)
+    });
+    assert_eq!(
+        versions.as_deref(),
+        Some(&["10", "20", "30"].map(String::from)[..]),
+        "{:?}",
+        api.requests()
+    );
     assert_eq!(watch_errors(&daemon), 2.0);
 }
 
