@@ -128,6 +128,16 @@ pub struct DaemonArgs {
     #[arg(long, env = "IDLEMON_KUBE_API", requires = "node_name")]
     pub kube_api: Option<String>,
 
+    /// Kubernetes API bearer token file, instead of the service account's.
+    /// Read again every minute and after the API server refuses a token.
+    #[arg(long, env = "IDLEMON_KUBE_TOKEN_FILE", requires = "node_name")]
+    pub kube_token_file: Option<PathBuf>,
+
+    /// The API server ends each pod watch after this many seconds; a watch
+    /// or list silent 5 s longer is taken for a dead connection and restarted.
+    #[arg(long, env = "IDLEMON_KUBE_WATCH_TIMEOUT", default_value = "290", value_parser = parse_seconds)]
+    pub kube_watch_timeout: Duration,
+
     /// Owner label sets (namespace, pod, workload) of
     /// idlemon_at_risk_sockets per scan; the rest are folded into
     /// workload="_other" and counted in idlemon_attribution_series_dropped_total.

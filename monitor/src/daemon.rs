@@ -56,8 +56,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         args.event_log_keep,
     )?;
     let kube_api = match &args.node_name {
-        Some(node) => ApiConfig::discover(node, args.kube_api.as_deref())
-            .context("cannot set up the Kubernetes pod watch")?,
+        Some(node) => ApiConfig::discover(
+            node,
+            args.kube_api.as_deref(),
+            args.kube_token_file.as_deref(),
+            args.kube_watch_timeout,
+        )
+        .context("cannot set up the Kubernetes pod watch")?,
         None => None,
     };
     if !args.proc_root.join("self").exists() && !args.proc_root.join("1").exists() {
