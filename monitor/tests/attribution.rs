@@ -118,6 +118,9 @@ fn an_at_risk_socket_names_its_process_cgroup_container_pod_and_workload() {
             "node-a",
             "--kube-api",
             "http://127.0.0.1:8443",
+            // The pod label is opt-in (a rollout would start new series).
+            "--owner-labels",
+            "namespace,workload,pod",
             "--idle-threshold",
             "1",
             "--scan-interval",
