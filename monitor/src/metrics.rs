@@ -1045,4 +1045,71 @@ mod tests {
         );
         assert!(text.contains("idlemon_node_info{kernel_release=\"6.18.0\",node=\"node-a\"} 1"));
     }
+
+    fn reset(classification: Classification, workload: &str) -> EventRecord {
+        let address: std::net::SocketAddr = "192.0.2.2:40000".parse().expect("address");
+        EventRecord {
+            id: 1,
+            event_id: "boot-1-1".to_owned(),
+            node: "node-a".into(),
+            time: String::new(),
+            unix_seconds: 0.0,
+            kind: Kind::ResetReceived,
+            classification: Some(classification),
+            family: "ipv4",
+            local: address,
+            remote: address,
+            idle_since_send_seconds: None,
+            idle_since_receive_seconds: None,
+            idle_before_seconds: Some(400.0),
+            reuse: None,
+            error: None,
+            pid: Some(7),
+            comm: Some("python3".to_owned()),
+            cgroup_id: None,
+            attribution: std::sync::Arc::new(crate::attribution::Attribution {
+                namespace: Some("shop".to_owned()),
+                pod: Some(format!("{workload}-7d9f-abcde")),
+                workload: Some(workload.to_owned()),
+                ..Default::default()
+            }),
+            socket: None,
+            evidence: true,
+        }
+    }
+
+    #[test]
+    fn idle_timeout_resets_are_counted_by_workload_and_capped() {
+        let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
+        for workload in ["cart", "cart", "api", "batch"] {
+            metrics.observe_event(&reset(Classification::IdleTimeoutSuspected, workload));
+        }
+        metrics.observe_event(&reset(Classification::Other, "cart"));
+        let text = metrics.render().expect("render");
+        let count = |labels: &str| {
+            text.lines()
+                .find(|line| {
+                    line.starts_with(&format!("idlemon_idle_timeout_resets_total{{{labels}}}"))
+                })
+                .map(|line| line.rsplit(' ').next().unwrap_or_default().to_owned())
+        };
+        assert_eq!(
+            count("namespace=\"shop\",workload=\"cart\"").as_deref(),
+            Some("2"),
+            "{text}"
+        );
+        assert_eq!(
+            count("namespace=\"shop\",workload=\"api\"").as_deref(),
+            Some("1")
+        );
+        // Past the cap of two owner sets.
+        assert_eq!(
+            count("namespace=\"\",workload=\"_other\"").as_deref(),
+            Some("1")
+        );
+        assert!(text.contains(
+            "idlemon_resets_received_total{classification=\"idle_timeout_suspected\"} 4"
+        ));
+        assert!(!text.contains("pod="));
+    }
 }
