@@ -144,6 +144,19 @@ pub struct DaemonArgs {
     #[arg(long, env = "IDLEMON_MAX_ATTRIBUTION_SERIES", default_value_t = 500)]
     pub max_attribution_series: usize,
 
+    /// Owner labels of the per-workload series (idlemon_at_risk_sockets,
+    /// idlemon_idle_timeout_resets_total), comma-separated: namespace,
+    /// workload, pod. Without pod (the default), rollouts start no new
+    /// series; /sockets and the events still name the pod.
+    #[arg(
+        long,
+        env = "IDLEMON_OWNER_LABELS",
+        value_delimiter = ',',
+        default_value = "namespace,workload",
+        required = false
+    )]
+    pub owner_labels: Vec<crate::metrics::OwnerLabel>,
+
     /// Export idlemon_at_risk_destination_sockets{destination} for the N
     /// destinations with the most at-risk sockets (0: off).
     #[arg(long, env = "IDLEMON_DESTINATION_LABELS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
@@ -256,6 +269,10 @@ mod tests {
         assert_eq!(cli.daemon.stall_intervals, 6);
         assert_eq!(cli.daemon.idle_threshold, Duration::from_secs(300));
         assert_eq!(cli.daemon.idle_timeout, Duration::from_secs(350));
+        assert_eq!(
+            crate::metrics::OwnerLabels::of(&cli.daemon.owner_labels),
+            crate::metrics::OwnerLabels::DEFAULT
+        );
         assert!(cli.command.is_none());
     }
 
@@ -288,6 +305,10 @@ mod tests {
         assert!(Cli::try_parse_from(["idlemon", "--bogus"]).is_err());
         assert!(Cli::try_parse_from(["idlemon", "--listen", "nowhere"]).is_err());
         assert!(Cli::try_parse_from(["idlemon", "--disable-attach", "magic"]).is_err());
+        assert!(Cli::try_parse_from(["idlemon", "--owner-labels", "node"]).is_err());
+        let cli = Cli::try_parse_from(["idlemon", "--owner-labels", "namespace,workload,pod"])
+            .expect("owner labels");
+        assert!(crate::metrics::OwnerLabels::of(&cli.daemon.owner_labels).pod);
         let cli = Cli::try_parse_from(["idlemon", "--disable-attach", "fentry,tp_btf,raw_tp"])
             .expect("attach kinds are named as in idlemon_probe_info");
         assert_eq!(cli.daemon.disable_attach.len(), 3);

@@ -140,8 +140,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             table_capacity: args.max_sockets,
             owners: args.max_attribution_series,
             destinations: args.destination_labels as usize,
+            owner_labels: crate::metrics::OwnerLabels::of(&args.owner_labels),
         },
     )?);
+    let node = crate::events::node_name(args.node_name.as_deref());
+    metrics.node_info(&node, &crate::metrics::kernel_release());
     let pods = Arc::new(PodCache::default());
     if let Some(api) = kube_api {
         pods::spawn_watch(
@@ -201,7 +204,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .context("map EVENTS is not a ring buffer")?;
     let event_task = stream::spawn(
         ring,
-        Explainer::new(Arc::clone(&classifier)),
+        Explainer::new(Arc::clone(&classifier)).on_node(&node),
         Sinks {
             attributor: Attributor::new(args.proc_root.clone(), Arc::clone(&pods)),
             history: Arc::clone(&history),

@@ -93,6 +93,9 @@ fn an_at_risk_socket_names_its_process_cgroup_container_pod_and_workload() {
             fake_api::NODE,
             "--kube-api",
             fake_api::URL,
+            // The pod label is opt-in (a rollout would start new series).
+            "--owner-labels",
+            "namespace,workload,pod",
             "--idle-threshold",
             "1",
             "--scan-interval",
