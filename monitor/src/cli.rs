@@ -13,7 +13,7 @@ pub const DEFAULT_PORT: u16 = 9781;
 #[derive(Debug, Parser)]
 #[command(
     name = "idlemon",
-    version,
+    version = crate::build_info::version_line(),
     about = "Finds TCP connections a middlebox's idle timeout is about to kill, and explains the ones it did",
     long_about = None,
 )]
