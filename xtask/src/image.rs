@@ -153,6 +153,12 @@ pub fn build(args: &ImageArgs) -> anyhow::Result<Archive> {
     let workspace = Workspace::read(&root)?;
     let version = args.version.clone().unwrap_or(workspace.version.clone());
     check_tag(&version)?;
+    if version != workspace.version {
+        println!(
+            "xtask image: warning: the image is tagged {version}, but its daemon reports {} (Cargo.toml)",
+            workspace.version
+        );
+    }
     let mut platforms: Vec<Platform> = if args.platforms.is_empty() {
         Platform::ALL.to_vec()
     } else {
