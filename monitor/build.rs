@@ -81,11 +81,19 @@ fn git_revision(workspace_root: &Path) -> Option<String> {
     if Path::new(&top_level).canonicalize().ok()? != workspace_root.canonicalize().ok()? {
         return None;
     }
-    // HEAD moves on checkout; the branch's ref (loose or packed) on commit.
+    // HEAD moves on checkout; the branch's ref on commit. A packed ref has
+    // no file until the next commit writes one: then its directory is
+    // watched (cargo would rerun the script on every build while a watched
+    // path is missing).
     let mut watched = vec![git(&["rev-parse", "--git-path", "HEAD"])?];
     watched.push(git(&["rev-parse", "--git-path", "packed-refs"])?);
     if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        watched.push(git(&["rev-parse", "--git-path", &branch])?);
+        let reference = workspace_root.join(git(&["rev-parse", "--git-path", &branch])?);
+        if reference.exists() {
+            watched.push(reference.display().to_string());
+        } else {
+            watched.extend(reference.parent().map(|dir| dir.display().to_string()));
+        }
     }
     for path in watched {
         let path = workspace_root.join(path);

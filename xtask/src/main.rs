@@ -143,7 +143,6 @@ fn test(unit_only: bool, no_container: bool, filter: Option<&str>) -> anyhow::Re
         // It runs the release build, which `cargo test` did not make.
         build(true)?;
         vm::run(&vm::VmArgs::all())?;
-        deploy_checks()?;
         // The image as the DaemonSet runs it (podman), after the release
         // build above, which the amd64 image reuses.
         if no_container {
@@ -151,6 +150,7 @@ fn test(unit_only: bool, no_container: bool, filter: Option<&str>) -> anyhow::Re
         } else {
             container::run(&workspace_root())?;
         }
+        deploy_checks()?;
     }
     Ok(())
 }
