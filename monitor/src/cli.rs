@@ -17,7 +17,7 @@ pub const DEFAULT_API_PORT: u16 = 9782;
 #[derive(Debug, Parser)]
 #[command(
     name = "idlemon",
-    version,
+    version = crate::build_info::version_line(),
     about = "Finds TCP connections a middlebox's idle timeout is about to kill, and explains the ones it did",
     long_about = None,
 )]

@@ -243,11 +243,18 @@ impl Metrics {
         };
 
         let build_info = IntGaugeVec::new(
-            Opts::new("idlemon_build_info", "idlemon's version; always 1."),
-            &["version"],
+            Opts::new(
+                "idlemon_build_info",
+                "idlemon's version, git revision and architecture; always 1.",
+            ),
+            &["version", "revision", "arch"],
         )?;
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[
+                crate::build_info::VERSION,
+                crate::build_info::REVISION,
+                crate::build_info::arch(),
+            ])
             .set(1);
         register(Box::new(build_info))?;
 
@@ -759,6 +766,22 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_info_names_version_revision_and_arch() {
+        let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
+        let text = metrics.render().expect("render");
+        let series = format!(
+            "idlemon_build_info{{arch=\"{}\",revision=\"{}\",version=\"{}\"}} 1",
+            crate::build_info::arch(),
+            crate::build_info::REVISION,
+            env!("CARGO_PKG_VERSION"),
+        );
+        assert!(
+            text.lines().any(|line| line == series),
+            "{series} not in\n{text}"
+        );
+    }
 
     #[test]
     fn kernel_counters_advance_and_never_go_back() {
