@@ -70,7 +70,7 @@ time.sleep(60)
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn an_at_risk_socket_names_its_process_cgroup_container_pod_and_workload() {
-    let root = cgroup2_root().expect("cgroup2 is mounted (PLATFORM.md: /sys/fs/cgroup/unified)");
+    let root = cgroup2_root().expect("cgroup2 is mounted (/sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified in hybrid mode)");
     let container_id = format!("{:064x}", 0xfeed_0000_u64 + u64::from(std::process::id()));
     let slice = format!("idlemon-test-{}.slice", std::process::id());
     let relative = format!(

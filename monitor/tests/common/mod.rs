@@ -1,5 +1,5 @@
 //! Test hosts for the kernel tests: network namespaces, a NAT gateway with a
-//! short idle timeout (PLATFORM.md's recipe), an echo server, and a running
+//! short idle timeout (conntrack that forgets idle flows, `NatPath`), an echo server, and a running
 //! idlemon with an HTTP client. Traffic stays on loopback and on TEST-NET
 //! addresses inside namespaces these helpers create.
 
