@@ -162,6 +162,11 @@ fn test(unit_only: bool, no_container: bool, filter: Option<&str>) -> anyhow::Re
 /// offline (advisories need a database from the network).
 fn supply_chain_check() -> anyhow::Result<()> {
     setup::cargo_deny()?;
+    // cargo-deny reads `cargo metadata` for every platform, so the sources of
+    // Windows-only crates must be on disk too; a build fetches only this
+    // host's. Without this, a fresh machine fails with "failed to download
+    // `windows-sys`... --offline was specified".
+    cargo(&["fetch", "--locked"])?;
     cargo(&["deny", "--offline", "check", "licenses", "bans", "sources"])
 }
 
