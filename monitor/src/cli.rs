@@ -138,9 +138,10 @@ pub struct DaemonArgs {
     #[arg(long, env = "IDLEMON_KUBE_WATCH_TIMEOUT", default_value = "290", value_parser = parse_seconds)]
     pub kube_watch_timeout: Duration,
 
-    /// Owner label sets (namespace, pod, workload) of
-    /// idlemon_at_risk_sockets per scan; the rest are folded into
-    /// workload="_other" and counted in idlemon_attribution_series_dropped_total.
+    /// Owner label sets (see --owner-labels) of idlemon_at_risk_sockets per
+    /// scan, and of idlemon_idle_timeout_resets_total since start; the rest
+    /// are folded into workload="_other" and counted in
+    /// idlemon_attribution_series_dropped_total.
     #[arg(long, env = "IDLEMON_MAX_ATTRIBUTION_SERIES", default_value_t = 500)]
     pub max_attribution_series: usize,
 

@@ -367,7 +367,8 @@ impl Metrics {
         }
         let attribution_dropped = IntCounter::new(
             "idlemon_attribution_series_dropped_total",
-            "Owner label sets folded into workload=\"_other\" by --max-attribution-series, summed over scans.",
+            "Owner label sets folded into workload=\"_other\" by --max-attribution-series: \
+             per scan for idlemon_at_risk_sockets, per reset for idlemon_idle_timeout_resets_total.",
         )?;
         register(Box::new(attribution_dropped.clone()))?;
         let table_entries = IntGauge::new(
@@ -738,7 +739,10 @@ impl Metrics {
                     seen.insert(owner.clone());
                     owner
                 }
-                _ => chosen.other(),
+                _ => {
+                    self.attribution_dropped.inc();
+                    chosen.other()
+                }
             };
             let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
             self.idle_timeout_resets.with_label_values(&labels).inc();
@@ -1130,6 +1134,7 @@ mod tests {
             count("namespace=\"\",workload=\"_other\"").as_deref(),
             Some("1")
         );
+        assert!(text.contains("idlemon_attribution_series_dropped_total 1"));
         assert!(text.contains(
             "idlemon_resets_received_total{classification=\"idle_timeout_suspected\"} 4"
         ));
