@@ -142,7 +142,7 @@ fn test(unit_only: bool, no_container: bool, filter: Option<&str>) -> anyhow::Re
         // kernels EKS nodes run (qemu), and the native kernel's fallbacks.
         // It runs the release build, which `cargo test` did not make.
         build(true)?;
-        vm::run(&vm::VmArgs::all())?;
+        vm::run(&vm::VmArgs::ci())?;
         // The image as the DaemonSet runs it (podman), after the release
         // build above, which the amd64 image reuses.
         if no_container {
