@@ -2,12 +2,16 @@
 # Validates everything under deploy/, offline, and is what CI runs:
 #
 #   bash deploy/check.sh          check; exit non-zero on any failure
-#   bash deploy/check.sh --fix    first rewrite the PrometheusRule from
-#                                 prometheus/idlemon-rules.yml, then check
+#   bash deploy/check.sh --fix    first rewrite the PrometheusRule and the
+#                                 Helm chart's copies (helm/idlemon/files/)
+#                                 from prometheus/idlemon-rules.yml and
+#                                 grafana/idlemon-dashboard.json, then check
 #
 # It installs what it lacks (needs root or sudo for apt, only the first time):
 #   - a Python virtualenv in ~/.cache/idlemon/deploy-check with PyYAML,
-#     kubernetes-validate and the prometheus-operator CRD models;
+#     kubernetes-validate, the prometheus-operator CRD models and
+#     helm-python-sdk (the Helm v4 SDK as a library: the chart is linted and
+#     rendered without a helm binary or a cluster);
 #   - promtool, unpacked from Debian's prometheus package into the same cache
 #     (not installed: that package would also start a Prometheus server).
 # kubectl is used to render the kustomizations when it has kustomize v4 or
@@ -34,6 +38,7 @@ PIP_PACKAGES=(
     "PyYAML>=6"
     "kubernetes-validate==1.37.0"
     "cloudcoil.models.prometheus_operator==0.80.1.0"
+    "helm-python-sdk==0.2.2"
 )
 # Kubernetes versions the manifests must be valid for: the oldest with
 # securityContext.appArmorProfile, and the newest kubernetes-validate knows.
@@ -84,11 +89,11 @@ if [ ! -x "$PY" ]; then
         python3 -m venv "$VENV"
     fi
 fi
-if ! "$PY" -c 'import yaml, kubernetes_validate, cloudcoil.models.prometheus_operator' 2>/dev/null; then
+if ! "$PY" -c 'import importlib.metadata as m, yaml, kubernetes_validate, cloudcoil.models.prometheus_operator, helm_python; assert m.version("helm-python-sdk") == "0.2.2"' 2>/dev/null; then
     note "installing ${PIP_PACKAGES[*]} (PyPI)"
     "$PY" -m pip install --quiet --disable-pip-version-check "${PIP_PACKAGES[@]}"
 fi
-"$PY" -c 'import yaml, kubernetes_validate.version as v; print("    python", __import__("sys").version.split()[0], "| PyYAML", yaml.__version__, "| kubernetes-validate", v.__version__)'
+"$PY" -c 'import importlib.metadata as m, yaml, kubernetes_validate.version as v; print("    python", __import__("sys").version.split()[0], "| PyYAML", yaml.__version__, "| kubernetes-validate", v.__version__, "| helm-python-sdk", m.version("helm-python-sdk"))'
 
 PROMTOOL="$(command -v promtool || true)"
 if [ -z "$PROMTOOL" ]; then
@@ -156,11 +161,14 @@ kubernetes_validate() {
 base_files=()
 while IFS= read -r file; do base_files+=("$file"); done \
     < <(ls base/*.yaml | grep -v '/kustomization\.yaml$')
+base_files+=(components/network-policy/networkpolicy.yaml)
 crd_files=(overlays/prometheus-operator/podmonitor.yaml overlays/prometheus-operator/prometheusrule.yaml)
 
 if $FIX; then
     check "rewrite the PrometheusRule from prometheus/idlemon-rules.yml (--fix)" \
         "$PY" checks.py rules-sync --fix
+    check "rewrite helm/idlemon/files/ from the rules and the dashboard (--fix)" \
+        "$PY" checks.py chart-sync --fix
 fi
 
 check "Kubernetes manifests, file by file (kubernetes-validate --strict, Kubernetes ${K8S_VERSIONS[*]})" \
@@ -180,7 +188,45 @@ if $KUSTOMIZE; then
     check "kubectl kustomize base, then validate the output" render_and_validate base
     check "kubectl kustomize overlays/prometheus-operator, then validate the output" \
         render_and_validate overlays/prometheus-operator
+    # The component as a user adds it: base plus components/network-policy.
+    mkdir -p "$WORK/network-policy"
+    cat >"$WORK/network-policy/kustomization.yaml" <<EOF
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - $(realpath --relative-to="$WORK/network-policy" "$DEPLOY/base")
+components:
+  - $(realpath --relative-to="$WORK/network-policy" "$DEPLOY/components/network-policy")
+EOF
+    check "kubectl kustomize base + components/network-policy, then validate the output" \
+        render_and_validate "$WORK/network-policy"
 fi
+
+# The chart: lint, renders (defaults, the opt-ins, every option, the
+# ServiceMonitor), the schema's refusals, and the rendered DaemonSet against
+# the Kustomize one (kubectl kustomize's output when there is one).
+helm_chart() {
+    local kustomized=()
+    if [ -s "$WORK/base.yaml" ]; then kustomized=("$WORK/base.yaml"); fi
+    "$PY" checks.py helm "$WORK" "${kustomized[@]}"
+}
+check "Helm chart helm/idlemon: lint, render, values.schema.json, same DaemonSet as Kustomize" helm_chart
+helm_renders_valid() {
+    local core=() crd=() file
+    for file in "$WORK"/helm-*.core.yaml; do [ -e "$file" ] && core+=("$file"); done
+    for file in "$WORK"/helm-*.crd.yaml; do
+        if [ -s "$file" ] && [ "$(cat "$file")" != "[]" ]; then crd+=("$file"); fi
+    done
+    [ "${#core[@]}" -gt 0 ] || { note "no Helm render to validate"; return 1; }
+    kubernetes_validate "${core[@]}" || return 1
+    "$PY" checks.py crds "${crd[@]}"
+}
+check "every Helm render against Kubernetes ${K8S_VERSIONS[*]} and the prometheus-operator CRD schemas" \
+    helm_renders_valid
+check "helm/idlemon/files/ identical to prometheus/idlemon-rules.yml and grafana/idlemon-dashboard.json" \
+    "$PY" checks.py chart-sync
+check "one image repository and version (Cargo.toml) in the chart and the manifests" \
+    "$PY" checks.py release-facts
 
 check "PodMonitor and PrometheusRule against the prometheus-operator CRD schemas" \
     "$PY" checks.py crds "${crd_files[@]}"
@@ -198,8 +244,10 @@ check "python3 -m json.tool grafana/idlemon-dashboard.json" \
     bash -c "'$PY' -m json.tool grafana/idlemon-dashboard.json >/dev/null"
 check "dashboard conventions (\${datasource}, \$__rate_interval, idlemon metrics only, queries parse)" \
     "$PY" checks.py dashboard "$PROMTOOL"
-check "Containerfile copies every workspace member" \
-    "$PY" checks.py containerfile
+if [ -f Containerfile ]; then
+    check "Containerfile copies every workspace member" \
+        "$PY" checks.py containerfile
+fi
 
 echo
 if [ "${#FAILED[@]}" -gt 0 ]; then

@@ -58,6 +58,10 @@ pub mod counter {
     /// is its fill, without walking the map.
     pub const SOCKET_TABLE_INSERTS: u32 = 26;
     pub const SOCKET_TABLE_REMOVES: u32 = 27;
+    /// Of `EVENTS_LOST`, events on sockets that were not idle past the
+    /// threshold, dropped while the ring buffer was three-quarters full so
+    /// that its last quarter stays free for the ones that were.
+    pub const EVENTS_SHED: u32 = 28;
     /// Number of slots in the array.
     pub const SLOTS: u32 = 32;
 }
@@ -145,8 +149,13 @@ pub struct KernelLayout {
     /// `socket.sk` and `sock.sk_protocol`, for the walk by file descriptor.
     pub socket_sk: u32,
     pub sk_protocol: u32,
+    /// `sock.sk_lock.owned`: non-zero while a process holds the socket
+    /// (lock_sock), so that an event in that process's context may name it;
+    /// zero in softirq and timers, where the current task is whichever one
+    /// the interrupt happened to land on.
+    pub sk_lock_owned: u32,
 }
-const _: () = assert!(size_of::<KernelLayout>() == 128);
+const _: () = assert!(size_of::<KernelLayout>() == 132);
 
 /// What the kernel programs remember about a socket between packets: who
 /// uses it and what keepalive did. Keyed by the socket's kernel address.
@@ -235,7 +244,10 @@ pub struct Event {
     pub time_ns: u64,
     /// The kernel's jiffies at the event, to age `socket.info.reuse_at`.
     pub jiffies: u32,
-    /// Process in whose context the event fired; 0 in softirq context.
+    /// Process in whose context the event fired, where that process holds
+    /// the socket (process context: a send, a close, a reset processed from
+    /// the socket's backlog); 0 in softirq or timer context, where the
+    /// interrupted task has nothing to do with the socket.
     pub current_tgid: u32,
     /// One of `event_kind`.
     pub kind: u8,

@@ -49,6 +49,7 @@ pub(crate) static KERNEL_LAYOUT: KernelLayout = KernelLayout {
     sk_uid: 0,
     socket_sk: 0,
     sk_protocol: 0,
+    sk_lock_owned: 0,
 };
 
 /// `--idle-threshold` in jiffies, the unit of the kernel's own stamps.

@@ -103,7 +103,8 @@ fn try_reset_sent(sk: u64, skb: u64) -> Result<u32, u32> {
     if skb == 0 {
         return Ok(0);
     }
-    emit_with(event_kind::RESET_SENT, |event| {
+    // A reply to a segment that matched no full socket: always in softirq.
+    emit_with(event_kind::RESET_SENT, false, |event| {
         let _ = addresses_from_segment(skb, event);
     })?;
     Ok(0)

@@ -9,6 +9,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// project's list of default exporter ports, so it does not collide with
 /// node_exporter (9100) and friends on the same host.
 pub const DEFAULT_PORT: u16 = 9781;
+/// The port of the connection data (/sockets, /events), on loopback by
+/// default: only processes of the same network namespace (`kubectl exec`
+/// into the pod) can read addresses, process names and pods.
+pub const DEFAULT_API_PORT: u16 = 9782;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,9 +49,23 @@ pub enum SocketWalk {
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
-    /// Address of the HTTP server for /metrics, /healthz, /readyz and /sockets.
+    /// Address of the HTTP server for /metrics, /healthz and /readyz: what
+    /// Prometheus and the kubelet reach (the pod IP in the DaemonSet). It
+    /// serves no connection data.
     #[arg(long, env = "IDLEMON_LISTEN", default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
     pub listen: SocketAddr,
+
+    /// Address of the connection data API (/sockets, /events): addresses,
+    /// process names and pods of every connection on the node. Keep it on
+    /// loopback unless something authenticates callers in front of it.
+    #[arg(long, env = "IDLEMON_API_LISTEN", default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)))]
+    pub api_listen: SocketAddr,
+
+    /// /healthz fails (and the kubelet restarts idlemon) when the socket walk
+    /// or the event reader has made no progress for this many scan
+    /// intervals (and at least 10 s).
+    #[arg(long, env = "IDLEMON_STALL_INTERVALS", default_value_t = 6, value_parser = clap::value_parser!(u32).range(2..=1000))]
+    pub stall_intervals: u32,
 
     /// Flag sockets idle at least this long (seconds) without an effective keepalive.
     #[arg(long, env = "IDLEMON_IDLE_THRESHOLD", default_value = "300", value_parser = parse_seconds)]
@@ -110,11 +128,34 @@ pub struct DaemonArgs {
     #[arg(long, env = "IDLEMON_KUBE_API", requires = "node_name")]
     pub kube_api: Option<String>,
 
+    /// Kubernetes API bearer token file, instead of the service account's.
+    /// Read again every minute and after the API server refuses a token.
+    #[arg(long, env = "IDLEMON_KUBE_TOKEN_FILE", requires = "node_name")]
+    pub kube_token_file: Option<PathBuf>,
+
+    /// The API server ends each pod watch after this many seconds; a watch
+    /// or list silent 5 s longer is taken for a dead connection and restarted.
+    #[arg(long, env = "IDLEMON_KUBE_WATCH_TIMEOUT", default_value = "290", value_parser = parse_seconds)]
+    pub kube_watch_timeout: Duration,
+
     /// Owner label sets (namespace, pod, workload) of
     /// idlemon_at_risk_sockets per scan; the rest are folded into
     /// workload="_other" and counted in idlemon_attribution_series_dropped_total.
     #[arg(long, env = "IDLEMON_MAX_ATTRIBUTION_SERIES", default_value_t = 500)]
     pub max_attribution_series: usize,
+
+    /// Owner labels of the per-workload series (idlemon_at_risk_sockets,
+    /// idlemon_idle_timeout_resets_total), comma-separated: namespace,
+    /// workload, pod. Without pod (the default), rollouts start no new
+    /// series; /sockets and the events still name the pod.
+    #[arg(
+        long,
+        env = "IDLEMON_OWNER_LABELS",
+        value_delimiter = ',',
+        default_value = "namespace,workload",
+        required = false
+    )]
+    pub owner_labels: Vec<crate::metrics::OwnerLabel>,
 
     /// Export idlemon_at_risk_destination_sockets{destination} for the N
     /// destinations with the most at-risk sockets (0: off).
@@ -152,8 +193,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct SocketsArgs {
-    /// Base URL of the daemon (its --listen address).
-    #[arg(long, env = "IDLEMON_URL", default_value_t = format!("http://127.0.0.1:{DEFAULT_PORT}"))]
+    /// Base URL of the daemon's connection data API (its --api-listen address).
+    #[arg(long, env = "IDLEMON_URL", default_value_t = format!("http://127.0.0.1:{DEFAULT_API_PORT}"))]
     pub url: String,
 
     /// Only sockets at risk.
@@ -171,8 +212,8 @@ pub struct SocketsArgs {
 
 #[derive(Debug, Args)]
 pub struct EventsArgs {
-    /// Base URL of the daemon (its --listen address).
-    #[arg(long, env = "IDLEMON_URL", default_value_t = format!("http://127.0.0.1:{DEFAULT_PORT}"))]
+    /// Base URL of the daemon's connection data API (its --api-listen address).
+    #[arg(long, env = "IDLEMON_URL", default_value_t = format!("http://127.0.0.1:{DEFAULT_API_PORT}"))]
     pub url: String,
 
     /// Only events after this time: unix seconds or RFC 3339.
@@ -224,9 +265,29 @@ mod tests {
     fn defaults_match_the_documentation() {
         let cli = Cli::try_parse_from(["idlemon"]).expect("no flags parse");
         assert_eq!(cli.daemon.listen.to_string(), "127.0.0.1:9781");
+        assert_eq!(cli.daemon.api_listen.to_string(), "127.0.0.1:9782");
+        assert_eq!(cli.daemon.stall_intervals, 6);
         assert_eq!(cli.daemon.idle_threshold, Duration::from_secs(300));
         assert_eq!(cli.daemon.idle_timeout, Duration::from_secs(350));
+        assert_eq!(
+            crate::metrics::OwnerLabels::of(&cli.daemon.owner_labels),
+            crate::metrics::OwnerLabels::DEFAULT
+        );
         assert!(cli.command.is_none());
+    }
+
+    #[test]
+    fn the_clients_read_the_api_port() {
+        let cli = Cli::try_parse_from(["idlemon", "sockets"]).expect("sockets parses");
+        let Some(Command::Sockets(args)) = cli.command else {
+            panic!("not the sockets command");
+        };
+        assert_eq!(args.url, "http://127.0.0.1:9782");
+        let cli = Cli::try_parse_from(["idlemon", "events"]).expect("events parses");
+        let Some(Command::Events(args)) = cli.command else {
+            panic!("not the events command");
+        };
+        assert_eq!(args.url, "http://127.0.0.1:9782");
     }
 
     #[test]
@@ -244,6 +305,10 @@ mod tests {
         assert!(Cli::try_parse_from(["idlemon", "--bogus"]).is_err());
         assert!(Cli::try_parse_from(["idlemon", "--listen", "nowhere"]).is_err());
         assert!(Cli::try_parse_from(["idlemon", "--disable-attach", "magic"]).is_err());
+        assert!(Cli::try_parse_from(["idlemon", "--owner-labels", "node"]).is_err());
+        let cli = Cli::try_parse_from(["idlemon", "--owner-labels", "namespace,workload,pod"])
+            .expect("owner labels");
+        assert!(crate::metrics::OwnerLabels::of(&cli.daemon.owner_labels).pod);
         let cli = Cli::try_parse_from(["idlemon", "--disable-attach", "fentry,tp_btf,raw_tp"])
             .expect("attach kinds are named as in idlemon_probe_info");
         assert_eq!(cli.daemon.disable_attach.len(), 3);

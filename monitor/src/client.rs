@@ -30,7 +30,9 @@ pub fn sockets(args: &SocketsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints events as JSON lines; with --follow, long-polls for new ones.
+/// Prints events as JSON lines; with --follow, long-polls for new ones. An
+/// answer cut short by the daemon's size bound is continued from its last
+/// event until `--limit` events are printed.
 pub fn events(args: &EventsArgs) -> anyhow::Result<()> {
     let base = format!("{}/events", args.url.trim_end_matches('/'));
     let mut query = format!("limit={}", args.limit);
@@ -38,20 +40,30 @@ pub fn events(args: &EventsArgs) -> anyhow::Result<()> {
         query.push_str(&format!("&since={}", encode(since)));
     }
     let mut after: Option<u64> = None;
+    let mut printed = 0;
     loop {
         let url = match after {
-            Some(after) => format!("{base}?after={after}&limit=1000&wait=30"),
+            Some(after) if args.follow && printed >= args.limit => {
+                format!("{base}?after={after}&limit=1000&wait=30")
+            }
+            Some(after) => format!("{base}?after={after}&limit={}", args.limit - printed),
             None => format!("{base}?{query}"),
         };
-        let events: Vec<Value> = serde_json::from_str(&get(&url)?)
+        let (body, more) = get_events(&url)?;
+        let events: Vec<Value> = serde_json::from_str(&body)
             .with_context(|| format!("{url} did not return a JSON array"))?;
         for event in &events {
             println!("{event}");
             after = event["id"].as_u64().or(after);
         }
+        printed += events.len();
+        if more && printed < args.limit {
+            continue;
+        }
         if !args.follow {
             return Ok(());
         }
+        printed = printed.max(args.limit);
         after = after.or(Some(0));
     }
 }
@@ -70,16 +82,27 @@ fn encode(value: &str) -> String {
 }
 
 fn get(url: &str) -> anyhow::Result<String> {
+    get_events(url).map(|(body, _)| body)
+}
+
+/// The body of a GET, and whether the daemon said that more follows
+/// (`X-Idlemon-More`).
+fn get_events(url: &str) -> anyhow::Result<(String, bool)> {
     let response = ureq::get(url).call().with_context(|| {
         format!("cannot reach the idlemon daemon at {url} (is it running? --url)")
     })?;
     if response.status() != 200 {
         bail!("{url} answered {}", response.status());
     }
-    response
+    let more = response
+        .headers()
+        .get(crate::http::MORE_HEADER)
+        .is_some_and(|value| value == "true");
+    let body = response
         .into_body()
         .read_to_string()
-        .with_context(|| format!("cannot read the answer from {url}"))
+        .with_context(|| format!("cannot read the answer from {url}"))?;
+    Ok((body, more))
 }
 
 /// The table: one line per socket, columns sized to their content.

@@ -19,7 +19,7 @@ use aya::{
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{Semaphore, watch},
 };
 use tracing::{info, warn};
 
@@ -32,8 +32,9 @@ use crate::{
     config::{IdleTimeout, PathConfig},
     eventlog::EventLog,
     events::{Explainer, History},
-    http,
+    http::{self, Refusals},
     kernel::{self, btf::KernelBtf, layout},
+    liveness::Liveness,
     logging::KernelLog,
     metrics::{LabelLimits, Metrics},
     probes::{self, LoadSettings},
@@ -55,16 +56,31 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         args.event_log_keep,
     )?;
     let kube_api = match &args.node_name {
-        Some(node) => ApiConfig::discover(node, args.kube_api.as_deref())
-            .context("cannot set up the Kubernetes pod watch")?,
+        Some(node) => ApiConfig::discover(
+            node,
+            args.kube_api.as_deref(),
+            args.kube_token_file.as_deref(),
+            args.kube_watch_timeout,
+        )
+        .context("cannot set up the Kubernetes pod watch")?,
         None => None,
     };
     if !args.proc_root.join("self").exists() && !args.proc_root.join("1").exists() {
         bail!("--proc-root {} is not a procfs", args.proc_root.display());
     }
+    if args.api_listen == args.listen {
+        bail!(
+            "--api-listen and --listen are both {}: the connection data must not be served where \
+             metrics are scraped",
+            args.listen
+        );
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    let api_listener = tokio::net::TcpListener::bind(args.api_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--api-listen)", args.api_listen))?;
 
     raise_memlock_limit();
     raise_open_files_limit();
@@ -105,7 +121,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         &btf,
         &kernel_btf,
     )?;
-    info!(hz, listen = %args.listen, path_rules = paths.rules(), "programs loaded");
+    info!(
+        hz,
+        listen = %args.listen,
+        api_listen = %args.api_listen,
+        path_rules = paths.rules(),
+        "programs loaded"
+    );
     // Parsing the kernel's BTF and loading took tens of MB that are free now.
     // SAFETY: only asks malloc to return free memory to the system.
     unsafe { libc::malloc_trim(0) };
@@ -118,8 +140,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             table_capacity: args.max_sockets,
             owners: args.max_attribution_series,
             destinations: args.destination_labels as usize,
+            owner_labels: crate::metrics::OwnerLabels::of(&args.owner_labels),
         },
     )?);
+    let node = crate::events::node_name(args.node_name.as_deref());
+    metrics.node_info(&node, &crate::metrics::kernel_release());
     let pods = Arc::new(PodCache::default());
     if let Some(api) = kube_api {
         pods::spawn_watch(
@@ -170,6 +195,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let (snapshots_tx, snapshots) =
         watch::channel(Arc::new(Snapshot::empty(Arc::clone(&classifier))));
     let history = Arc::new(History::new(args.event_history as usize));
+    let liveness = Arc::new(Liveness::new(args.scan_interval, args.stall_intervals));
     let ring: RingBuf<MapData> = loaded
         .ebpf
         .take_map("EVENTS")
@@ -178,12 +204,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .context("map EVENTS is not a ring buffer")?;
     let event_task = stream::spawn(
         ring,
-        Explainer::new(Arc::clone(&classifier)),
+        Explainer::new(Arc::clone(&classifier)).on_node(&node),
         Sinks {
             attributor: Attributor::new(args.proc_root.clone(), Arc::clone(&pods)),
             history: Arc::clone(&history),
             log: event_log,
             metrics: Arc::clone(&metrics),
+            liveness: Arc::clone(&liveness),
         },
         shutdown.clone(),
     )?;
@@ -196,6 +223,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         },
         ScannerConfig {
             classifier,
+            liveness: Arc::clone(&liveness),
             pods,
             interval: args.scan_interval,
             by_files: args.socket_walk == crate::cli::SocketWalk::Auto,
@@ -214,7 +242,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .filter(|hook| hook.degraded)
         .map(|hook| format!("{} hook missing: {}", hook.hook, hook.lost.unwrap_or("")))
         .collect();
-    let app = http::router(http::AppState {
+    let state = http::AppState {
         metrics: Arc::clone(&metrics),
         snapshots: snapshots.clone(),
         rescan: rescan.clone(),
@@ -222,8 +250,21 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         ready: Arc::clone(&ready),
         degraded: degraded.clone(),
         history,
+        liveness,
+        long_polls: Arc::new(Semaphore::new(http::LONG_POLLS_MAX)),
+    };
+    let servers = [
+        (listener, "metrics", http::metrics_router as fn(_, _) -> _),
+        (api_listener, "api", http::api_router),
+    ]
+    .map(|(listener, name, router)| {
+        let refusals = Refusals::new(name, metrics.http_refusals.clone());
+        let router = router(state.clone(), refusals.clone());
+        tokio::spawn(http::serve(listener, router, refusals, shutdown.clone()))
     });
-    let server = tokio::spawn(http::serve(listener, app, shutdown.clone()));
+    // The routers hold the state now; its rescan sender must go with them,
+    // or the scanner would wait for requests forever at shutdown.
+    drop(state);
     let mut log_shutdown = shutdown.clone();
     let log_task = kernel_log.map(|logger| {
         tokio::spawn(async move {
@@ -281,8 +322,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     ready.store(false, Ordering::Relaxed);
     let _ = shutdown_tx.send(true);
     drop(rescan);
-    if let Err(error) = server.await {
-        warn!(%error, "HTTP server task failed");
+    for server in servers {
+        if let Err(error) = server.await {
+            warn!(%error, "HTTP server task failed");
+        }
     }
     if let Some(task) = log_task {
         let _ = task.await;

@@ -79,8 +79,16 @@ pub struct Reuse {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventRecord {
-    /// Increasing; `GET /events?after=ID` continues from one.
+    /// Increasing within one run of the daemon; `GET /events?after=ID`
+    /// continues from one.
     pub id: u64,
+    /// Unique across nodes, reboots and restarts, and the same wherever the
+    /// event is read (the event log, /events): what a log pipeline
+    /// deduplicates on. `BOOT_ID-START_MS-ID`: the kernel's boot id, the
+    /// daemon's start (unix milliseconds) and `id`.
+    pub event_id: String,
+    /// The node (`--node-name`, else the hostname).
+    pub node: Arc<str>,
     /// RFC 3339, UTC.
     pub time: String,
     #[serde(skip)]
@@ -111,6 +119,25 @@ pub struct EventRecord {
     /// The socket at the event, as in /sockets; null when the RST answered a
     /// segment that matched no socket.
     pub socket: Option<TrackedSocket>,
+    /// Whether the event is about a socket idle at least the idle threshold
+    /// (see `is_evidence`): such events are kept ahead of the rest.
+    #[serde(skip)]
+    pub evidence: bool,
+}
+
+impl EventRecord {
+    /// The events idlemon exists for: a send after an idle period, or a
+    /// death of a socket that had been idle at least `threshold` (before the
+    /// event, or before the send it answered).
+    fn is_evidence(&self, threshold: Duration) -> bool {
+        let threshold = threshold.as_secs_f64();
+        let idle = |seconds: Option<f64>| seconds.is_some_and(|seconds| seconds >= threshold);
+        self.kind == Kind::SendAfterIdle
+            || self.classification == Some(Classification::IdleTimeoutSuspected)
+            || self.reuse.is_some()
+            || idle(self.idle_before_seconds)
+            || idle(self.socket.as_ref().map(|socket| socket.idle_seconds))
+    }
 }
 
 /// A RST this long after a send after idle answers that send.
@@ -121,6 +148,9 @@ const REUSE_MEMORY: usize = 65_536;
 /// Turns kernel events into explained records.
 pub struct Explainer {
     classifier: Arc<Classifier>,
+    node: Arc<str>,
+    /// The prefix of every `event_id` of this run.
+    run: String,
     next_id: u64,
     /// Socket -> (jiffies of its last send after idle, that event's id).
     reuses: HashMap<u64, (u32, u64)>,
@@ -130,9 +160,24 @@ impl Explainer {
     pub fn new(classifier: Arc<Classifier>) -> Self {
         Self {
             classifier,
+            node: node_name(None).into(),
+            run: format!(
+                "{}-{}",
+                boot_id(),
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |elapsed| elapsed.as_millis())
+            ),
             next_id: 1,
             reuses: HashMap::new(),
         }
+    }
+
+    /// Names the node in every event (the hostname otherwise).
+    #[must_use]
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node = node.into();
+        self
     }
 
     /// `unix_seconds` is the event's wall-clock time.
@@ -152,6 +197,8 @@ impl Explainer {
 
         let mut record = EventRecord {
             id,
+            event_id: format!("{}-{id}", self.run),
+            node: Arc::clone(&self.node),
             time: humantime::format_rfc3339_millis(
                 UNIX_EPOCH + Duration::from_secs_f64(unix_seconds.max(0.0)),
             )
@@ -182,6 +229,7 @@ impl Explainer {
             cgroup_id: socket.as_ref().and_then(|s| s.cgroup_id),
             attribution: Arc::default(),
             socket: None,
+            evidence: false,
         };
         let info = &event.socket.info;
         match kind {
@@ -226,8 +274,30 @@ impl Explainer {
             }
         }
         record.socket = socket;
+        record.evidence = record.is_evidence(self.classifier.idle_threshold);
         Some(record)
     }
+}
+
+/// The node's name: `flag` (`--node-name`), else the hostname.
+pub fn node_name(flag: Option<&str>) -> String {
+    if let Some(name) = flag.filter(|name| !name.is_empty()) {
+        return name.to_owned();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The kernel's random id of this boot, without dashes (32 hex digits).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().replace('-', ""))
+        .ok()
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| "noboot".to_owned())
 }
 
 fn errno_name(errno: u32) -> String {
@@ -240,9 +310,73 @@ fn errno_name(errno: u32) -> String {
     }
 }
 
+/// A bounded queue of events in id order that, when full, gives up the
+/// oldest ordinary event first: evidence (`EventRecord::evidence`) goes only
+/// to make room for newer evidence. A flood of unrelated resets (a port
+/// scan, a crash loop) cannot push out the reset that explains an incident.
+#[derive(Default)]
+pub struct Ranked {
+    evidence: VecDeque<Arc<EventRecord>>,
+    ordinary: VecDeque<Arc<EventRecord>>,
+}
+
+impl Ranked {
+    pub fn len(&self) -> usize {
+        self.evidence.len() + self.ordinary.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds `record` (whose id is above every held one) within `capacity`;
+    /// returns the event that made way, or `record` itself when everything
+    /// held outranks it.
+    pub fn push(&mut self, record: Arc<EventRecord>, capacity: usize) -> Option<Arc<EventRecord>> {
+        let mut dropped = None;
+        if self.len() >= capacity.max(1) {
+            dropped = match self.ordinary.pop_front() {
+                Some(oldest) => Some(oldest),
+                None if record.evidence => self.evidence.pop_front(),
+                None => return Some(record),
+            };
+        }
+        if record.evidence {
+            self.evidence.push_back(record);
+        } else {
+            self.ordinary.push_back(record);
+        }
+        dropped
+    }
+
+    /// The oldest event.
+    pub fn pop(&mut self) -> Option<Arc<EventRecord>> {
+        match (self.evidence.front(), self.ordinary.front()) {
+            (Some(evidence), Some(ordinary)) if ordinary.id < evidence.id => {
+                self.ordinary.pop_front()
+            }
+            (Some(_), _) => self.evidence.pop_front(),
+            (None, _) => self.ordinary.pop_front(),
+        }
+    }
+
+    /// Every event, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<EventRecord>> {
+        let (mut evidence, mut ordinary) = (
+            self.evidence.iter().peekable(),
+            self.ordinary.iter().peekable(),
+        );
+        std::iter::from_fn(move || match (evidence.peek(), ordinary.peek()) {
+            (Some(e), Some(o)) if o.id < e.id => ordinary.next(),
+            (Some(_), _) => evidence.next(),
+            (None, _) => ordinary.next(),
+        })
+    }
+}
+
 /// The bounded in-memory history behind `GET /events`.
 pub struct History {
-    events: Mutex<VecDeque<Arc<EventRecord>>>,
+    events: Mutex<Ranked>,
     capacity: usize,
     latest: watch::Sender<u64>,
 }
@@ -250,7 +384,7 @@ pub struct History {
 impl History {
     pub fn new(capacity: usize) -> Self {
         Self {
-            events: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            events: Mutex::new(Ranked::default()),
             capacity: capacity.max(1),
             latest: watch::channel(0).0,
         }
@@ -259,10 +393,7 @@ impl History {
     pub fn push(&self, record: Arc<EventRecord>) {
         let id = record.id;
         if let Ok(mut events) = self.events.lock() {
-            if events.len() >= self.capacity {
-                events.pop_front();
-            }
-            events.push_back(record);
+            events.push(record, self.capacity);
         }
         self.latest.send_replace(id);
     }
@@ -487,6 +618,75 @@ mod tests {
         assert_eq!(history.query(None, Some(3), 100).len(), 2);
         assert_eq!(history.query(None, None, 1)[0].id, 3);
         assert_eq!(*history.subscribe().borrow(), 5);
+    }
+
+    #[test]
+    fn a_flood_of_ordinary_events_does_not_push_out_evidence() {
+        let history = History::new(4);
+        let mut explainer = explainer();
+        // An idle-timeout reset (idle 6 s, threshold 2 s), then a flood of
+        // resets on busy sockets.
+        let evidence = explainer
+            .explain(&event(event_kind::RESET_RECEIVED, 6, 7), 0.0)
+            .expect("known kind");
+        assert!(evidence.evidence);
+        history.push(Arc::new(evidence));
+        for _ in 0..100 {
+            let ordinary = explainer
+                .explain(&event(event_kind::RESET_SENT, 0, 0), 0.0)
+                .expect("known kind");
+            assert!(!ordinary.evidence);
+            history.push(Arc::new(ordinary));
+        }
+        let kept = history.query(None, None, 100);
+        assert_eq!(
+            kept.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![1, 99, 100, 101]
+        );
+        // Evidence makes way only for newer evidence.
+        for _ in 0..4 {
+            let newer = explainer
+                .explain(&event(event_kind::SEND_AFTER_IDLE, 8, 8), 0.0)
+                .expect("known kind");
+            history.push(Arc::new(newer));
+        }
+        let kept = history.query(None, None, 100);
+        assert_eq!(
+            kept.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![102, 103, 104, 105]
+        );
+    }
+
+    #[test]
+    fn a_full_queue_refuses_ordinary_events_and_pops_in_id_order() {
+        let mut queue = Ranked::default();
+        let mut explainer = explainer();
+        let mut explain = |kind, idle| {
+            Arc::new(
+                explainer
+                    .explain(&event(kind, idle, idle), 0.0)
+                    .expect("known kind"),
+            )
+        };
+        assert!(queue.push(explain(event_kind::RESET_SENT, 0), 2).is_none());
+        assert!(
+            queue
+                .push(explain(event_kind::RESET_RECEIVED, 6), 2)
+                .is_none()
+        );
+        // Full: the ordinary id 1 makes way for evidence id 3.
+        let dropped = queue
+            .push(explain(event_kind::RESET_RECEIVED, 6), 2)
+            .expect("full");
+        assert_eq!(dropped.id, 1);
+        // Full of evidence: an ordinary event is itself refused.
+        let refused = queue
+            .push(explain(event_kind::RESET_SENT, 0), 2)
+            .expect("full");
+        assert_eq!(refused.id, 4);
+        assert_eq!(queue.pop().map(|e| e.id), Some(2));
+        assert_eq!(queue.pop().map(|e| e.id), Some(3));
+        assert!(queue.pop().is_none() && queue.is_empty());
     }
 
     #[test]

@@ -1,6 +1,17 @@
-//! The HTTP API: /metrics for Prometheus, /healthz and /readyz for
-//! Kubernetes probes, /sockets for people and scripts. No endpoint changes
-//! state.
+//! The HTTP servers. Two surfaces, because they have different readers:
+//!
+//! - `--listen` (the pod IP in the DaemonSet): /metrics for Prometheus,
+//!   /healthz and /readyz for the kubelet. Nothing on it names a connection.
+//! - `--api-listen` (loopback by default): /sockets and /events, the
+//!   connection data (addresses, processes, pods) for people and scripts.
+//!
+//! No endpoint changes state. A server never lets its clients starve it:
+//! connections are bounded, and at the bound the oldest idle one is closed
+//! to make room (so that a probe always gets in); request heads have a
+//! deadline, as do writes to a client that stopped reading; every refusal is
+//! a status code and a count in `idlemon_http_refusals_total`.
+
+mod conn;
 
 use std::{
     sync::{
@@ -12,30 +23,24 @@ use std::{
 };
 
 use axum::{
-    Json, Router,
+    Router,
     body::{Body, Bytes},
-    extract::{Query, State, rejection::QueryRejection},
-    http::{StatusCode, header},
+    extract::{Query, Request, State, rejection::QueryRejection},
+    http::{HeaderValue, StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
 use aya::maps::{MapData, PerCpuArray};
-use hyper::server::conn::http1;
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    service::TowerToHyperService,
-};
 use monitor_common::counter;
-use tokio::{
-    net::TcpListener,
-    sync::{Semaphore, watch},
-    task::JoinSet,
-};
+use prometheus::IntCounterVec;
+use tokio::sync::{Semaphore, watch};
 use tower_http::{limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
-use tracing::warn;
 
+pub use self::conn::serve;
 use crate::{
-    events::{History, parse_since},
+    events::{EventRecord, History, parse_since},
+    liveness::Liveness,
     metrics::Metrics,
     scan::Snapshot,
     sockets::Filter,
@@ -43,6 +48,8 @@ use crate::{
 
 /// A snapshot younger than this answers /sockets directly; an older one is
 /// refreshed first, so that idle times agree with `ss` to within a second.
+/// The scanner spaces the walks it runs for /sockets on its own (see
+/// `scan::API_WALK_GAP`): many callers share one walk.
 const FRESH_ENOUGH: Duration = Duration::from_millis(500);
 /// How long /sockets waits for a fresh walk before serving the last one.
 const REFRESH_WAIT: Duration = Duration::from_secs(5);
@@ -57,6 +64,9 @@ pub struct AppState {
     /// What is missing while degraded, for /readyz.
     pub degraded: Vec<String>,
     pub history: Arc<History>,
+    pub liveness: Arc<Liveness>,
+    /// Places for `/events?wait=` long polls; none left: 429.
+    pub long_polls: Arc<Semaphore>,
 }
 
 /// Query of `GET /events`.
@@ -75,89 +85,173 @@ pub struct EventQuery {
 const EVENT_LIMIT_DEFAULT: usize = 100;
 const EVENT_LIMIT_MAX: usize = 10_000;
 const EVENT_WAIT_MAX: f64 = 60.0;
+/// Long polls waiting at once; each holds a connection for up to a minute.
+pub const LONG_POLLS_MAX: usize = 64;
+/// Bytes of one /events answer. A larger one stops early and says so in
+/// `X-Idlemon-More: true`; the caller continues with `after=` the last id.
+pub const EVENT_BYTES_MAX: usize = 4 << 20;
+/// Header of an /events answer cut short by `EVENT_BYTES_MAX`.
+pub const MORE_HEADER: &str = "x-idlemon-more";
 
-/// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 1024;
-/// A client must send its request head within this (slowloris).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes of a request head; hyper answers 431 beyond (its minimum is 8 KiB).
-const MAX_REQUEST_HEAD: usize = 16 * 1024;
 /// No endpoint takes a body.
 const MAX_BODY: usize = 1024;
 /// Longest a handler may take: the /events long poll (60 s) plus margin.
 const HANDLER_TIMEOUT: Duration = Duration::from_secs(65);
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// The refusals of one server, counted by reason.
+#[derive(Clone)]
+pub struct Refusals {
+    listener: &'static str,
+    counter: IntCounterVec,
+}
+
+impl Refusals {
+    /// Every reason starts at 0, so that a rate over it is defined.
+    pub fn new(listener: &'static str, counter: IntCounterVec) -> Self {
+        for reason in Refusal::ALL {
+            counter.with_label_values(&[listener, reason.as_str()]);
+        }
+        Self { listener, counter }
+    }
+
+    pub fn count(&self, reason: Refusal) {
+        self.counter
+            .with_label_values(&[self.listener, reason.as_str()])
+            .inc();
+    }
+}
+
+/// Why a request or a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 400: a malformed request or query.
+    BadRequest,
+    /// 404: no such path on this server (the connection data lives on the
+    /// other one).
+    NotFound,
+    /// 405: only GET is served.
+    MethodNotAllowed,
+    /// 413: a request body.
+    BodyTooLarge,
+    /// 429: too many /events long polls at once.
+    TooManyLongPolls,
+    /// 503: a handler took longer than it may.
+    HandlerTimeout,
+    /// 431 or 408 from hyper: a request head too large, or not sent in time.
+    HeadTooLarge,
+    HeadTimeout,
+    /// 400 from hyper: not HTTP.
+    Malformed,
+    /// The client stopped reading its answer.
+    WriteTimeout,
+    /// An idle connection closed to make room at the connection bound.
+    Evicted,
+    /// 503 at once: at the bound, and every connection is in a request.
+    Busy,
+}
+
+impl Refusal {
+    pub const ALL: [Self; 12] = [
+        Self::BadRequest,
+        Self::NotFound,
+        Self::MethodNotAllowed,
+        Self::BodyTooLarge,
+        Self::TooManyLongPolls,
+        Self::HandlerTimeout,
+        Self::HeadTooLarge,
+        Self::HeadTimeout,
+        Self::Malformed,
+        Self::WriteTimeout,
+        Self::Evicted,
+        Self::Busy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::BodyTooLarge => "body_too_large",
+            Self::TooManyLongPolls => "too_many_long_polls",
+            Self::HandlerTimeout => "handler_timeout",
+            Self::HeadTooLarge => "head_too_large",
+            Self::HeadTimeout => "head_timeout",
+            Self::Malformed => "malformed",
+            Self::WriteTimeout => "write_timeout",
+            Self::Evicted => "evicted",
+            Self::Busy => "busy",
+        }
+    }
+
+    /// The refusal a handler's status code stands for; None for answers
+    /// that are no refusal.
+    fn of_status(status: StatusCode) -> Option<Self> {
+        Some(match status {
+            StatusCode::BAD_REQUEST => Self::BadRequest,
+            StatusCode::NOT_FOUND => Self::NotFound,
+            StatusCode::METHOD_NOT_ALLOWED => Self::MethodNotAllowed,
+            StatusCode::PAYLOAD_TOO_LARGE => Self::BodyTooLarge,
+            StatusCode::TOO_MANY_REQUESTS => Self::TooManyLongPolls,
+            StatusCode::SERVICE_UNAVAILABLE => Self::HandlerTimeout,
+            _ => return None,
+        })
+    }
+}
+
+/// `--listen`: what Prometheus and the kubelet read.
+pub fn metrics_router(state: AppState, refusals: Refusals) -> Router {
+    let router = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "not here: this address serves /metrics, /healthz and /readyz; /sockets and \
+                 /events are on --api-listen (127.0.0.1:9782 by default)\n",
+            )
+        })
+        .with_state(state);
+    bounded(router, refusals)
+}
+
+/// `--api-listen`: the connection data.
+pub fn api_router(state: AppState, refusals: Refusals) -> Router {
+    let router = Router::new()
         .route("/sockets", get(sockets))
         .route("/events", get(events))
-        .with_state(state)
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "not here: this address serves /sockets and /events\n",
+            )
+        })
+        .with_state(state);
+    bounded(router, refusals)
+}
+
+fn bounded(router: Router, refusals: Refusals) -> Router {
+    router
         .layer(RequestBodyLimitLayer::new(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             HANDLER_TIMEOUT,
         ))
-}
-
-/// Serves `router` until `shutdown`, with bounded connections, request heads
-/// and header read time, then lets in-flight requests finish (5 s at most).
-pub async fn serve(listener: TcpListener, router: Router, mut shutdown: watch::Receiver<bool>) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut connections = JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            () = stopped(&mut shutdown) => break,
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let stream = tokio::select! {
-            () = stopped(&mut shutdown) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    // Out of file descriptors, usually: back off instead of spinning.
-                    warn!(%error, "cannot accept an HTTP connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            let refusals = refusals.clone();
+            async move {
+                // A probe's 503 reports on idlemon; it refuses nothing.
+                let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+                let response = next.run(request).await;
+                let status = response.status();
+                if !(probe && status == StatusCode::SERVICE_UNAVAILABLE)
+                    && let Some(refusal) = Refusal::of_status(status)
+                {
+                    refusals.count(refusal);
                 }
-            },
-        };
-        let service = TowerToHyperService::new(router.clone());
-        let mut stop = shutdown.clone();
-        connections.spawn(async move {
-            let _permit = permit;
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_REQUEST_HEAD)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = stopped(&mut stop) => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
+                response
             }
-        });
-        // Reap finished connections so the set does not grow.
-        while connections.try_join_next().is_some() {}
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-}
-
-/// Resolves once shutdown is signalled. The watch guard must not live across
-/// an await of the caller (it is not Send), so it is dropped here.
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
+        }))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -186,8 +280,17 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// 200 while the socket walk and the event reader make progress; 503 naming
+/// the one that stalled, so that the kubelet restarts a stuck agent.
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.liveness.check() {
+        Ok(()) => "ok\n".into_response(),
+        Err(stalled) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {stalled}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -312,6 +415,17 @@ async fn events(
     let mut newest = state.history.subscribe();
     let mut found = state.history.query(since, query.after, limit);
     if found.is_empty() && wait > 0.0 {
+        // Each waiter holds a connection for up to a minute: a bounded few.
+        let Ok(_place) = state.long_polls.try_acquire() else {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{LONG_POLLS_MAX} /events requests are already waiting; retry later, or \
+                     ask without wait=\n"
+                ),
+            )
+                .into_response();
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
         while found.is_empty() {
             match tokio::time::timeout_at(deadline, newest.changed()).await {
@@ -320,6 +434,35 @@ async fn events(
             }
         }
     }
-    let found: Vec<&crate::events::EventRecord> = found.iter().map(AsRef::as_ref).collect();
-    Json(found).into_response()
+    event_list(&found)
+}
+
+/// The JSON array of `found`, oldest first, cut at `EVENT_BYTES_MAX` (with
+/// `X-Idlemon-More: true`), but never before the first event.
+fn event_list(found: &[Arc<EventRecord>]) -> Response {
+    let mut json = Vec::with_capacity(4096);
+    json.push(b'[');
+    let mut more = false;
+    for (n, record) in found.iter().enumerate() {
+        let before = json.len();
+        if n > 0 {
+            json.push(b',');
+        }
+        if let Err(error) = serde_json::to_writer(&mut json, record.as_ref()) {
+            return (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response();
+        }
+        if n > 0 && json.len() + 1 > EVENT_BYTES_MAX {
+            json.truncate(before);
+            more = true;
+            break;
+        }
+    }
+    json.push(b']');
+    let mut response = ([(header::CONTENT_TYPE, "application/json")], json).into_response();
+    if more {
+        response
+            .headers_mut()
+            .insert(MORE_HEADER, HeaderValue::from_static("true"));
+    }
+    response
 }

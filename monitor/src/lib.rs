@@ -12,6 +12,7 @@ pub mod events;
 pub mod fuzzing;
 pub mod http;
 pub mod kernel;
+pub mod liveness;
 pub mod logging;
 pub mod metrics;
 pub mod probes;

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Some(Command::Sockets(args)) => client::sockets(&args),
         Some(Command::Events(args)) => client::events(&args),
         None => logging::init(&cli.log).and_then(|()| {
+            abort_on_panic();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -32,6 +33,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A panic in any thread or task ends the daemon, so that the kubelet (or
+/// the service manager) restarts it: tokio would otherwise catch a task's
+/// panic and leave a half-working agent that still answers its probes.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("idlemon: error: a panic is a bug; exiting so that idlemon is restarted");
+        std::process::abort();
+    }));
 }
 
 /// Help and version go to stdout as usual; a usage error is one line naming

@@ -23,6 +23,7 @@ use tracing::{debug, warn};
 use crate::{
     attribution::{Attributor, pods::PodCache},
     kernel::netns::{self, WalkError, Walked, Walker},
+    liveness::Liveness,
     metrics::Metrics,
     sockets::{Classifier, PreviousOwners, Risk, SnapshotBuilder, Summary, WalkMap},
 };
@@ -31,6 +32,7 @@ pub use crate::sockets::Snapshot;
 
 pub struct ScannerConfig {
     pub classifier: Arc<Classifier>,
+    pub liveness: Arc<Liveness>,
     pub pods: Arc<PodCache>,
     pub interval: Duration,
     /// Whether periodic scans may walk every open file (`--socket-walk auto`).
@@ -94,6 +96,12 @@ struct WalkState {
 /// sockets: 250 ms either way); each more namespace adds a pass.
 const FILE_WALK_NAMESPACES: usize = 2;
 
+/// The least time between two walks for /sockets. However many callers ask,
+/// and however often, they share walks spaced by this or by as long as the
+/// last such walk took, whichever is longer: a loop of requests costs at
+/// most half a core, and only while it lasts.
+pub const API_WALK_GAP: Duration = Duration::from_secs(1);
+
 /// Walks of namespaces that share the host's TCP table per scan from which
 /// the log suggests giving them their own: on a host of 262,144 buckets,
 /// each costs about 2.5 ms of CPU even when it finds one socket.
@@ -115,14 +123,25 @@ fn run(
         told_shared_tables: false,
     };
     let mut next = Instant::now();
+    // When the next walk for /sockets may start, and whether one is asked for.
+    let mut next_complete = Instant::now();
+    let mut asked = false;
     loop {
-        let complete = match incoming.recv_timeout(next.saturating_duration_since(Instant::now())) {
-            Ok(()) => true,
-            Err(mpsc::RecvTimeoutError::Timeout) => false,
+        let wake = if asked { next.min(next_complete) } else { next };
+        match incoming.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+            Ok(()) => asked = true,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
-        };
-        // Requests that arrived during the wait are served by this one walk.
-        let complete = complete | (incoming.try_iter().count() > 0);
+        }
+        // Requests that arrived meanwhile are served by the same walk.
+        asked |= incoming.try_iter().count() > 0;
+        let now = Instant::now();
+        let complete = asked && now >= next_complete;
+        if !complete && now < next {
+            // Asked too soon after the last walk for /sockets: callers wait
+            // for the next one, and more of them share it.
+            continue;
+        }
         let previous = Arc::clone(&publish.borrow());
         let snapshot = scan(
             &walker, &mut maps, &mut state, config, metrics, previous, complete,
@@ -130,8 +149,21 @@ fn run(
         state.expected = snapshot.sockets.len();
         // The previous table is freed here (or when its last reader is done).
         publish.send_replace(Arc::new(snapshot));
+        config.liveness.walked();
+        metrics.last_scan_timestamp.set(unix_now());
+        if complete {
+            asked = false;
+            metrics.api_walks.inc();
+            next_complete = Instant::now() + now.elapsed().max(API_WALK_GAP);
+        }
         next = Instant::now() + config.interval;
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
 }
 
 fn scan(
@@ -145,7 +177,13 @@ fn scan(
 ) -> anyhow::Result<Snapshot> {
     let started = Instant::now();
     let cpu_started = thread_cpu_time();
-    let namespaces = netns::discover(&config.proc_root, &config.bind_mounts);
+    let (namespaces, odd_entries) = netns::discover(&config.proc_root, &config.bind_mounts);
+    if odd_entries > 0 {
+        metrics
+            .scan_errors
+            .with_label_values(&["not_a_namespace"])
+            .inc_by(odd_entries as u64);
+    }
     // Room for growth, so that the table is rarely reallocated mid-walk.
     let capacity = state.expected + state.expected / 8 + 64;
     let new_builder = || SnapshotBuilder::new(Arc::clone(&config.classifier), capacity, complete);
@@ -262,14 +300,18 @@ fn scan(
         state.told_shared_tables = true;
         warn!(
             namespaces = shared_tables,
-            "each scan walks the host's whole TCP connection table once for every network namespace with sockets that shares it, which is most of its CPU (idlemon_scan_cpu_seconds); setting net.ipv4.tcp_child_ehash_entries (Linux 6.1+, e.g. to 1024) before pods start gives each new namespace a table of its own"
+            "each scan walks the host's whole TCP connection table once for every network namespace with sockets that shares it, which is most of its CPU (idlemon_walk_cpu_seconds_total); setting net.ipv4.tcp_child_ehash_entries (Linux 6.1+, e.g. to 1024) before pods start gives each new namespace a table of its own"
         );
     }
     metrics.scans.inc();
-    metrics.scan_seconds.set(started.elapsed().as_secs_f64());
-    metrics
-        .scan_cpu_seconds
-        .set((thread_cpu_time() - cpu_started).as_secs_f64());
+    let (wall, cpu) = (
+        started.elapsed().as_secs_f64(),
+        (thread_cpu_time() - cpu_started).as_secs_f64(),
+    );
+    metrics.walk_seconds.observe(wall);
+    metrics.walk_cpu_seconds.inc_by(cpu);
+    metrics.scan_seconds.set(wall);
+    metrics.scan_cpu_seconds.set(cpu);
     debug!(
         sockets = snapshot.sockets.len(),
         owners = snapshot.owners.len(),
@@ -299,6 +341,13 @@ fn report(error: WalkError, metrics: &Metrics) -> anyhow::Result<()> {
         error @ WalkError::Enter { .. } => {
             warn!(%error, "sockets of this namespace are not tracked");
             metrics.scan_errors.with_label_values(&["enter"]).inc();
+        }
+        error @ WalkError::NotANamespace { .. } => {
+            debug!(%error, "skipped");
+            metrics
+                .scan_errors
+                .with_label_values(&["not_a_namespace"])
+                .inc();
         }
         error @ WalkError::Walk { .. } => {
             warn!(%error, "sockets of this namespace are not tracked");

@@ -18,8 +18,8 @@ use std::{
 };
 
 use common::{
-    DAEMON_PORT, Daemon, IDLEMON, Netns, TempFile, assert_programs_back_to,
-    settled_idlemon_programs, wait_for,
+    DAEMON_PORT, Daemon, IDLEMON, Netns, TempFile, assert_programs_back_to, port_for,
+    raise_fd_limit, settled_idlemon_programs, wait_for,
 };
 use serde_json::Value;
 
@@ -207,10 +207,11 @@ fn missing_kernel_features_exit_clearly_or_degrade_visibly() {
     assert_eq!(daemon.get("/sockets").0, 200, "still serving what it can");
 }
 
-/// Sends raw bytes to the daemon and returns the status code it answers.
-fn raw_status(daemon: &Daemon, request: Vec<u8>) -> Option<u16> {
+/// Sends raw bytes to the daemon's server on `port` and returns the status
+/// code it answers.
+fn raw_status(daemon: &Daemon, port: u16, request: Vec<u8>) -> Option<u16> {
     daemon.netns.run(move || {
-        let mut stream = TcpStream::connect(("127.0.0.1", DAEMON_PORT)).ok()?;
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
         stream
             .set_read_timeout(Some(Duration::from_secs(15)))
             .ok()?;
@@ -232,16 +233,7 @@ fn the_http_api_is_bounded_read_only_and_survives_hostile_clients() {
 
     // 1,000 concurrent /metrics requests, all answered.
     let answered = daemon.netns.run(|| {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: valid resource and pointer; raise our soft fd limit.
-        unsafe {
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+        raise_fd_limit();
         let mut streams: Vec<TcpStream> = (0..1000)
             .map(|_| {
                 let mut stream = TcpStream::connect(("127.0.0.1", DAEMON_PORT)).unwrap();
@@ -272,16 +264,19 @@ fn the_http_api_is_bounded_read_only_and_survives_hostile_clients() {
     assert_eq!(daemon.get("/healthz").0, 200);
     drop(slow);
 
-    assert_eq!(raw_status(&daemon, b"GARBAGE\r\n\r\n".to_vec()), Some(400));
+    assert_eq!(
+        raw_status(&daemon, DAEMON_PORT, b"GARBAGE\r\n\r\n".to_vec()),
+        Some(400)
+    );
     let mut huge = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Padding: ".to_vec();
     huge.extend(std::iter::repeat_n(b'a', 64 * 1024));
     huge.extend_from_slice(b"\r\n\r\n");
-    assert_eq!(raw_status(&daemon, huge), Some(431));
+    assert_eq!(raw_status(&daemon, DAEMON_PORT, huge), Some(431));
     for method in ["POST", "PUT", "DELETE", "PATCH"] {
         for path in ["/metrics", "/sockets", "/events", "/readyz"] {
             let request = format!("{method} {path} HTTP/1.0\r\nContent-Length: 0\r\n\r\n");
             assert_eq!(
-                raw_status(&daemon, request.into_bytes()),
+                raw_status(&daemon, port_for(path), request.into_bytes()),
                 Some(405),
                 "{method} {path}"
             );
@@ -290,6 +285,19 @@ fn the_http_api_is_bounded_read_only_and_survives_hostile_clients() {
     assert_eq!(daemon.get("/sockets?at_risk=maybe").0, 400);
     assert_eq!(daemon.get("/events?limit=0").0, 400);
     assert_eq!(daemon.get("/events?since=yesterday").0, 400);
+    // Each refusal is counted, by server and reason.
+    let refused = |listener: &str, reason: &str| {
+        daemon
+            .metric(&format!(
+                "idlemon_http_refusals_total{{listener=\"{listener}\",reason=\"{reason}\"}}"
+            ))
+            .unwrap()
+    };
+    assert_eq!(refused("metrics", "malformed"), 1.0);
+    assert_eq!(refused("metrics", "head_too_large"), 1.0);
+    assert_eq!(refused("metrics", "method_not_allowed"), 8.0);
+    assert_eq!(refused("api", "method_not_allowed"), 8.0);
+    assert_eq!(refused("api", "bad_request"), 3.0);
 
     // It listens only where configured.
     daemon

@@ -20,7 +20,8 @@ use std::{
 };
 
 use common::{
-    Daemon, Keepalive, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, echo, wait_for,
+    Daemon, Keepalive, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, echo, rss_kib,
+    wait_for,
 };
 use serde_json::Value;
 
@@ -42,6 +43,11 @@ fn nat_config() -> TempFile {
 }
 
 fn start_daemon(config: &TempFile, extra: &[&str]) -> Daemon {
+    Daemon::start(&daemon_args(config, extra))
+}
+
+/// Short thresholds and walks, and the test NAT's paths.
+fn daemon_args<'a>(config: &'a TempFile, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "--idle-threshold",
         "2",
@@ -51,7 +57,7 @@ fn start_daemon(config: &TempFile, extra: &[&str]) -> Daemon {
         config.path(),
     ];
     args.extend_from_slice(extra);
-    Daemon::start(&args)
+    args
 }
 
 fn events(daemon: &Daemon) -> Vec<Value> {
@@ -381,15 +387,6 @@ for _ in range(int(sys.argv[1])):
     s.close()
 "#;
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap()
-}
-
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn a_burst_of_100k_resets_is_counted_and_memory_stays_bounded() {
@@ -433,4 +430,155 @@ fn a_burst_of_100k_resets_is_counted_and_memory_stays_bounded() {
     let rss_after = rss_kib(daemon.pid());
     eprintln!("burst: RSS {rss_before} KiB before, {rss_after} KiB after");
     assert!(rss_after < 200 * 1024, "RSS {rss_after} KiB");
+}
+
+/// Every event in the history, paging with `after=` past the size bound of
+/// one answer.
+fn all_events(daemon: &Daemon) -> Vec<Value> {
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let path = match all.last().and_then(|event| event["id"].as_u64()) {
+            Some(last) => format!("/events?limit=10000&after={last}"),
+            None => "/events?limit=10000".to_owned(),
+        };
+        let (status, body) = daemon.get(&path);
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.len() <= 4 << 20,
+            "an /events answer of {} bytes",
+            body.len()
+        );
+        let page: Vec<Value> = serde_json::from_str(&body).unwrap();
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn a_flood_of_resets_with_a_stalled_log_reader_keeps_the_evidence() {
+    const FLOOD: u32 = 100_000;
+    let config = nat_config();
+    // The event log on stdout, into a pipe that nobody reads.
+    let daemon = Daemon::start_with_stalled_stdout(&daemon_args(&config, &[]));
+    let rss_before = rss_kib(daemon.pid());
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(8105, 1);
+    let mut stream = path.connect(8105, Keepalive::Off);
+    echo(&mut stream).unwrap();
+    let local = stream.local_addr().unwrap().to_string();
+    thread::sleep(IDLE);
+
+    // A port scan's worth of unrelated resets, and during it the reset that
+    // explains an incident.
+    let host = Netns::new("flood");
+    let mut flood = host
+        .command("python3")
+        .args(["-c", RST_BURST, &FLOOD.to_string()])
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    let error = echo(&mut stream).expect_err("the NAT forgot the flow");
+    assert_eq!(error.kind(), ErrorKind::ConnectionReset);
+    assert!(flood.wait().unwrap().success());
+
+    assert_eq!(daemon.get("/healthz").0, 200);
+    let sent = wait_for(Duration::from_secs(10), || {
+        counter(&daemon, "idlemon_resets_sent_total")
+            .ge(&f64::from(FLOOD))
+            .then_some(())
+    });
+    assert!(sent.is_some(), "the flood's RSTs were not all counted");
+    let dropped = counter(
+        &daemon,
+        "idlemon_event_log_dropped_total{kind=\"reset_sent\"}",
+    );
+    let lost = counter(&daemon, "idlemon_events_lost_total");
+    eprintln!(
+        "flood: {dropped} reset_sent events dropped by the stalled log, {lost} lost in the kernel"
+    );
+    assert!(dropped > 0.0, "a log nobody reads took every event");
+
+    let events = all_events(&daemon);
+    let reset = events
+        .iter()
+        .find(|event| event["kind"] == "reset_received" && event["local"] == local.as_str())
+        .unwrap_or_else(|| {
+            panic!(
+                "the idle-timeout reset was evicted; {} events kept",
+                events.len()
+            )
+        });
+    assert_eq!(reset["classification"], "idle_timeout_suspected");
+    assert!(
+        events.len() <= 10_000,
+        "history holds {} events",
+        events.len()
+    );
+    let rss_after = rss_kib(daemon.pid());
+    eprintln!("flood: RSS {rss_before} KiB before, {rss_after} KiB after");
+    assert!(rss_after < 200 * 1024, "RSS {rss_after} KiB");
+}
+
+/// A server that accepts one connection, waits for a line on stdin, then
+/// resets it (SO_LINGER 0). Prints its port first.
+const RESETTING_SERVER: &str = r#"
+import socket, struct, sys
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+print(listener.getsockname()[1], flush=True)
+connection, _ = listener.accept()
+sys.stdin.readline()
+connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+connection.close()
+print("reset", flush=True)
+"#;
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn a_reset_in_softirq_is_not_pinned_on_the_interrupted_process() {
+    use std::io::BufRead as _;
+    // Both ends exist before idlemon starts: no owner is recorded for them.
+    let netns = Netns::new("softirq");
+    let mut server = netns
+        .command("python3")
+        .args(["-c", RESETTING_SERVER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
+    let port: u16 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+    let client = netns.run(|| TcpStream::connect(("127.0.0.1", port)).unwrap());
+    let local = client.local_addr().unwrap().to_string();
+    let daemon = start_daemon(&nat_config(), &[]);
+
+    // The server's close sends the RST; on loopback the client's side of it
+    // is processed in softirq on the server's CPU, over the server process.
+    server.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "reset");
+    let received = wait_event(&daemon, "reset_received", &local);
+    assert_ne!(
+        received["pid"],
+        server.id(),
+        "the reset was pinned on the process it interrupted: {received:#}"
+    );
+    assert!(
+        received["pid"].is_null() || received["pid"] == std::process::id(),
+        "{received:#}"
+    );
+    assert_ne!(received["comm"], "python3", "{received:#}");
+    // The reset the server sent was its own doing, in its own context.
+    let sent = wait_for(Duration::from_secs(5), || {
+        events(&daemon)
+            .into_iter()
+            .find(|event| event["kind"] == "reset_sent" && event["remote"] == local.as_str())
+    })
+    .expect("the server's reset is logged");
+    assert_eq!(sent["pid"], server.id(), "{sent:#}");
+    let _ = server.wait();
+    drop(client);
 }

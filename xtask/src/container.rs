@@ -730,6 +730,25 @@ impl Test {
             "xtask container test: /metrics has {series} 2 (idlemon_at_risk_sockets: {at_risk})"
         );
 
+        // What an SRE runs: `kubectl exec ds/idlemon -- idlemon sockets`,
+        // which finds the binary on the image's PATH and reads the API on
+        // the pod's loopback.
+        let output = Command::new("podman")
+            .args(["exec", &name, "idlemon", "sockets", "--at-risk"])
+            .output()
+            .context("cannot run podman exec")?;
+        let table = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() || !table.contains(&address.to_string()) {
+            bail!(
+                "`podman exec {name} idlemon sockets --at-risk` did not list {address} ({}):\n{table}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        println!(
+            "xtask container test: `idlemon sockets --at-risk` inside the container lists {address}"
+        );
+
         // SIGTERM, within the pod's grace period; then nothing stays loaded.
         let grace = spec.grace_seconds.to_string();
         run_command(

@@ -2,7 +2,7 @@
 //! without a Docker engine, into one OCI archive holding an image index.
 //!
 //! Each platform's image is `FROM scratch` plus:
-//! - `/idlemon`, built by cargo for that platform (arm64 cross-compiled and
+//! - `/usr/bin/idlemon` (on the image's PATH), built by cargo for that platform (arm64 cross-compiled and
 //!   linked by Debian's `aarch64-linux-gnu-gcc`), with the kernel programs
 //!   that monitor/build.rs built for the same architecture embedded;
 //! - the shared libraries it links and their own (glibc, libgcc_s) and the
@@ -413,7 +413,8 @@ pub fn rootfs(
     }
     fs::create_dir_all(&rootfs)?;
 
-    copy_file(&build.binary, &rootfs.join("idlemon"))?;
+    // On PATH, so that `kubectl exec ds/idlemon -- idlemon sockets` finds it.
+    copy_file(&build.binary, &rootfs.join("usr/bin/idlemon"))?;
     // The loader, then every library the binary needs, and theirs.
     let interpreter = elf_interpreter(&build.binary)?;
     install_from(&debian, &rootfs, Path::new(&interpreter))?;
@@ -433,7 +434,7 @@ pub fn rootfs(
         pending.extend(elf_needed(&file)?);
     }
     println!(
-        "xtask image: linux/{}: /idlemon, {interpreter}, {}",
+        "xtask image: linux/{}: /usr/bin/idlemon, {interpreter}, {}",
         platform.arch(),
         installed.iter().cloned().collect::<Vec<_>>().join(", ")
     );
@@ -720,7 +721,8 @@ fn commit(
             "config".to_owned(),
             "--os=linux".to_owned(),
             format!("--arch={}", platform.arch()),
-            "--entrypoint=[\"/idlemon\"]".to_owned(),
+            "--entrypoint=[\"/usr/bin/idlemon\"]".to_owned(),
+            "--env=PATH=/usr/bin".to_owned(),
             "--cmd=[]".to_owned(),
             // Root: the DaemonSet grants capabilities, which are effective
             // only for uid 0 when the binary has no file capabilities.

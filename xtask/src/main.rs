@@ -102,7 +102,10 @@ fn main() -> anyhow::Result<()> {
         }
         Action::VmTest(args) => {
             setup::run()?;
-            build(true)?;
+            // The arm64 daemon is the image's own build (vm.rs).
+            if args.tests_amd64() {
+                build(true)?;
+            }
             vm::run(&args)
         }
     }
@@ -136,6 +139,9 @@ fn test(unit_only: bool, no_container: bool, filter: Option<&str>) -> anyhow::Re
     if let Some(filter) = filter {
         args.push(filter);
     }
+    if !unit_only && filter.is_none() {
+        supply_chain_check()?;
+    }
     cargo(&args)?;
     if !unit_only && filter.is_none() {
         // The kprobe and fentry paths, which this kernel refuses, on the
@@ -153,6 +159,13 @@ fn test(unit_only: bool, no_container: bool, filter: Option<&str>) -> anyhow::Re
         deploy_checks()?;
     }
     Ok(())
+}
+
+/// Licences, bans and sources of every dependency against `deny.toml`,
+/// offline (advisories need a database from the network).
+fn supply_chain_check() -> anyhow::Result<()> {
+    setup::cargo_deny()?;
+    cargo(&["deny", "--offline", "check", "licenses", "bans", "sources"])
 }
 
 /// Manifests against Kubernetes schemas, alert rules with promtool (syntax

@@ -14,6 +14,9 @@ use anyhow::{Context as _, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const LLVM_MAJOR: &str = "22.";
+/// cargo-deny checks licences, bans and sources offline in `cargo xtask
+/// test`; 0.20 is the newest that builds with rustc 1.95 here.
+const CARGO_DENY_VERSION: &str = "0.20.2";
 
 /// Debian packages: (package, why).
 const PACKAGES: &[(&str, &str)] = &[
@@ -249,6 +252,25 @@ fn bpf_linker() -> anyhow::Result<()> {
             ])
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env("PATH", std::env::join_paths(path)?),
+    )
+}
+
+/// cargo-deny, for the supply-chain check of `cargo xtask test` (not needed
+/// to build or run idlemon). Built from crates.io with its lock file.
+pub fn cargo_deny() -> anyhow::Result<()> {
+    let deny = cargo_bin().join("cargo-deny");
+    let version = capture(Command::new(&deny).arg("--version")).unwrap_or_default();
+    if version.contains(CARGO_DENY_VERSION) {
+        println!("xtask setup: cargo-deny {CARGO_DENY_VERSION} already installed");
+        return Ok(());
+    }
+    println!("xtask setup: building cargo-deny {CARGO_DENY_VERSION} (a few minutes, once)");
+    run_command(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())).args([
+            "install",
+            "--locked",
+            &format!("cargo-deny@{CARGO_DENY_VERSION}"),
+        ]),
     )
 }
 

@@ -67,6 +67,8 @@ pub fn resolve(btf: &KernelBtf) -> anyhow::Result<KernelLayout> {
         sk_uid: sock("sk_uid.val", &[4])?,
         socket_sk: member(btf, "socket", "sk", &[8])?,
         sk_protocol: sock("sk_protocol", &[2])?,
+        // socket_lock_t.owned, an int.
+        sk_lock_owned: sock("sk_lock.owned", &[4])?,
     })
 }
 
@@ -166,5 +168,8 @@ mod tests {
         assert!(layout.lsndtime > layout.sk_flags);
         assert_eq!(layout.keepopen_bit, 3);
         assert_ne!(layout.net_keepalive_time, layout.net_keepalive_intvl);
+        // sk_lock is a member of struct sock, after sock_common.
+        assert!(layout.sk_lock_owned > layout.skc_family);
+        assert!(layout.sk_lock_owned < layout.lsndtime);
     }
 }

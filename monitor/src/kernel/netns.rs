@@ -10,7 +10,7 @@ use std::{
     io::{self, Read as _},
     os::{
         fd::{AsRawFd as _, OwnedFd},
-        unix::fs::MetadataExt as _,
+        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
 };
@@ -28,13 +28,29 @@ pub struct Namespace {
 }
 
 /// Every network namespace that a process or a bind mount keeps alive, once
-/// each. A namespace nobody holds has no sockets with an owner, and an
-/// ESTABLISHED socket always has one.
-pub fn discover(proc_root: &Path, bind_mounts: &Path) -> Vec<Namespace> {
+/// each, and how many entries of `bind_mounts` were something else. A
+/// namespace nobody holds has no sockets with an owner, and an ESTABLISHED
+/// socket always has one.
+///
+/// Only files of the namespace filesystem (nsfs, the device of this
+/// thread's own namespace file) count: `/run/netns` is writable by anyone
+/// with root on the node, and a FIFO there would block the walk forever in
+/// open(2), a socket or a plain file would fail setns(2) on every scan.
+/// stat(2) does not block on any of them.
+pub fn discover(proc_root: &Path, bind_mounts: &Path) -> (Vec<Namespace>, usize) {
+    let nsfs = fs::metadata("/proc/thread-self/ns/net")
+        .map(|own| own.dev())
+        .ok();
     let mut found: BTreeMap<u64, PathBuf> = BTreeMap::new();
-    let mut consider = |path: PathBuf| {
-        if let Ok(metadata) = fs::metadata(&path) {
-            found.entry(metadata.ino()).or_insert(path);
+    let mut consider = |path: PathBuf| -> bool {
+        match fs::metadata(&path) {
+            Ok(metadata) if is_namespace(&metadata, nsfs) => {
+                found.entry(metadata.ino()).or_insert(path);
+                true
+            }
+            // A process that exited meanwhile is no odd entry.
+            Ok(_) => false,
+            Err(_) => true,
         }
     };
     if let Ok(entries) = fs::read_dir(proc_root) {
@@ -48,15 +64,23 @@ pub fn discover(proc_root: &Path, bind_mounts: &Path) -> Vec<Namespace> {
             }
         }
     }
+    let mut skipped = 0;
     if let Ok(entries) = fs::read_dir(bind_mounts) {
         for entry in entries.flatten() {
-            consider(entry.path());
+            skipped += usize::from(!consider(entry.path()));
         }
     }
-    found
+    let namespaces = found
         .into_iter()
         .map(|(inode, path)| Namespace { inode, path })
-        .collect()
+        .collect();
+    (namespaces, skipped)
+}
+
+/// A network namespace file: an empty regular file on nsfs (`/proc/PID/ns/net`
+/// and the bind mounts of `ip netns add` both stat so).
+fn is_namespace(metadata: &fs::Metadata, nsfs: Option<u64>) -> bool {
+    metadata.file_type().is_file() && nsfs.is_none_or(|nsfs| metadata.dev() == nsfs)
 }
 
 /// Walks namespaces from one thread, returning it to its own namespace after
@@ -83,6 +107,10 @@ pub enum WalkError {
     Enter { path: PathBuf, source: io::Error },
     #[error("cannot walk sockets of {path}: {source}")]
     Walk { path: PathBuf, source: io::Error },
+    /// The path no longer names a network namespace (replaced since
+    /// discovery).
+    #[error("{path} is not a network namespace")]
+    NotANamespace { path: PathBuf },
     /// The thread could not return to its own namespace: every later walk
     /// would be wrong, so the caller must stop.
     #[error("cannot return to idlemon's own network namespace: {0}")]
@@ -155,18 +183,33 @@ impl Walker {
         if namespace.inode == self.home_inode {
             return Ok(f());
         }
-        let target = File::open(&namespace.path).map_err(|source| {
-            if source.kind() == io::ErrorKind::NotFound {
-                WalkError::Gone {
-                    path: namespace.path.clone(),
+        // O_NONBLOCK: should the path have become a FIFO since discovery,
+        // open(2) returns at once instead of waiting for a writer.
+        let target = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&namespace.path)
+            .map_err(|source| {
+                if source.kind() == io::ErrorKind::NotFound {
+                    WalkError::Gone {
+                        path: namespace.path.clone(),
+                    }
+                } else {
+                    WalkError::Enter {
+                        path: namespace.path.clone(),
+                        source,
+                    }
                 }
-            } else {
-                WalkError::Enter {
-                    path: namespace.path.clone(),
-                    source,
-                }
-            }
-        })?;
+            })?;
+        let nsfs = self.home.metadata().map(|home| home.dev()).ok();
+        if !target
+            .metadata()
+            .is_ok_and(|metadata| is_namespace(&metadata, nsfs))
+        {
+            return Err(WalkError::NotANamespace {
+                path: namespace.path.clone(),
+            });
+        }
         enter(&target).map_err(|source| WalkError::Enter {
             path: namespace.path.clone(),
             source,
@@ -329,8 +372,28 @@ mod tests {
 
     #[test]
     fn discover_finds_our_own_namespace_once() {
-        let namespaces = discover(Path::new("/proc"), Path::new("/nonexistent"));
+        let (namespaces, skipped) = discover(Path::new("/proc"), Path::new("/nonexistent"));
         let own = fs::metadata("/proc/self/ns/net").expect("own netns").ino();
         assert_eq!(namespaces.iter().filter(|ns| ns.inode == own).count(), 1);
+        assert_eq!(skipped, 0);
+    }
+
+    #[test]
+    fn discover_skips_what_is_not_a_namespace_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("idlemon-netns-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("temp dir");
+        let fifo = dir.join("fifo");
+        let fifo_c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0);
+        fs::write(dir.join("plain"), b"").expect("plain file");
+        fs::create_dir_all(dir.join("subdir")).expect("subdir");
+        std::os::unix::fs::symlink("/proc/self/ns/net", dir.join("link")).expect("symlink");
+        let (namespaces, skipped) = discover(Path::new("/nonexistent"), &dir);
+        fs::remove_dir_all(&dir).expect("cleanup");
+        // The symlink to our own namespace is one; the FIFO, the plain
+        // file and the directory are counted and left alone.
+        assert_eq!(namespaces.len(), 1);
+        assert_eq!(skipped, 3);
     }
 }

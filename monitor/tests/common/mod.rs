@@ -1,5 +1,5 @@
 //! Test hosts for the kernel tests: network namespaces, a NAT gateway with a
-//! short idle timeout (PLATFORM.md's recipe), an echo server, and a running
+//! short idle timeout (conntrack that forgets idle flows, `NatPath`), an echo server, and a running
 //! idlemon with an HTTP client. Traffic stays on loopback and on TEST-NET
 //! addresses inside namespaces these helpers create.
 
@@ -29,6 +29,19 @@ pub const NAT_CLIENT_SIDE_IP: &str = "192.0.2.1";
 pub const NAT_SERVER_SIDE_IP: &str = "198.51.100.1";
 pub const SERVER_IP: &str = "198.51.100.2";
 pub const DAEMON_PORT: u16 = 9781;
+/// The connection data API (/sockets, /events): idlemon's default
+/// `--api-listen`, on loopback.
+pub const API_PORT: u16 = 9782;
+
+/// The port that serves `path`: connection data on the API port, the rest
+/// (metrics, probes) on the metrics port.
+pub fn port_for(path: &str) -> u16 {
+    if path.starts_with("/sockets") || path.starts_with("/events") {
+        API_PORT
+    } else {
+        DAEMON_PORT
+    }
+}
 /// The connecting thread of `NatPath::connect` has its own task name; what
 /// idlemon reports is the process's (`/proc/PID/comm`, as `ps` shows it).
 pub const CLIENT_THREAD_COMM: &str = "idle-client";
@@ -357,12 +370,19 @@ impl Daemon {
     /// Starts idlemon in `netns`, where the test may already run servers
     /// for it (a fake Kubernetes API).
     pub fn start_in(netns: Netns, args: &[&str]) -> Self {
-        Self::spawn(netns, args, "/readyz")
+        Self::spawn(netns, args, "/readyz", Stdio::null())
+    }
+
+    /// Starts idlemon with its stdout (the event log, by default) on a pipe
+    /// that nobody reads: once the pipe is full, every write blocks, as when
+    /// a container runtime's log reader stalls.
+    pub fn start_with_stalled_stdout(args: &[&str]) -> Self {
+        Self::spawn(Netns::new("daemon"), args, "/readyz", Stdio::piped())
     }
 
     /// Starts idlemon that is expected to run but not become ready (degraded).
     pub fn start_unready(args: &[&str]) -> Self {
-        let daemon = Self::spawn(Netns::new("daemon"), args, "/healthz");
+        let daemon = Self::spawn(Netns::new("daemon"), args, "/healthz", Stdio::null());
         // Let the first walk finish, so that only degradation keeps it unready.
         wait_for(Duration::from_secs(10), || {
             daemon
@@ -372,18 +392,17 @@ impl Daemon {
         daemon
     }
 
-    fn spawn(netns: Netns, args: &[&str], ready_path: &str) -> Self {
+    fn spawn(netns: Netns, args: &[&str], ready_path: &str, stdout: Stdio) -> Self {
         let log = std::env::temp_dir().join(format!("{}.log", netns.name));
-        let child = netns
-            .command(IDLEMON)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{DAEMON_PORT}"),
-                "--log-level",
-                "debug",
-            ])
+        let mut command = netns.command(IDLEMON);
+        // Loopback unless the test chose an address (the pod network's).
+        if !args.contains(&"--listen") {
+            command.args(["--listen", &format!("127.0.0.1:{DAEMON_PORT}")]);
+        }
+        let child = command
+            .args(["--log-level", "debug"])
             .args(args)
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(File::create(&log).unwrap())
             .spawn()
             .unwrap();
@@ -424,21 +443,16 @@ impl Daemon {
         self.child.as_ref().unwrap().id()
     }
 
-    /// GET over HTTP/1.0; None when the daemon is not reachable.
+    /// GET over HTTP/1.0 to the server that serves `path`; None when the
+    /// daemon is not reachable.
     pub fn try_get(&self, path: &str) -> Option<(u16, String)> {
-        let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-        self.netns.run(move || {
-            let mut stream = TcpStream::connect(("127.0.0.1", DAEMON_PORT)).ok()?;
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .ok()?;
-            stream.write_all(request.as_bytes()).ok()?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response).ok()?;
-            let (head, body) = response.split_once("\r\n\r\n")?;
-            let status = head.split_whitespace().nth(1)?.parse().ok()?;
-            Some((status, body.to_owned()))
-        })
+        self.try_get_on(port_for(path), path)
+    }
+
+    /// GET over HTTP/1.0 on `port`; None when nothing answers there.
+    pub fn try_get_on(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        http_get(&self.netns, address, path)
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
@@ -488,6 +502,49 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// One GET over HTTP/1.0 from inside `netns` to `address`: the status and
+/// the body, or None when nothing answers there within 2 s (10 s to read).
+pub fn http_get(netns: &Netns, address: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: idlemon\r\n\r\n");
+    netns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        stream.write_all(request.as_bytes()).ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, body.to_owned()))
+    })
+}
+
+/// Raises this thread's soft limit of open files to the hard one, for
+/// tests that hold a thousand connections.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid resource and pointer.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap()
 }
 
 pub fn metric(text: &str, series: &str) -> Option<f64> {

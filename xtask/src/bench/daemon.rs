@@ -104,6 +104,11 @@ pub struct Daemon {
 impl Daemon {
     pub fn start(binary: &Path, extra: &[String]) -> anyhow::Result<Self> {
         let addr = free_port()?;
+        // Its own API port too, so that it never meets another idlemon's.
+        let mut api_addr = free_port()?;
+        while api_addr == addr {
+            api_addr = free_port()?;
+        }
         let log = std::env::temp_dir().join(format!(
             "idlemon-bench-{}-{}.log",
             std::process::id(),
@@ -116,6 +121,8 @@ impl Daemon {
             .args([
                 "--listen",
                 &addr.to_string(),
+                "--api-listen",
+                &api_addr.to_string(),
                 "--event-log",
                 "",
                 "--log-level",

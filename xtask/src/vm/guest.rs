@@ -33,6 +33,9 @@ use std::{
 /// Where idlemon listens in the guest (or the fresh network namespace), so
 /// nothing else can hold the port.
 pub const LISTEN: &str = "127.0.0.1:9781";
+/// Where idlemon serves the connection data (/sockets, /events): its default
+/// `--api-listen`.
+pub const API_LISTEN: &str = "127.0.0.1:9782";
 
 /// The daemon's settings: a threshold and a timeout of seconds instead of
 /// minutes, so that the whole scenario fits in a few seconds per mode.
@@ -991,13 +994,19 @@ fn get_ok(path: &str) -> Result<String> {
     }
 }
 
-/// A GET to idlemon. HTTP/1.0 so that the answer ends at EOF, never chunked.
+/// A GET to idlemon, on the server that serves `path`. HTTP/1.0 so that
+/// the answer ends at EOF, never chunked.
 fn get(path: &str) -> Result<(u16, String)> {
-    let address: SocketAddr = LISTEN
+    let listen = if path.starts_with("/sockets") || path.starts_with("/events") {
+        API_LISTEN
+    } else {
+        LISTEN
+    };
+    let address: SocketAddr = listen
         .parse()
-        .map_err(|error| format!("bad listen address {LISTEN}: {error}"))?;
+        .map_err(|error| format!("bad listen address {listen}: {error}"))?;
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
-        .map_err(|error| format!("connect {LISTEN}: {error}"))?;
+        .map_err(|error| format!("connect {listen}: {error}"))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|error| format!("read timeout: {error}"))?;

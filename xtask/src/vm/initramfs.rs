@@ -31,8 +31,19 @@ pub enum Daemon {
     /// A binary built for this host: it goes in with its shared libraries (ldd).
     Binary(PathBuf),
     /// The root file system of an image platform, as `cargo xtask image`
-    /// lays it out: `/idlemon` with its loader and libraries, copied whole.
+    /// lays it out: `/usr/bin/idlemon` with its loader and libraries,
+    /// copied whole.
     Rootfs(PathBuf),
+}
+
+impl Daemon {
+    /// Where the daemon is inside the guest.
+    pub fn inside(&self) -> &'static str {
+        match self {
+            Self::Binary(_) => "/idlemon",
+            Self::Rootfs(_) => "/usr/bin/idlemon",
+        }
+    }
 }
 
 /// What goes into one architecture's archive.
@@ -112,8 +123,11 @@ pub fn build(cache: &Path, contents: &Contents, guest_args: &[String]) -> anyhow
         copy(library, &root.join(relative))?;
     }
     let init = root.join("init");
-    fs::write(&init, init_script(guest_args, contents.arch))
-        .with_context(|| format!("cannot write {}", init.display()))?;
+    fs::write(
+        &init,
+        init_script(guest_args, contents.arch, contents.daemon.inside()),
+    )
+    .with_context(|| format!("cannot write {}", init.display()))?;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))
         .with_context(|| format!("cannot make {} executable", init.display()))?;
     pack(
@@ -183,7 +197,7 @@ pub fn shell_quote(text: &str) -> String {
 
 /// The guest's /init: mounts what idlemon needs, loads the modules of
 /// `kernels::modules`, runs the driver, powers off.
-pub fn init_script(guest_args: &[String], arch: Arch) -> String {
+pub fn init_script(guest_args: &[String], arch: Arch, idlemon: &str) -> String {
     let args: Vec<String> = guest_args.iter().map(|arg| shell_quote(arg)).collect();
     let tty = results_tty(arch);
     let modules = if kernels::modules(arch).is_empty() {
@@ -215,7 +229,7 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup || true
 stty -F {tty} raw -echo
 ip link set lo up
 echo "vm-guest: init reached, kernel $(uname -r)"
-/vm-guest --out {tty} --idlemon /idlemon --workdir /tmp {args}
+/vm-guest --out {tty} --idlemon {idlemon} --workdir /tmp {args}
 echo "vm-guest: driver exited with status $?"
 sync
 # Power off: qemu runs with -no-reboot and exits.
@@ -299,7 +313,11 @@ mod tests {
             "'no-fentry:fentry,kprobe'"
         );
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
-        let script = init_script(&["--mode".to_owned(), "default:".to_owned()], Arch::Amd64);
+        let script = init_script(
+            &["--mode".to_owned(), "default:".to_owned()],
+            Arch::Amd64,
+            "/idlemon",
+        );
         assert!(script.starts_with("#!/bin/busybox sh\n"));
         assert!(
             script.contains(
@@ -310,10 +328,13 @@ mod tests {
         assert!(script.contains("echo o > /proc/sysrq-trigger"));
         assert!(!script.contains("insmod"), "{script}");
         // arm64: the virtio console's modules, in dependency order, before its first use.
-        let script = init_script(&[], Arch::Arm64);
+        let script = init_script(&[], Arch::Arm64, "/usr/bin/idlemon");
         let load = script.find("insmod /lib/modules/$(uname -r)/$module\n");
         let used = script.find("stty -F /dev/hvc0 raw -echo");
         assert!(load.is_some() && load < used, "{script}");
-        assert!(script.contains("--out /dev/hvc0 "), "{script}");
+        assert!(
+            script.contains("--out /dev/hvc0 --idlemon /usr/bin/idlemon "),
+            "{script}"
+        );
     }
 }

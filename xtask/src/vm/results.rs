@@ -176,8 +176,8 @@ const fn expect(
 ///   arm64 gained later, in 6.4), so idlemon falls back to kprobes there by
 ///   default: seen on Debian's 6.1.0-57-cloud-arm64. Graviton nodes on 6.1
 ///   run idlemon on kprobes;
-/// - this host (6.18, see PLATFORM.md) refuses fentry and kprobes whatever
-///   the mode.
+/// - this host (6.18, built without kprobes, with fentry refused) refuses
+///   fentry and kprobes whatever the mode.
 pub const EXPECTATIONS: &[Expectation] = &[
     expect(Target::V6_1, Mode::Default, [FENTRY, FENTRY, FENTRY], true),
     expect(Target::V6_1, Mode::NoFentry, [KPROBE, KPROBE, KPROBE], true),
