@@ -160,6 +160,9 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.timeout);
 
     let mut runs = Vec::new();
+    // Wall time per part, printed under the matrix: under TCG the arm64
+    // build and VMs are what a CI budget has to know.
+    let mut parts: Vec<String> = Vec::new();
     for arch in [Arch::Amd64, Arch::Arm64] {
         let of_arch: Vec<Target> = targets
             .iter()
@@ -169,6 +172,7 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
         if of_arch.is_empty() {
             continue;
         }
+        let part_started = Instant::now();
         let (daemon, guest) = match arch {
             Arch::Amd64 => {
                 let idlemon = root.join("target/release/idlemon");
@@ -193,6 +197,12 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
                 (Daemon::Rootfs(rootfs), build_guest(&root, &cache, arch)?)
             }
         };
+        parts.push(format!(
+            "{} daemon and driver {:.0} s",
+            arch.name(),
+            part_started.elapsed().as_secs_f64()
+        ));
+        let part_started = Instant::now();
         let vms: Vec<Target> = of_arch
             .iter()
             .copied()
@@ -214,10 +224,16 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
         if let (true, Daemon::Binary(idlemon)) = (of_arch.contains(&Target::Native), &daemon) {
             runs.push(run_native(&guest, idlemon, &cache, timeout)?);
         }
+        parts.push(format!(
+            "{} kernels, initramfs and runs {:.0} s",
+            arch.name(),
+            part_started.elapsed().as_secs_f64()
+        ));
     }
 
     let (text, passed) = results::render(&runs, started.elapsed().as_secs_f64());
     println!("\n{text}");
+    println!("wall time per part: {}", parts.join("; "));
     if !passed {
         bail!(
             "vm-test failed (matrix above; consoles and results in {})",
