@@ -145,7 +145,8 @@ fn test(unit_only: bool, no_container: bool, filter: Option<&str>) -> anyhow::Re
     cargo(&args)?;
     if !unit_only && filter.is_none() {
         // The kprobe and fentry paths, which this kernel refuses, on the
-        // kernels EKS nodes run (qemu), and the native kernel's fallbacks.
+        // kernels EKS nodes run (qemu; amd64, and arm64 with the arm64
+        // image's cross-built daemon), and the native kernel's fallbacks.
         // It runs the release build, which `cargo test` did not make.
         build(true)?;
         vm::run(&vm::VmArgs::ci())?;

@@ -113,7 +113,7 @@ const CONSOLE_TAIL: usize = 40;
 const INIT_REACHED: &str = "vm-guest: init reached";
 
 /// What `cargo xtask test` runs: every amd64 kernel and native, and the
-/// arm64 kernels of CI_ARM64 (README: "Kernels under qemu").
+/// arm64 kernels of CI_ARM64 (README: "Kernels like EKS nodes'").
 pub const CI_ARM64: &[Target] = &[Target::Arm64V6_1, Target::Arm64V6_12];
 
 impl VmArgs {
