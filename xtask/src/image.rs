@@ -395,7 +395,7 @@ fn cargo_build(root: &Path, platform: Platform) -> anyhow::Result<Build> {
 
 /// Builds the daemon for `platform` and lays out the image's files under
 /// target/image/PLATFORM/rootfs.
-fn rootfs(
+pub fn rootfs(
     root: &Path,
     work: &Path,
     platform: Platform,

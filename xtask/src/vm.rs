@@ -7,6 +7,11 @@
 //! against loopback connections. The same driver also runs on this host, in
 //! a fresh network namespace. The host judges what the driver reports
 //! (`vm/results.rs`) and prints one matrix.
+//!
+//! `--arch arm64` does the same on Debian's arm64 cloud kernels (Graviton
+//! nodes) under qemu-system-aarch64, with the daemon the arm64 image ships:
+//! `cargo xtask image`'s own build and root file system for linux/arm64,
+//! and the driver cross-compiled, static.
 
 #[cfg(test)]
 pub(crate) mod guest;
@@ -27,21 +32,39 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 
-use results::RunSummary;
+use results::{Arch, RunSummary};
 // What the bench's vm part (`bench/vm.rs`) boots with.
+pub use initramfs::Daemon;
 pub use kernels::Kernel;
 pub use results::{HOOKS, Mode, Target, expected_kinds, parse_probe_info};
 
 #[derive(Debug, Args)]
 pub struct VmArgs {
     /// Kernels to test: Debian's 6.1 or 6.12 cloud kernel under qemu, this
-    /// host's own in a fresh network namespace (`native`, needs root), or all three.
+    /// host's own in a fresh network namespace (`native`, needs root, amd64
+    /// only), or all of them.
     #[arg(long, value_enum, default_value_t = KernelChoice::All)]
     kernel: KernelChoice,
+
+    /// Architectures: amd64, arm64 (Graviton: the arm64 image's daemon on
+    /// Debian's arm64 kernels under qemu-system-aarch64), or all.
+    #[arg(long, value_enum, default_value_t = ArchChoice::Amd64)]
+    arch: ArchChoice,
 
     /// Seconds one VM (or the native run) may take before it is killed and fails.
     #[arg(long, default_value_t = 240)]
     timeout: u64,
+
+    /// Exactly these targets, whatever --kernel and --arch say (`ci`).
+    #[arg(skip)]
+    only: Option<Vec<Target>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ArchChoice {
+    Amd64,
+    Arm64,
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -55,13 +78,27 @@ enum KernelChoice {
 }
 
 impl KernelChoice {
-    fn targets(self) -> Vec<Target> {
-        match self {
+    fn targets(self, arch: ArchChoice) -> anyhow::Result<Vec<Target>> {
+        let amd64 = match self {
             Self::V6_1 => vec![Target::V6_1],
             Self::V6_12 => vec![Target::V6_12],
             Self::Native => vec![Target::Native],
             Self::All => vec![Target::V6_1, Target::V6_12, Target::Native],
-        }
+        };
+        let arm64 = match self {
+            Self::V6_1 => vec![Target::Arm64V6_1],
+            Self::V6_12 => vec![Target::Arm64V6_12],
+            Self::Native => Vec::new(),
+            Self::All => vec![Target::Arm64V6_1, Target::Arm64V6_12],
+        };
+        Ok(match arch {
+            ArchChoice::Amd64 => amd64,
+            ArchChoice::Arm64 if arm64.is_empty() => bail!(
+                "--kernel native is this host's kernel, which is not arm64: pass --kernel 6.1, 6.12 or all with --arch arm64"
+            ),
+            ArchChoice::Arm64 => arm64,
+            ArchChoice::All => amd64.into_iter().chain(arm64).collect(),
+        })
     }
 }
 
@@ -75,19 +112,41 @@ const CONSOLE_TAIL: usize = 40;
 /// What the guest prints once /init runs: the end of the boot.
 const INIT_REACHED: &str = "vm-guest: init reached";
 
+/// What `cargo xtask test` runs: every amd64 kernel and native, and the
+/// arm64 kernels of CI_ARM64 (README: "Kernels like EKS nodes'").
+pub const CI_ARM64: &[Target] = &[Target::Arm64V6_1, Target::Arm64V6_12];
+
 impl VmArgs {
-    /// Every kernel, default timeout: what `cargo xtask test` runs.
-    pub fn all() -> Self {
+    /// What `cargo xtask test` runs, default timeout.
+    pub fn ci() -> Self {
+        let mut only = vec![Target::V6_1, Target::V6_12, Target::Native];
+        only.extend(CI_ARM64);
         Self {
             kernel: KernelChoice::All,
+            arch: ArchChoice::All,
             timeout: 240,
+            only: Some(only),
+        }
+    }
+
+    /// Whether any target runs this host's release build (amd64).
+    pub fn tests_amd64(&self) -> bool {
+        self.targets().map_or(true, |targets| {
+            targets.iter().any(|target| target.arch() == Arch::Amd64)
+        })
+    }
+
+    fn targets(&self) -> anyhow::Result<Vec<Target>> {
+        match &self.only {
+            Some(only) => Ok(only.clone()),
+            None => self.kernel.targets(self.arch),
         }
     }
 }
 
 pub fn run(args: &VmArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let targets = args.kernel.targets();
+    let targets = args.targets()?;
     let native = targets.contains(&Target::Native);
     if native && !crate::setup::is_root() {
         bail!(
@@ -96,43 +155,85 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
         );
     }
     let root = crate::workspace_root();
-    let idlemon = root.join("target/release/idlemon");
-    if !idlemon.exists() {
-        bail!(
-            "{} is missing: `cargo xtask vm-test` builds it first; did the build fail?",
-            idlemon.display()
-        );
-    }
     let cache = root.join("target/vm-cache");
     fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
-    let guest = build_guest(&root, &cache)?;
     let timeout = Duration::from_secs(args.timeout);
 
     let mut runs = Vec::new();
-    let vms: Vec<Target> = targets
-        .iter()
-        .copied()
-        .filter(|target| *target != Target::Native)
-        .collect();
-    if !vms.is_empty() {
-        let (kernels, initrd) = prepare_vms(
-            &cache,
-            &cache,
-            &vms,
-            &idlemon,
-            &guest,
-            &guest_args(VM_READY_TIMEOUT),
-        )?;
-        for (target, kernel) in &kernels {
-            runs.push(boot(*target, kernel, &initrd, &cache, timeout)?);
+    // Wall time per part, printed under the matrix: under TCG the arm64
+    // build and VMs are what a CI budget has to know.
+    let mut parts: Vec<String> = Vec::new();
+    for arch in [Arch::Amd64, Arch::Arm64] {
+        let of_arch: Vec<Target> = targets
+            .iter()
+            .copied()
+            .filter(|target| target.arch() == arch)
+            .collect();
+        if of_arch.is_empty() {
+            continue;
         }
-    }
-    if native {
-        runs.push(run_native(&guest, &idlemon, &cache, timeout)?);
+        let part_started = Instant::now();
+        let (daemon, guest) = match arch {
+            Arch::Amd64 => {
+                let idlemon = root.join("target/release/idlemon");
+                if !idlemon.exists() {
+                    bail!(
+                        "{} is missing: `cargo xtask vm-test` builds it first; did the build fail?",
+                        idlemon.display()
+                    );
+                }
+                (Daemon::Binary(idlemon), build_guest(&root, &cache, arch)?)
+            }
+            // The arm64 image's own build and files. First: it also adds
+            // dpkg's arm64 architecture, which the kernels need.
+            Arch::Arm64 => {
+                let source = crate::image::Source::read(&root)?;
+                let rootfs = crate::image::rootfs(
+                    &root,
+                    &cache.join("image"),
+                    crate::image::Platform::Arm64,
+                    &source,
+                )?;
+                (Daemon::Rootfs(rootfs), build_guest(&root, &cache, arch)?)
+            }
+        };
+        parts.push(format!(
+            "{} daemon and driver {:.0} s",
+            arch.name(),
+            part_started.elapsed().as_secs_f64()
+        ));
+        let part_started = Instant::now();
+        let vms: Vec<Target> = of_arch
+            .iter()
+            .copied()
+            .filter(|target| *target != Target::Native)
+            .collect();
+        if !vms.is_empty() {
+            let (kernels, initrd) = prepare_vms(
+                &cache,
+                &cache,
+                &vms,
+                &daemon,
+                &guest,
+                &guest_args(VM_READY_TIMEOUT),
+            )?;
+            for (target, kernel) in &kernels {
+                runs.push(boot(*target, kernel, &initrd, &cache, timeout)?);
+            }
+        }
+        if let (true, Daemon::Binary(idlemon)) = (of_arch.contains(&Target::Native), &daemon) {
+            runs.push(run_native(&guest, idlemon, &cache, timeout)?);
+        }
+        parts.push(format!(
+            "{} kernels, initramfs and runs {:.0} s",
+            arch.name(),
+            part_started.elapsed().as_secs_f64()
+        ));
     }
 
     let (text, passed) = results::render(&runs, started.elapsed().as_secs_f64());
     println!("\n{text}");
+    println!("wall time per part: {}", parts.join("; "));
     if !passed {
         bail!(
             "vm-test failed (matrix above; consoles and results in {})",
@@ -154,18 +255,22 @@ fn guest_args(ready_timeout: Duration) -> Vec<String> {
     args
 }
 
-/// Installs qemu and the rest, fetches the kernels of `targets` into
-/// `cache/kernels`, and packs into `work` an initramfs whose /init runs the
-/// driver with `guest_args`.
+/// Installs qemu and the rest, fetches the kernels of `targets` (of one
+/// architecture) into `cache/kernels`, and packs into `work` an initramfs
+/// whose /init runs the driver with `guest_args`.
 pub fn prepare_vms(
     cache: &Path,
     work: &Path,
     targets: &[Target],
-    idlemon: &Path,
+    daemon: &Daemon,
     guest: &Path,
     guest_args: &[String],
 ) -> anyhow::Result<(Vec<(Target, Kernel)>, PathBuf)> {
-    kernels::ensure_packages()?;
+    let arch = targets.first().map_or(Arch::Amd64, |target| target.arch());
+    if targets.iter().any(|target| target.arch() != arch) {
+        bail!("one initramfs per architecture: {targets:?} mixes them");
+    }
+    kernels::ensure_packages(arch)?;
     // Every download before the first boot: a missing kernel fails in
     // seconds, not after minutes of emulation.
     let mut apt_updated = false;
@@ -173,22 +278,49 @@ pub fn prepare_vms(
     for target in targets {
         kernels.push((*target, kernels::fetch(*target, cache, &mut apt_updated)?));
     }
-    let initrd = initramfs::build(work, idlemon, guest, guest_args)?;
+    let busybox = match arch {
+        Arch::Amd64 => initramfs::host_busybox()?,
+        Arch::Arm64 => kernels::arm64_busybox(cache)?,
+    };
+    let contents = initramfs::Contents {
+        arch,
+        busybox: &busybox,
+        daemon,
+        guest,
+        modules: kernels
+            .iter()
+            .map(|(_, kernel)| (kernel.release.clone(), kernel.modules.clone()))
+            .collect(),
+    };
+    let initrd = initramfs::build(work, &contents, guest_args)?;
     Ok((kernels, initrd))
 }
 
 /// Builds the driver with plain rustc: a second cargo binary in this package
-/// would make `cargo xtask` ambiguous (see `vm/guest.rs`).
-pub fn build_guest(root: &Path, work: &Path) -> anyhow::Result<PathBuf> {
+/// would make `cargo xtask` ambiguous (see `vm/guest.rs`). The arm64 driver
+/// is cross-compiled (the target and linker `cargo xtask setup` installs)
+/// and static: the arm64 guest has only the libraries the daemon needs.
+pub fn build_guest(root: &Path, work: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
     let source = root.join("xtask/src/vm/guest.rs");
-    let output = work.join("vm-guest");
+    let output = work.join(match arch {
+        Arch::Amd64 => "vm-guest".to_owned(),
+        Arch::Arm64 => "vm-guest-arm64".to_owned(),
+    });
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
     println!(
-        "xtask vm-test: building the guest driver from {}",
+        "xtask vm-test: building the {} guest driver from {}",
+        arch.name(),
         source.display()
     );
+    let mut command = Command::new(&rustc);
+    if arch != Arch::host() {
+        command
+            .args(["--target", crate::setup::ARM64_TARGET])
+            .args(["-C", "linker=aarch64-linux-gnu-gcc"])
+            .args(["-C", "target-feature=+crt-static"]);
+    }
     run_checked(
-        Command::new(&rustc)
+        command
             .args([
                 "--edition",
                 "2024",
@@ -260,22 +392,46 @@ pub fn launch(
         fs::remove_file(&results_file)
             .with_context(|| format!("cannot remove {}", results_file.display()))?;
     }
-    let mut command = Command::new("qemu-system-x86_64");
+    // -nographic would put qemu's monitor on stdio too; the console alone
+    // goes there, and the results get a serial port of their own (ttyS1;
+    // arm64: a virtio console, hvc0), where kernel messages cannot
+    // interleave with them.
+    let mut command = match target.arch() {
+        Arch::Amd64 => {
+            let mut command = Command::new("qemu-system-x86_64");
+            command
+                // /dev/kvm exists on CI's machines, but KVM guests fail there (an
+                // MSR assertion with -cpu host, an emulation failure with kvm64):
+                // emulate.
+                .args(["-accel", "tcg", "-cpu", "max", "-m", "1024"])
+                .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+                .args(["-serial", "stdio", "-serial"])
+                .arg(format!("file:{}", results_file.display()))
+                .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+            command
+        }
+        Arch::Arm64 => {
+            let mut command = Command::new("qemu-system-aarch64");
+            command
+                // pauth-impdef: pointer authentication with qemu's cheap
+                // algorithm instead of emulating QARMA, which costs TCG
+                // much time; the guest cannot tell.
+                .args(["-M", "virt", "-accel", "tcg", "-cpu", "max,pauth-impdef=on"])
+                .args(["-m", "1024"])
+                .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+                .args(["-serial", "stdio"])
+                .args(["-device", "virtio-serial-device", "-chardev"])
+                .arg(format!("file,id=results,path={}", results_file.display()))
+                .args(["-device", "virtconsole,chardev=results"])
+                .args(["-append", "console=ttyAMA0 panic=-1 quiet"]);
+            command
+        }
+    };
     command
-        // /dev/kvm exists on CI's machines, but KVM guests fail there (an MSR
-        // assertion with -cpu host, an emulation failure with kvm64): emulate.
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024"])
-        // -nographic would put qemu's monitor on stdio too; the console
-        // alone goes there, and the results get a serial port of their own
-        // (ttyS1), where kernel messages cannot interleave with them.
-        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
-        .args(["-serial", "stdio", "-serial"])
-        .arg(format!("file:{}", results_file.display()))
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
         .args(qemu_args);
     println!(
         "{who}: booting {label} ({}) under qemu TCG, at most {} s",
@@ -559,13 +715,38 @@ mod tests {
 
     #[test]
     fn all_means_both_vms_and_native() {
+        let targets = |kernel: KernelChoice, arch| kernel.targets(arch).ok();
         assert_eq!(
-            KernelChoice::All.targets(),
-            [Target::V6_1, Target::V6_12, Target::Native]
+            targets(KernelChoice::All, ArchChoice::Amd64),
+            Some(vec![Target::V6_1, Target::V6_12, Target::Native])
         );
         assert_eq!(
-            KernelChoice::from_str("6.12", false).map(KernelChoice::targets),
-            Ok(vec![Target::V6_12])
+            KernelChoice::from_str("6.12", false)
+                .ok()
+                .and_then(|kernel| targets(kernel, ArchChoice::Amd64)),
+            Some(vec![Target::V6_12])
         );
+        assert_eq!(
+            targets(KernelChoice::All, ArchChoice::Arm64),
+            Some(vec![Target::Arm64V6_1, Target::Arm64V6_12])
+        );
+        assert_eq!(
+            targets(KernelChoice::V6_1, ArchChoice::All),
+            Some(vec![Target::V6_1, Target::Arm64V6_1])
+        );
+        assert_eq!(
+            targets(KernelChoice::All, ArchChoice::All).map(|all| all.len()),
+            Some(5)
+        );
+        // This host is not arm64.
+        assert!(
+            KernelChoice::Native
+                .targets(ArchChoice::Arm64)
+                .is_err_and(|error| error.to_string().contains("not arm64"))
+        );
+        // CI: every amd64 target and at least one arm64 kernel.
+        let ci = VmArgs::ci().targets().expect("targets");
+        assert!(ci.starts_with(&[Target::V6_1, Target::V6_12, Target::Native]));
+        assert!(ci.iter().any(|target| target.arch() == Arch::Arm64));
     }
 }

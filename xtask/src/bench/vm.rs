@@ -333,12 +333,12 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     // Apart from vm-test's files, so that the two never overwrite each other.
     let work = cache.join("bench");
     fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
-    let guest = vm::build_guest(&root, &work)?;
+    let guest = vm::build_guest(&root, &work, vm::Target::V6_1.arch())?;
     let (kernels, initrd) = vm::prepare_vms(
         &cache,
         &work,
         &TARGETS,
-        &bench.binary,
+        &vm::Daemon::Binary(bench.binary.clone()),
         &guest,
         &guest_args(rounds, window),
     )?;

@@ -1,6 +1,7 @@
 //! The guest's whole root file system: busybox, an /init script, idlemon,
 //! the driver and their shared libraries, as a gzipped cpio (newc) archive.
-//! One archive serves every kernel: nothing in it is kernel-specific.
+//! One archive per architecture serves every kernel of it: the few modules
+//! an arm64 guest loads are there for each kernel, under its release.
 
 use std::{
     fs,
@@ -11,19 +12,62 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::run_checked;
+use super::{kernels, results::Arch, run_checked};
 
 /// Where busybox-static installs it (Debian merged /usr: both work).
 const BUSYBOX: [&str; 2] = ["/usr/bin/busybox", "/bin/busybox"];
 
-/// Builds `cache/initramfs.cpio.gz` and returns its path.
-pub fn build(
-    cache: &Path,
-    idlemon: &Path,
-    guest: &Path,
-    guest_args: &[String],
-) -> anyhow::Result<PathBuf> {
-    let root = cache.join("initramfs");
+/// The host's busybox, for amd64 guests.
+pub fn host_busybox() -> anyhow::Result<PathBuf> {
+    BUSYBOX
+        .iter()
+        .map(PathBuf::from)
+        .find(|path| path.exists())
+        .context("no /bin/busybox: install busybox-static")
+}
+
+/// The daemon under test.
+pub enum Daemon {
+    /// A binary built for this host: it goes in with its shared libraries (ldd).
+    Binary(PathBuf),
+    /// The root file system of an image platform, as `cargo xtask image`
+    /// lays it out: `/usr/bin/idlemon` with its loader and libraries,
+    /// copied whole.
+    Rootfs(PathBuf),
+}
+
+impl Daemon {
+    /// Where the daemon is inside the guest.
+    pub fn inside(&self) -> &'static str {
+        match self {
+            Self::Binary(_) => "/idlemon",
+            Self::Rootfs(_) => "/usr/bin/idlemon",
+        }
+    }
+}
+
+/// What goes into one architecture's archive.
+pub struct Contents<'a> {
+    pub arch: Arch,
+    pub busybox: &'a Path,
+    pub daemon: &'a Daemon,
+    /// The driver: for amd64 built for this host, for arm64 static.
+    pub guest: &'a Path,
+    /// Per kernel release, the modules `kernels::modules` names, in order.
+    pub modules: Vec<(String, Vec<PathBuf>)>,
+}
+
+/// Where the guest writes its result lines: a serial port of their own.
+pub fn results_tty(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Amd64 => "/dev/ttyS1",
+        Arch::Arm64 => "/dev/hvc0",
+    }
+}
+
+/// Builds `cache/initramfs-ARCH.cpio.gz` and returns its path.
+pub fn build(cache: &Path, contents: &Contents, guest_args: &[String]) -> anyhow::Result<PathBuf> {
+    let root = cache.join(format!("initramfs-{}", contents.arch.name()));
     if root.exists() {
         fs::remove_dir_all(&root).with_context(|| format!("cannot clear {}", root.display()))?;
     }
@@ -33,24 +77,44 @@ pub fn build(
         fs::create_dir_all(root.join(dir))
             .with_context(|| format!("cannot create {}", root.join(dir).display()))?;
     }
-    let busybox = BUSYBOX
-        .iter()
-        .map(Path::new)
-        .find(|path| path.exists())
-        .context("no /bin/busybox: install busybox-static")?;
-    let binaries = [
-        (busybox, "bin/busybox"),
-        (idlemon, "idlemon"),
-        (guest, "vm-guest"),
+    let mut binaries = vec![
+        (contents.busybox, "bin/busybox"),
+        (contents.guest, "vm-guest"),
     ];
+    match contents.daemon {
+        Daemon::Binary(idlemon) => binaries.push((idlemon, "idlemon")),
+        Daemon::Rootfs(rootfs) => {
+            let mut source = rootfs.as_os_str().to_owned();
+            source.push("/.");
+            // -a: the loader's and libraries' links stay links.
+            run_checked(Command::new("cp").arg("-a").arg(source).arg(&root))?;
+        }
+    }
     let mut libraries = Vec::new();
     for (source, inside) in binaries {
         copy(source, &root.join(inside))?;
+        // ldd runs the host's loader: it only knows the host's binaries.
+        if contents.arch != Arch::host() {
+            continue;
+        }
         for library in shared_libraries(source)? {
             if !libraries.contains(&library) {
                 libraries.push(library);
             }
         }
+    }
+    for (release, modules) in &contents.modules {
+        let dir = root.join("lib/modules").join(release);
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut order = String::new();
+        for module in modules {
+            let name = module.file_name().context("module file name")?;
+            copy(module, &dir.join(name))?;
+            order.push_str(&name.to_string_lossy());
+            order.push('\n');
+        }
+        fs::write(dir.join("order"), order)
+            .with_context(|| format!("cannot write {}/order", dir.display()))?;
     }
     for library in &libraries {
         // Same path inside: that is where the dynamic loader and the
@@ -59,11 +123,17 @@ pub fn build(
         copy(library, &root.join(relative))?;
     }
     let init = root.join("init");
-    fs::write(&init, init_script(guest_args))
-        .with_context(|| format!("cannot write {}", init.display()))?;
+    fs::write(
+        &init,
+        init_script(guest_args, contents.arch, contents.daemon.inside()),
+    )
+    .with_context(|| format!("cannot write {}", init.display()))?;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))
         .with_context(|| format!("cannot make {} executable", init.display()))?;
-    pack(&root, &cache.join("initramfs.cpio"))
+    pack(
+        &root,
+        &cache.join(format!("initramfs-{}.cpio", contents.arch.name())),
+    )
 }
 
 fn copy(source: &Path, destination: &Path) -> anyhow::Result<()> {
@@ -125,9 +195,24 @@ pub fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
-/// The guest's /init: mounts what idlemon needs, runs the driver, powers off.
-pub fn init_script(guest_args: &[String]) -> String {
+/// The guest's /init: mounts what idlemon needs, loads the modules of
+/// `kernels::modules`, runs the driver, powers off.
+pub fn init_script(guest_args: &[String], arch: Arch, idlemon: &str) -> String {
     let args: Vec<String> = guest_args.iter().map(|arg| shell_quote(arg)).collect();
+    let tty = results_tty(arch);
+    let modules = if kernels::modules(arch).is_empty() {
+        String::new()
+    } else {
+        format!(
+            r#"# The results' virtio console: the modules this kernel does not build in,
+# in order (xtask/src/vm/kernels.rs).
+for module in $(cat /lib/modules/$(uname -r)/order); do
+    insmod /lib/modules/$(uname -r)/$module
+done
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -e {tty} ] && break; sleep 1; done
+"#
+        )
+    };
     format!(
         r#"#!/bin/busybox sh
 # Written by `cargo xtask vm-test` (xtask/src/vm/initramfs.rs).
@@ -140,11 +225,11 @@ mount -t tmpfs tmpfs /tmp
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t bpf bpf /sys/fs/bpf || true
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || true
-# ttyS1 carries the result lines to the host: raw, so that they arrive byte for byte.
-stty -F /dev/ttyS1 raw -echo
+{modules}# {tty} carries the result lines to the host: raw, so that they arrive byte for byte.
+stty -F {tty} raw -echo
 ip link set lo up
 echo "vm-guest: init reached, kernel $(uname -r)"
-/vm-guest --out /dev/ttyS1 --idlemon /idlemon --workdir /tmp {args}
+/vm-guest --out {tty} --idlemon {idlemon} --workdir /tmp {args}
 echo "vm-guest: driver exited with status $?"
 sync
 # Power off: qemu runs with -no-reboot and exits.
@@ -228,12 +313,28 @@ mod tests {
             "'no-fentry:fentry,kprobe'"
         );
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
-        let script = init_script(&["--mode".to_owned(), "default:".to_owned()]);
+        let script = init_script(
+            &["--mode".to_owned(), "default:".to_owned()],
+            Arch::Amd64,
+            "/idlemon",
+        );
         assert!(script.starts_with("#!/bin/busybox sh\n"));
         assert!(
-            script.contains("--workdir /tmp '--mode' 'default:'\n"),
+            script.contains(
+                "--out /dev/ttyS1 --idlemon /idlemon --workdir /tmp '--mode' 'default:'\n"
+            ),
             "{script}"
         );
         assert!(script.contains("echo o > /proc/sysrq-trigger"));
+        assert!(!script.contains("insmod"), "{script}");
+        // arm64: the virtio console's modules, in dependency order, before its first use.
+        let script = init_script(&[], Arch::Arm64, "/usr/bin/idlemon");
+        let load = script.find("insmod /lib/modules/$(uname -r)/$module\n");
+        let used = script.find("stty -F /dev/hvc0 raw -echo");
+        assert!(load.is_some() && load < used, "{script}");
+        assert!(
+            script.contains("--out /dev/hvc0 --idlemon /usr/bin/idlemon "),
+            "{script}"
+        );
     }
 }

@@ -7,6 +7,34 @@ use serde_json::Value;
 
 use super::protocol as tag;
 
+/// The architecture a kernel runs on: qemu's system emulator, the kernel
+/// packages and the binaries in the guest follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Arch {
+    Amd64,
+    /// Graviton: the daemon cross-compiled as the arm64 image ships it.
+    Arm64,
+}
+
+impl Arch {
+    /// Debian's (and OCI's) name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Amd64 => "amd64",
+            Self::Arm64 => "arm64",
+        }
+    }
+
+    /// This host's: the native run's.
+    pub fn host() -> Self {
+        if cfg!(target_arch = "aarch64") {
+            Self::Arm64
+        } else {
+            Self::Amd64
+        }
+    }
+}
+
 /// Where the scenario runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Target {
@@ -16,14 +44,38 @@ pub enum Target {
     V6_12,
     /// This host's kernel, in a fresh network namespace.
     Native,
+    /// Debian's arm64 6.1 cloud kernel, like EKS AL2023's Graviton 6.1 nodes.
+    Arm64V6_1,
+    /// Debian's arm64 6.12 cloud kernel, like EKS AL2023's Graviton 6.12 nodes.
+    Arm64V6_12,
 }
 
 impl Target {
+    /// Unique among targets: file names and progress lines.
     pub fn label(self) -> &'static str {
         match self {
             Self::V6_1 => "6.1",
             Self::V6_12 => "6.12",
             Self::Native => "native",
+            Self::Arm64V6_1 => "arm64-6.1",
+            Self::Arm64V6_12 => "arm64-6.12",
+        }
+    }
+
+    /// The kernel series, whatever the architecture.
+    pub fn series(self) -> &'static str {
+        match self {
+            Self::V6_1 | Self::Arm64V6_1 => "6.1",
+            Self::V6_12 | Self::Arm64V6_12 => "6.12",
+            Self::Native => "native",
+        }
+    }
+
+    pub fn arch(self) -> Arch {
+        match self {
+            Self::V6_1 | Self::V6_12 => Arch::Amd64,
+            Self::Arm64V6_1 | Self::Arm64V6_12 => Arch::Arm64,
+            Self::Native => Arch::host(),
         }
     }
 }
@@ -118,6 +170,12 @@ const fn expect(
 ///   whose BTF lacks `btf_trace_tcp_sendmsg_locked` and where raw_tp gets
 ///   ENOENT. Send then needs fentry or a kprobe, and without them idlemon
 ///   is not ready;
+/// - arm64 6.1 refuses fentry on kernel functions (`bpf_raw_tracepoint_open`
+///   fails with 524, ENOTSUPP: arm64 has BPF trampolines since 6.0, but
+///   attaching one to a kernel function needs ftrace direct calls, which
+///   arm64 gained later, in 6.4), so idlemon falls back to kprobes there by
+///   default: seen on Debian's 6.1.0-57-cloud-arm64. Graviton nodes on 6.1
+///   run idlemon on kprobes;
 /// - this host (6.18, built without kprobes, with fentry refused) refuses
 ///   fentry and kprobes whatever the mode.
 pub const EXPECTATIONS: &[Expectation] = &[
@@ -138,6 +196,43 @@ pub const EXPECTATIONS: &[Expectation] = &[
     ),
     expect(
         Target::V6_12,
+        Mode::NoFentryKprobe,
+        [NONE, BTF_OR_RAW_TP, BTF_OR_RAW_TP],
+        false,
+    ),
+    // fentry refused (524, ENOTSUPP): idlemon falls back to kprobes.
+    expect(
+        Target::Arm64V6_1,
+        Mode::Default,
+        [KPROBE, KPROBE, KPROBE],
+        true,
+    ),
+    expect(
+        Target::Arm64V6_1,
+        Mode::NoFentry,
+        [KPROBE, KPROBE, KPROBE],
+        true,
+    ),
+    expect(
+        Target::Arm64V6_1,
+        Mode::NoFentryKprobe,
+        [NONE, BTF_OR_RAW_TP, BTF_OR_RAW_TP],
+        false,
+    ),
+    expect(
+        Target::Arm64V6_12,
+        Mode::Default,
+        [FENTRY, FENTRY, FENTRY],
+        true,
+    ),
+    expect(
+        Target::Arm64V6_12,
+        Mode::NoFentry,
+        [KPROBE, KPROBE, KPROBE],
+        true,
+    ),
+    expect(
+        Target::Arm64V6_12,
         Mode::NoFentryKprobe,
         [NONE, BTF_OR_RAW_TP, BTF_OR_RAW_TP],
         false,
@@ -169,7 +264,7 @@ pub const EXPECTATIONS: &[Expectation] = &[
 /// every attach kind. On the host, whose kernel is whatever the machine runs,
 /// a zero stays a warning.
 pub fn timer_runs_required(target: Target) -> bool {
-    matches!(target, Target::V6_1 | Target::V6_12)
+    target != Target::Native
 }
 
 pub fn expectation(target: Target, mode: Mode) -> Option<&'static Expectation> {
@@ -772,7 +867,7 @@ impl RunSummary {
 /// The matrix and the findings below it; returns the text and whether everything passed.
 pub fn render(runs: &[RunSummary], wall_seconds: f64) -> (String, bool) {
     let mut table: Vec<Vec<String>> = vec![
-        ["kernel", "mode"]
+        ["arch", "kernel", "mode"]
             .iter()
             .chain(HOOKS.iter())
             .chain(
@@ -794,7 +889,11 @@ pub fn render(runs: &[RunSummary], wall_seconds: f64) -> (String, bool) {
     for run in runs {
         let rows = run.rows();
         for row in &rows {
-            let mut cells = vec![run.target.label().to_owned(), row.mode.name().to_owned()];
+            let mut cells = vec![
+                run.target.arch().name().to_owned(),
+                run.target.series().to_owned(),
+                row.mode.name().to_owned(),
+            ];
             cells.extend(row.hooks.iter().map(|check| check.cell.clone()));
             cells.extend(
                 [
@@ -828,8 +927,9 @@ pub fn render(runs: &[RunSummary], wall_seconds: f64) -> (String, bool) {
             .collect();
         let _ = write!(
             findings,
-            "\n{} ({}, {}): ",
-            run.target.label(),
+            "\n{} {} ({}, {}): ",
+            run.target.arch().name(),
+            run.target.series(),
             run.report
                 .kernel_release
                 .as_deref()
@@ -1004,7 +1104,13 @@ LOG default INFO hook attached
 
     #[test]
     fn every_kernel_and_mode_has_one_expectation() {
-        for target in [Target::V6_1, Target::V6_12, Target::Native] {
+        for target in [
+            Target::V6_1,
+            Target::V6_12,
+            Target::Native,
+            Target::Arm64V6_1,
+            Target::Arm64V6_12,
+        ] {
             for mode in Mode::ALL {
                 let rows = EXPECTATIONS
                     .iter()
@@ -1023,6 +1129,10 @@ LOG default INFO hook attached
         use Mode::*;
         use Target::*;
         assert_eq!(expected_kinds(V6_12, Default, "send"), ["fentry"]);
+        assert_eq!(expected_kinds(V6_1, Default, "send"), ["fentry"]);
+        assert_eq!(expected_kinds(Arm64V6_1, Default, "send"), ["kprobe"]);
+        assert_eq!(expected_kinds(Arm64V6_1, Default, "keepalive"), ["kprobe"]);
+        assert_eq!(expected_kinds(Arm64V6_1, NoFentryKprobe, "send"), ["none"]);
         assert_eq!(expected_kinds(V6_1, NoFentry, "keepalive"), ["kprobe"]);
         assert_eq!(expected_kinds(V6_1, NoFentryKprobe, "send"), ["none"]);
         assert_eq!(expected_kinds(V6_12, NoFentryKprobe, "send"), ["none"]);
@@ -1141,7 +1251,8 @@ LOG default INFO hook attached
             why.contains("probes_answered 1")
                 && why.contains("idlemon_keepalive_timer_runs_total 0")
         };
-        for target in [Target::V6_1, Target::V6_12] {
+        // The fixture attached fentry, which arm64 6.1 refuses.
+        for target in [Target::V6_1, Target::V6_12, Target::Arm64V6_12] {
             let row = judge(target, Mode::Default, observed);
             assert_eq!(row.timer_runs.cell, "FAIL");
             let failures = row.failures();
@@ -1307,12 +1418,16 @@ LOG default INFO hook attached
         assert!(passed, "{text}");
         assert!(!text.contains("keepalive degraded"), "{text}");
         let header = text.lines().next().expect("header");
-        assert!(header.starts_with("kernel  mode"), "{header}");
+        assert!(header.starts_with("arch   kernel  mode"), "{header}");
         assert_eq!(
             text.lines()
-                .filter(|line| line.starts_with("native  "))
+                .filter(|line| line.starts_with("amd64  native  "))
                 .count(),
             3
+        );
+        assert!(
+            text.contains("\namd64 native (6.12.117+deb12-cloud-amd64, host kernel): "),
+            "{text}"
         );
     }
 }
