@@ -148,6 +148,13 @@ pub struct DaemonArgs {
     /// raw_tp, tracepoint): to work around a kernel bug, or to test fallbacks.
     #[arg(long, env = "IDLEMON_DISABLE_ATTACH", value_delimiter = ',')]
     pub disable_attach: Vec<crate::probes::AttachKind>,
+
+    /// Keepalive enforcement: `off`; `dry-run` decides and reports what it
+    /// would set on each new connection through a middlebox; `on` sets it
+    /// (SO_KEEPALIVE, TCP_KEEPIDLE below the path's timeout). Overrides the
+    /// config file's `[enforce] mode`, which also selects the workloads.
+    #[arg(long, env = "IDLEMON_ENFORCE_KEEPALIVE", value_enum)]
+    pub enforce_keepalive: Option<crate::config::EnforceMode>,
 }
 
 #[derive(Debug, Args)]

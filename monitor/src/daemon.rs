@@ -29,7 +29,8 @@ use crate::{
         pods::{self, ApiConfig, PodCache, WatchMetrics},
     },
     cli::DaemonArgs,
-    config::{IdleTimeout, PathConfig},
+    config::{EnforceMode, IdleTimeout, PathConfig},
+    enforce,
     eventlog::EventLog,
     events::{Explainer, History},
     http::{self, Refusals},
@@ -81,6 +82,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     raise_open_files_limit();
     map_large_buffers();
     let hz = kernel::jiffies_per_second().context("cannot determine the kernel tick rate")?;
+    let enforce_plan = enforce::Plan::new(args.enforce_keepalive, &paths, idle_timeout, hz)
+        .context("invalid keepalive enforcement settings ([enforce] in --config)")?;
     let btf_path = args
         .kernel_btf
         .clone()
@@ -112,6 +115,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             idle_threshold_jiffies: threshold_jiffies as u32,
             max_sockets: args.max_sockets,
             disabled: args.disable_attach.clone(),
+            enforce: enforce_plan.settings,
         },
         &btf,
         &kernel_btf,
@@ -123,6 +127,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         path_rules = paths.rules(),
         "programs loaded"
     );
+    if enforce_plan.mode != EnforceMode::Off {
+        let status = enforce::start(&mut loaded.ebpf, &enforce_plan, &args.disable_attach);
+        loaded.hooks.push(status);
+    }
     // Parsing the kernel's BTF and loading took tens of MB that are free now.
     // SAFETY: only asks malloc to return free memory to the system.
     unsafe { libc::malloc_trim(0) };
@@ -137,6 +145,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             destinations: args.destination_labels as usize,
         },
     )?);
+    if enforce_plan.mode != EnforceMode::Off {
+        metrics.enable_enforcement(enforce_plan.mode.as_str());
+    }
     let pods = Arc::new(PodCache::default());
     if let Some(api) = kube_api {
         pods::spawn_watch(

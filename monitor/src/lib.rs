@@ -6,6 +6,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod enforce;
 pub mod eventlog;
 pub mod events;
 pub mod fuzzing;

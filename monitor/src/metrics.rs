@@ -126,6 +126,10 @@ pub struct Metrics {
     pub http_refusals: IntCounterVec,
     pub last_scan_timestamp: Gauge,
     pub api_walks: IntCounter,
+    /// Keepalive enforcement decisions, by mode and reason (kernel-fed);
+    /// the mode is set once enforcement is on (`enforce_mode`).
+    keepalive_enforcements: IntCounterVec,
+    enforce_mode: std::sync::OnceLock<&'static str>,
 }
 
 /// Buckets of `idlemon_idle_before_reset_seconds`: 1 s to 2 h, with the
@@ -404,6 +408,17 @@ impl Metrics {
             scan_errors.with_label_values(&[reason]);
         }
 
+        let keepalive_enforcements = IntCounterVec::new(
+            Opts::new(
+                "idlemon_keepalive_enforcements_total",
+                "Keepalive enforcement decisions on new connections, by mode (dry_run, on) and \
+                 reason (no_keepalive, keepalive_too_slow: set or would set; keepalive_sufficient, \
+                 loopback, no_timeout: left alone; failed; unreadable).",
+            ),
+            &["mode", "reason"],
+        )?;
+        register(Box::new(keepalive_enforcements.clone()))?;
+
         Ok(Self {
             registry,
             limits,
@@ -436,7 +451,20 @@ impl Metrics {
             http_refusals,
             last_scan_timestamp,
             api_walks,
+            keepalive_enforcements,
+            enforce_mode: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Exports `idlemon_keepalive_enforcements_total` for `mode` (`dry_run`
+    /// or `on`), every reason from zero.
+    pub fn enable_enforcement(&self, mode: &'static str) {
+        if self.enforce_mode.set(mode).is_ok() {
+            for reason in 0..monitor_common::enforce::reason::COUNT - 1 {
+                self.keepalive_enforcements
+                    .with_label_values(&[mode, crate::events::enforcement_reason(reason)]);
+            }
+        }
     }
 
     /// Sets the socket gauges from one walk.
@@ -560,6 +588,20 @@ impl Metrics {
         ) {
             self.table_entries
                 .set(inserts.saturating_sub(removes) as i64);
+        }
+        if let Some(mode) = self.enforce_mode.get() {
+            for reason in 0..monitor_common::enforce::reason::COUNT {
+                if let Some(&total) = totals.get((counter::ENFORCEMENTS + reason) as usize)
+                    && total > 0
+                {
+                    advance(
+                        &self
+                            .keepalive_enforcements
+                            .with_label_values(&[mode, crate::events::enforcement_reason(reason)]),
+                        total,
+                    );
+                }
+            }
         }
         if let Some(&lost) = totals.get(counter::RESET_EVENTS_LOST as usize) {
             advance(

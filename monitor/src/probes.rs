@@ -31,6 +31,9 @@ pub enum AttachKind {
     #[value(name = "raw_tp")]
     RawTp,
     Tracepoint,
+    /// A cgroup `sock_ops` program (keepalive enforcement).
+    #[value(name = "sock_ops")]
+    SockOps,
 }
 
 impl AttachKind {
@@ -41,6 +44,7 @@ impl AttachKind {
             Self::TpBtf => "tp_btf",
             Self::RawTp => "raw_tp",
             Self::Tracepoint => "tracepoint",
+            Self::SockOps => "sock_ops",
         }
     }
 }
@@ -206,6 +210,8 @@ pub struct LoadSettings {
     pub idle_threshold_jiffies: u32,
     pub max_sockets: u32,
     pub disabled: Vec<AttachKind>,
+    /// Keepalive enforcement's mode and targets (mode 0: not attached).
+    pub enforce: monitor_common::EnforceSettings,
 }
 
 /// The kernel programs, built by `build.rs` from monitor-ebpf.
@@ -220,6 +226,7 @@ pub fn load(settings: &LoadSettings, btf: &Btf, kernel_btf: &KernelBtf) -> anyho
             &settings.idle_threshold_jiffies,
             true,
         )
+        .override_global("ENFORCE_SETTINGS", &settings.enforce, true)
         .map_max_entries("SOCKETS", settings.max_sockets)
         .load(EBPF_OBJECT)
         .map_err(|error| explain_permission(anyhow::Error::new(error)))
@@ -378,6 +385,11 @@ fn attach(ebpf: &mut Ebpf, candidate: &Candidate, btf: &Btf) -> anyhow::Result<(
             let program: &mut TracePoint = program.try_into()?;
             program.load()?;
             program.attach(category, name)?;
+        }
+        AttachKind::SockOps => {
+            return Err(anyhow!(
+                "sock_ops programs attach to cgroups (monitor/src/enforce.rs)"
+            ));
         }
     }
     Ok(())

@@ -1,0 +1,447 @@
+//! Keepalive enforcement: the settings the `sock_ops` program applies
+//! (`monitor-ebpf/src/enforce.rs`), checked before anything loads, and its
+//! attachment to the cgroup v2 hierarchy.
+//!
+//! Safe to turn off: the program only ever acts when a connection becomes
+//! established. Stopping idlemon (or restarting it with `off`) detaches it
+//! and applies nothing new; sockets it already fixed keep their keepalive
+//! settings, as if the application had set them, until they close.
+
+use std::{fs::File, num::NonZeroU32, path::PathBuf};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf,
+    maps::Array,
+    programs::{SockOps, links::CgroupAttachMode},
+};
+use ipnet::IpNet;
+use monitor_common::{AF_INET, AF_INET6, EnforcePath, EnforceSettings, enforce};
+use tracing::{info, warn};
+
+use crate::{
+    config::{EnforceConfig, EnforceMode, IdleTimeout, MAX_KEEPALIVE_SECONDS, PathConfig},
+    probes::{AttachKind, HookStatus},
+};
+
+/// The program in the eBPF object.
+const PROGRAM: &str = "enforce_keepalive";
+
+/// What the kernel program gets, decided from the config before load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub mode: EnforceMode,
+    pub settings: EnforceSettings,
+    pub paths: Vec<EnforcePath>,
+    /// cgroup v2 directories (relative to the root) to attach to; empty: the root.
+    pub cgroups: Vec<String>,
+    pub cgroup_root: Option<PathBuf>,
+}
+
+impl Plan {
+    /// The mode is `flag`, else the config file's, else off. A config whose
+    /// keepalive would not beat a path's timeout is refused, naming the path.
+    ///
+    /// # Errors
+    ///
+    /// When a path's timeout is too short for any keepalive below it, or
+    /// the rules do not fit the kernel's table.
+    pub fn new(
+        flag: Option<EnforceMode>,
+        paths: &PathConfig,
+        default_timeout: NonZeroU32,
+        hz: u32,
+    ) -> anyhow::Result<Self> {
+        let config = &paths.enforce;
+        let mode = flag.or(config.mode).unwrap_or_default();
+        let default_idle = idle_for(config, default_timeout.get())
+            .with_context(|| "--idle-timeout (the path where no [[path]] rule matches)")?;
+        let mut kernel_paths = Vec::new();
+        for rule in paths.rules_in_order() {
+            let (timeout_seconds, idle_seconds) = match rule.timeout {
+                IdleTimeout::Never => (0, 0),
+                IdleTimeout::After(timeout) => (
+                    timeout.get(),
+                    idle_for(config, timeout.get())
+                        .with_context(|| format!("[[path]] rule {:?}", rule.label))?,
+                ),
+            };
+            let (family, addr, mask) = words(rule.net);
+            let ranges = rule.ports.unwrap_or_default();
+            // A rule with many port ranges takes several consecutive entries,
+            // which keeps its place in the order.
+            let chunks: Vec<&[(u16, u16)]> = if ranges.is_empty() {
+                vec![&[]]
+            } else {
+                ranges.chunks(enforce::PORT_RANGES).collect()
+            };
+            for chunk in chunks {
+                let mut ports = [[0u16; 2]; enforce::PORT_RANGES];
+                for (slot, &(first, last)) in ports.iter_mut().zip(chunk) {
+                    *slot = [first, last];
+                }
+                kernel_paths.push(EnforcePath {
+                    addr,
+                    mask,
+                    ports,
+                    timeout_seconds,
+                    timeout_jiffies: jiffies(timeout_seconds, hz),
+                    idle_seconds,
+                    family,
+                    port_ranges: chunk.len() as u16,
+                });
+            }
+        }
+        if mode != EnforceMode::Off && kernel_paths.len() > enforce::MAX_PATHS as usize {
+            bail!(
+                "keepalive enforcement holds at most {} path rules (a rule with more than {} port \
+                 ranges counts once per {} ranges); the config has {}",
+                enforce::MAX_PATHS,
+                enforce::PORT_RANGES,
+                enforce::PORT_RANGES,
+                kernel_paths.len()
+            );
+        }
+        Ok(Self {
+            mode,
+            settings: EnforceSettings {
+                mode: match mode {
+                    EnforceMode::Off => 0,
+                    EnforceMode::DryRun => enforce::MODE_DRY_RUN,
+                    EnforceMode::On => enforce::MODE_ON,
+                },
+                passive: u32::from(config.accepted),
+                paths: kernel_paths.len() as u32,
+                default_timeout_seconds: default_timeout.get(),
+                default_timeout_jiffies: jiffies(default_timeout.get(), hz),
+                default_idle_seconds: default_idle,
+                interval_seconds: config.interval_seconds,
+                count: config.count,
+            },
+            paths: kernel_paths,
+            cgroups: outermost(&config.cgroups),
+            cgroup_root: config.cgroup_root.clone(),
+        })
+    }
+}
+
+/// TCP_KEEPIDLE for a path of `timeout` seconds: `idle_percent` of it,
+/// rounded down, at most the kernel's maximum.
+fn idle_for(config: &EnforceConfig, timeout: u32) -> anyhow::Result<u32> {
+    let idle = (u64::from(timeout) * u64::from(config.idle_percent) / 100)
+        .min(u64::from(MAX_KEEPALIVE_SECONDS)) as u32;
+    if idle == 0 {
+        return Err(anyhow!(
+            "an idle timeout of {timeout} s leaves no whole second for a keepalive probe before \
+             it at idle_percent = {} (the first probe must go out well before the timeout): raise \
+             idle_percent or the timeout",
+            config.idle_percent
+        ));
+    }
+    Ok(idle)
+}
+
+fn jiffies(seconds: u32, hz: u32) -> u32 {
+    u64::from(seconds)
+        .saturating_mul(u64::from(hz))
+        .min(u64::from(u32::MAX / 2)) as u32
+}
+
+/// Family, address and mask of a network as the kernel compares them:
+/// 32-bit words holding the address bytes in network order.
+fn words(net: IpNet) -> (u16, [u32; 4], [u32; 4]) {
+    let to_words = |bytes: &[u8]| {
+        let mut words = [0u32; 4];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks(4)) {
+            *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+        words
+    };
+    match net {
+        IpNet::V4(v4) => (
+            AF_INET,
+            to_words(&v4.network().octets()),
+            to_words(&v4.netmask().octets()),
+        ),
+        IpNet::V6(v6) => (
+            AF_INET6,
+            to_words(&v6.network().octets()),
+            to_words(&v6.netmask().octets()),
+        ),
+    }
+}
+
+/// The selectors without those inside another: a program attached to both
+/// a directory and its ancestor would run twice for the same socket.
+fn outermost(cgroups: &[String]) -> Vec<String> {
+    let normal = |path: &str| path.trim_end_matches('/').to_owned();
+    let all: Vec<String> = cgroups.iter().map(|path| normal(path)).collect();
+    let mut kept: Vec<String> = Vec::new();
+    for path in &all {
+        let inside = all.iter().any(|other| {
+            other != path && (other.is_empty() || path.starts_with(&format!("{other}/")))
+        });
+        if !inside && !kept.contains(path) {
+            kept.push(path.clone());
+        }
+    }
+    kept
+}
+
+/// The cgroup v2 mount in `/proc/self/mounts` text: `/sys/fs/cgroup` on
+/// unified hosts (EKS), `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_source, target, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(unescape(target)))
+    })
+}
+
+/// Mount points escape space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'\\'
+            && let Some(digits) = field.get(index + 1..index + 4)
+            && let Ok(value) = u8::from_str_radix(digits, 8)
+        {
+            out.push(value);
+            index += 4;
+            continue;
+        }
+        out.push(bytes[index]);
+        index += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Fills the path table, loads the program and attaches it to each selected
+/// cgroup (or the root). Never fails: a kernel or host that cannot enforce
+/// makes the returned hook degraded, with the reason (logs, metrics,
+/// /readyz), and idlemon runs on without enforcement.
+pub fn start(ebpf: &mut Ebpf, plan: &Plan, disabled: &[AttachKind]) -> HookStatus {
+    let outcome = if disabled.contains(&AttachKind::SockOps) {
+        Err(anyhow!("disabled by --disable-attach"))
+    } else {
+        attach(ebpf, plan)
+    };
+    match outcome {
+        Ok(attached) => {
+            info!(
+                mode = plan.mode.as_str(),
+                cgroups = ?attached,
+                "keepalive enforcement attached"
+            );
+            HookStatus {
+                hook: "enforce",
+                kind: Some(AttachKind::SockOps),
+                refused: Vec::new(),
+                lost: None,
+                degraded: false,
+            }
+        }
+        Err(error) => {
+            let reason = format!("{error:#}");
+            warn!(
+                mode = plan.mode.as_str(),
+                %reason,
+                "keepalive enforcement cannot attach: running degraded, enforcing nothing"
+            );
+            HookStatus {
+                hook: "enforce",
+                kind: None,
+                refused: vec![(AttachKind::SockOps, reason)],
+                lost: Some(
+                    "keepalive enforcement is off: it needs cgroup v2 and sock_ops with bpf_setsockopt (Linux 5.9+)",
+                ),
+                degraded: true,
+            }
+        }
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, plan: &Plan) -> anyhow::Result<Vec<PathBuf>> {
+    let root = match &plan.cgroup_root {
+        Some(root) => root.clone(),
+        None => {
+            let mounts = std::fs::read_to_string("/proc/self/mounts")
+                .context("cannot read /proc/self/mounts to find the cgroup v2 mount")?;
+            cgroup2_mount(&mounts).ok_or_else(|| {
+                anyhow!("no cgroup v2 hierarchy is mounted (no cgroup2 in /proc/self/mounts)")
+            })?
+        }
+    };
+    let mut table: Array<_, EnforcePath> = ebpf
+        .map_mut("ENFORCE_PATHS")
+        .ok_or_else(|| anyhow!("map ENFORCE_PATHS missing from the eBPF object"))?
+        .try_into()
+        .context("map ENFORCE_PATHS is not an array")?;
+    for (index, path) in plan.paths.iter().enumerate() {
+        table
+            .set(index as u32, path, 0)
+            .context("cannot fill ENFORCE_PATHS")?;
+    }
+    let directories: Vec<PathBuf> = if plan.cgroups.is_empty() {
+        vec![root.clone()]
+    } else {
+        plan.cgroups
+            .iter()
+            .map(|cgroup| root.join(cgroup.trim_start_matches('/')))
+            .collect()
+    };
+    let program: &mut SockOps = ebpf
+        .program_mut(PROGRAM)
+        .ok_or_else(|| anyhow!("program {PROGRAM} missing from the eBPF object"))?
+        .try_into()?;
+    program
+        .load()
+        .context("the kernel refused the sock_ops program")?;
+    let mut attached = Vec::new();
+    for directory in directories {
+        let cgroup = match File::open(&directory) {
+            Ok(cgroup) => cgroup,
+            Err(error) if !plan.cgroups.is_empty() => {
+                // A unit or pod that is not running yet: the others still count.
+                warn!(cgroup = %directory.display(), %error, "selected cgroup not found: not enforced there");
+                continue;
+            }
+            Err(error) => {
+                return Err(error).with_context(|| {
+                    format!("cannot open the cgroup v2 root {}", directory.display())
+                });
+            }
+        };
+        // aya attaches through a bpf_link wherever the kernel has cgroup
+        // links (5.7+, so every kernel with keepalive in bpf_setsockopt):
+        // links always coexist with other programs, and the kernel refuses
+        // attach flags on them (EINVAL), so the mode must be the default.
+        program
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .with_context(|| format!("cannot attach sock_ops to {}", directory.display()))?;
+        attached.push(directory);
+    }
+    if attached.is_empty() {
+        bail!(
+            "none of the selected cgroups exists under {}",
+            root.display()
+        );
+    }
+    Ok(attached)
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    fn plan(text: &str, timeout: u32) -> anyhow::Result<Plan> {
+        let paths = PathConfig::parse(text, "idlemon.toml").unwrap();
+        Plan::new(None, &paths, NonZeroU32::new(timeout).unwrap(), 100)
+    }
+
+    #[test]
+    fn mode_comes_from_the_flag_then_the_file() {
+        let paths = PathConfig::parse("[enforce]\nmode = \"dry-run\"\n", "f").unwrap();
+        let timeout = NonZeroU32::new(350).unwrap();
+        assert_eq!(
+            Plan::new(None, &paths, timeout, 100).unwrap().mode,
+            EnforceMode::DryRun
+        );
+        let on = Plan::new(Some(EnforceMode::On), &paths, timeout, 100).unwrap();
+        assert_eq!(
+            (on.mode, on.settings.mode),
+            (EnforceMode::On, enforce::MODE_ON)
+        );
+        let none = PathConfig::default();
+        assert_eq!(
+            Plan::new(None, &none, timeout, 100).unwrap().mode,
+            EnforceMode::Off
+        );
+    }
+
+    #[test]
+    fn idle_is_a_share_of_each_paths_timeout() {
+        let plan = plan(
+            "[[path]]\ncidr = \"10.0.0.0/8\"\nports = [443, \"8000-8100\"]\nidle_timeout = 6000\n\
+             [[path]]\ncidr = \"10.1.0.0/16\"\nidle_timeout = \"none\"\n\
+             [enforce]\nidle_percent = 40\ninterval = 7\ncount = 4\n",
+            350,
+        )
+        .unwrap();
+        assert_eq!(plan.settings.default_idle_seconds, 140);
+        assert_eq!(plan.settings.default_timeout_jiffies, 35_000);
+        assert_eq!(
+            (plan.settings.interval_seconds, plan.settings.count),
+            (7, 4)
+        );
+        // Most specific first, as PathConfig matches.
+        let [inner, outer] = plan.paths.as_slice() else {
+            panic!("{:?}", plan.paths)
+        };
+        assert_eq!((inner.timeout_seconds, inner.idle_seconds), (0, 0));
+        assert_eq!(inner.addr[0], u32::from_ne_bytes([10, 1, 0, 0]));
+        assert_eq!(inner.mask[0], u32::from_ne_bytes([255, 255, 0, 0]));
+        assert_eq!((outer.timeout_seconds, outer.idle_seconds), (6000, 2400));
+        assert_eq!(outer.port_ranges, 2);
+        assert_eq!(outer.ports[..2], [[443, 443], [8000, 8100]]);
+        assert_eq!(outer.family, AF_INET);
+    }
+
+    #[test]
+    fn a_timeout_too_short_for_a_probe_before_it_is_refused() {
+        let error = plan(
+            "[[path]]\nname = \"tiny\"\ncidr = \"10.0.0.0/8\"\nidle_timeout = 1\n",
+            350,
+        )
+        .unwrap_err();
+        let message = format!("{error:#}");
+        assert!(message.contains("\"tiny\""), "{message}");
+        assert!(message.contains("well before the timeout"), "{message}");
+        assert!(plan("", 1).is_err());
+        assert!(plan("[enforce]\nidle_percent = 80\n", 2).is_ok());
+    }
+
+    #[test]
+    fn many_port_ranges_take_consecutive_entries() {
+        let ports: Vec<String> = (1..=10).map(|port| port.to_string()).collect();
+        let text = format!(
+            "[[path]]\ncidr = \"10.0.0.0/8\"\nports = [{}]\nidle_timeout = 60\n",
+            ports.join(", ")
+        );
+        let plan = plan(&text, 350).unwrap();
+        assert_eq!(plan.paths.len(), 2);
+        assert_eq!(
+            (plan.paths[0].port_ranges, plan.paths[1].port_ranges),
+            (8, 2)
+        );
+        assert_eq!(plan.settings.paths, 2);
+    }
+
+    #[test]
+    fn nested_selectors_attach_once() {
+        let cgroups = ["/a/b", "/a/", "/c", "/ab", "/c"].map(String::from);
+        assert_eq!(outermost(&cgroups), ["/a", "/c", "/ab"]);
+    }
+
+    #[test]
+    fn finds_the_cgroup2_mount() {
+        let hybrid = "sysfs /sys sysfs rw 0 0\ncgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
+        assert_eq!(
+            cgroup2_mount(hybrid).unwrap(),
+            PathBuf::from("/sys/fs/cgroup/unified")
+        );
+        let escaped = "cgroup2 /host/my\\040cgroups cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_mount(escaped).unwrap(),
+            PathBuf::from("/host/my cgroups")
+        );
+        assert_eq!(
+            cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            None
+        );
+    }
+}
