@@ -333,7 +333,6 @@ fn attach(ebpf: &mut Ebpf, plan: &Plan) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
 

@@ -564,7 +564,59 @@ mod tests {
             error: 0,
             current_comm: [0; 16],
             socket,
+            enforcement: monitor_common::KeepaliveDecision::default(),
         }
+    }
+
+    #[test]
+    fn an_enforcement_reports_the_settings_before_and_after() {
+        use monitor_common::{KeepaliveDecision, enforce};
+        let mut explainer = explainer();
+        let mut decided = event(event_kind::KEEPALIVE_ENFORCED, 0, 0);
+        decided.enforcement = KeepaliveDecision {
+            reason: enforce::reason::NO_KEEPALIVE,
+            mode: enforce::MODE_ON,
+            idle_seconds: 175,
+            interval_seconds: 30,
+            count: 5,
+            path_timeout_seconds: 350,
+            ..KeepaliveDecision::default()
+        };
+        let record = explainer.explain(&decided, 1_000.0).expect("known kind");
+        assert_eq!(record.kind, Kind::KeepaliveEnforced);
+        let enforcement = record.enforcement.expect("an enforcement");
+        assert_eq!(
+            (enforcement.mode, enforcement.reason),
+            ("on", "no_keepalive")
+        );
+        assert!(enforcement.applied);
+        assert_eq!(enforcement.direction, "outbound");
+        let (old, new) = (enforcement.old.unwrap(), enforcement.new.unwrap());
+        assert!(!old.enabled);
+        assert_eq!(old.idle_seconds, 7200.0);
+        assert!(new.enabled);
+        assert_eq!(
+            (new.idle_seconds, new.interval_seconds, new.count),
+            (175.0, 30.0, 5)
+        );
+
+        // A dry run decides the same and applies nothing; a sufficient
+        // keepalive stays as it was.
+        decided.enforcement.mode = enforce::MODE_DRY_RUN;
+        let dry = explainer
+            .explain(&decided, 1_000.0)
+            .unwrap()
+            .enforcement
+            .unwrap();
+        assert_eq!((dry.mode, dry.applied), ("dry_run", false));
+        assert_eq!(dry.new.unwrap().idle_seconds, 175.0);
+        decided.enforcement.reason = enforce::reason::KEEPALIVE_SUFFICIENT;
+        let kept = explainer
+            .explain(&decided, 1_000.0)
+            .unwrap()
+            .enforcement
+            .unwrap();
+        assert_eq!(kept.old, kept.new);
     }
 
     #[test]

@@ -1,0 +1,507 @@
+//! Keepalive enforcement through a NAT gateway that forgets idle flows: a
+//! client without keepalive, idle three times the NAT's timeout, is reset
+//! unless idlemon enforces keepalive on its cgroup; an application's own
+//! faster keepalive and loopback connections are left alone; dry-run
+//! changes nothing; the audit events and counters match the decisions.
+//!
+//! Each client is a process of its own (this test binary, run again as
+//! `zz_client_process`), put into a test cgroup under the cgroup v2 mount
+//! before it enters the client namespace and connects: the `sock_ops`
+//! program runs for sockets of the cgroups it is attached to, and a
+//! socket belongs to the cgroup of the process that created it.
+//! Needs root and a BPF-capable kernel: run with `cargo xtask test`.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
+
+mod common;
+
+use std::{
+    ffi::CString,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _},
+        unix::process::CommandExt as _,
+    },
+    path::PathBuf,
+    process::Stdio,
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use common::{Daemon, NatPath, Netns, SERVER_IP, TempFile, wait_for};
+use serde_json::Value;
+
+const NAT_TIMEOUT: u32 = 4;
+/// Three times the NAT's timeout.
+const IDLE_SECONDS: u64 = 12;
+const CLIENT_ENV: &str = "IDLEMON_ENFORCE_CLIENT";
+
+/// A cgroup v2 directory of this test, removed on drop (its processes have
+/// exited by then).
+struct TestCgroup {
+    /// From the cgroup root, as `[enforce] cgroups` takes it.
+    name: String,
+    path: PathBuf,
+}
+
+impl TestCgroup {
+    fn new(tag: &str) -> Self {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let root = mounts
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
+            })
+            .expect("a cgroup v2 mount: keepalive enforcement needs cgroup v2");
+        let name = format!("/idlemon-test-{}-{tag}", std::process::id());
+        let path = root.join(name.trim_start_matches('/'));
+        std::fs::create_dir_all(&path).unwrap();
+        Self { name, path }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Paths: the test NAT's server port has a 4 s timeout; everything else has
+/// none. The port in the rule also checks the kernel's port decoding: on a
+/// mismatch the catch-all rule would apply and nothing be enforced.
+fn config(cgroup: &TestCgroup, port: u16, mode: &str) -> TempFile {
+    TempFile::new(
+        "enforce.toml",
+        &format!(
+            "[[path]]\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\
+             [[path]]\nname = \"test-nat\"\ncidr = \"{SERVER_IP}/32\"\nports = [{port}]\nidle_timeout = {NAT_TIMEOUT}\n\
+             [enforce]\nmode = \"{mode}\"\ncgroups = [\"{}\"]\nidle_percent = 50\ninterval = 1\ncount = 3\n",
+            cgroup.name
+        ),
+    )
+}
+
+fn start_daemon(config: &TempFile) -> Daemon {
+    Daemon::start(&[
+        "--idle-threshold",
+        "2",
+        "--scan-interval",
+        "0.5",
+        "--config",
+        config.path(),
+    ])
+}
+
+/// What a client process reported.
+#[derive(Debug)]
+struct Client {
+    pid: u32,
+    local: String,
+    /// SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT once connected.
+    keepalive: [i32; 4],
+    /// `ok`, or the error of the request after the idle period.
+    result: String,
+}
+
+/// What a client does.
+#[derive(Clone, Copy)]
+enum Plan {
+    /// Connects to the echo server (setting its own keepalive of this many
+    /// seconds before connect, when given), idles, then sends again.
+    Idle {
+        port: u16,
+        own_keepalive: Option<i32>,
+    },
+    /// Connects to a listener of its own on 127.0.0.1.
+    Loopback,
+}
+
+/// Runs a client process in `netns`, moved into `cgroup` first (when given).
+fn run_client(netns: &Netns, cgroup: Option<&TestCgroup>, plan: Plan) -> mpsc::Receiver<Client> {
+    let spec = match plan {
+        Plan::Idle {
+            port,
+            own_keepalive,
+        } => format!(
+            "{SERVER_IP}:{port} {} {IDLE_SECONDS}",
+            own_keepalive.unwrap_or(0)
+        ),
+        Plan::Loopback => "loopback".to_owned(),
+    };
+    let mut command = netns.command(std::env::current_exe().unwrap().to_str().unwrap());
+    command
+        .args([
+            "--exact",
+            "zz_client_process",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env(CLIENT_ENV, spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(cgroup) = cgroup {
+        let procs = CString::new(cgroup.path.join("cgroup.procs").to_str().unwrap()).unwrap();
+        // SAFETY: open, write and close are async-signal-safe; "0" moves the
+        // writing process, the child, before it connects.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
+    }
+    let child = command.spawn().unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let output = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("CLIENT "))
+            .unwrap_or_else(|| panic!("client said nothing: {stdout}"));
+        let fields: Vec<&str> = line.split(' ').collect();
+        let numbers: Vec<i32> = fields[1].split(',').map(|n| n.parse().unwrap()).collect();
+        let _ = tx.send(Client {
+            pid,
+            local: fields[0].to_owned(),
+            keepalive: numbers.try_into().unwrap(),
+            result: fields[2].to_owned(),
+        });
+    });
+    rx
+}
+
+fn finished(client: &mpsc::Receiver<Client>) -> Client {
+    client
+        .recv_timeout(Duration::from_secs(IDLE_SECONDS + 30))
+        .expect("the client process finished")
+}
+
+/// The client process: not a test of its own (without the environment
+/// variable it returns at once), but the body of the processes above.
+#[test]
+#[ignore = "the client process of the enforcement tests; does nothing alone"]
+fn zz_client_process() {
+    let Ok(spec) = std::env::var(CLIENT_ENV) else {
+        return;
+    };
+    let fields: Vec<&str> = spec.split(' ').collect();
+    let (stream, target_idle) = if fields[0] == "loopback" {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        // Keep the accepted end open while the options are read.
+        std::mem::forget(listener.accept().unwrap());
+        (stream, None)
+    } else {
+        let target: SocketAddr = fields[0].parse().unwrap();
+        let own: i32 = fields[1].parse().unwrap();
+        (
+            connect_with(target, own),
+            Some(fields[2].parse::<u64>().unwrap()),
+        )
+    };
+    let option = |level, name| {
+        let mut value = 0i32;
+        let mut length = size_of::<i32>() as libc::socklen_t;
+        // SAFETY: a valid socket and buffer.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                level,
+                name,
+                (&raw mut value).cast(),
+                &mut length,
+            )
+        };
+        assert_eq!(rc, 0);
+        value
+    };
+    let keepalive = [
+        option(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        option(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+        option(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+        option(libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+    ];
+    let mut stream = stream;
+    let result = match target_idle {
+        None => "ok".to_owned(),
+        Some(idle) => {
+            echo(&mut stream).unwrap();
+            thread::sleep(Duration::from_secs(idle));
+            match echo(&mut stream) {
+                Ok(()) => "ok".to_owned(),
+                Err(error) => format!("{:?}", error.kind()),
+            }
+        }
+    };
+    let [a, b, c, d] = keepalive;
+    println!(
+        "CLIENT {} {a},{b},{c},{d} {result}",
+        stream.local_addr().unwrap()
+    );
+}
+
+/// Connects with SO_KEEPALIVE and TCP_KEEPIDLE/TCP_KEEPINTVL of `own`
+/// seconds set before connect (0: no keepalive), as applications that set
+/// their own keepalive do.
+fn connect_with(target: SocketAddr, own: i32) -> TcpStream {
+    // SAFETY: plain socket calls on a socket this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let set = |level, name, value: i32| {
+            let rc = libc::setsockopt(fd, level, name, (&raw const value).cast(), 4);
+            assert_eq!(rc, 0);
+        };
+        if own > 0 {
+            set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+            set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, own);
+            set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, own);
+        }
+        let SocketAddr::V4(v4) = target else {
+            panic!("IPv4 target")
+        };
+        let address = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&raw const address).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+fn echo(stream: &mut TcpStream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"ping")?;
+    let mut reply = [0u8; 4];
+    stream.read_exact(&mut reply)?;
+    Ok(())
+}
+
+fn enforcement_events(daemon: &Daemon, wanted: usize) -> Vec<Value> {
+    let found = wait_for(Duration::from_secs(10), || {
+        let (_, body) = daemon.get("/events?limit=10000");
+        let events: Vec<Value> = serde_json::from_str(&body).unwrap();
+        let enforced: Vec<Value> = events
+            .into_iter()
+            .filter(|event| event["kind"] == "keepalive_enforced")
+            .collect();
+        (enforced.len() >= wanted).then_some(enforced)
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no {wanted} keepalive_enforced events; log:\n{}",
+            daemon.log()
+        )
+    })
+}
+
+fn event_for<'a>(events: &'a [Value], client: &Client) -> &'a Value {
+    events
+        .iter()
+        .find(|event| event["local"] == client.local.as_str())
+        .unwrap_or_else(|| panic!("no event for {client:?}: {events:#?}"))
+}
+
+fn decisions(daemon: &Daemon, mode: &str, reason: &str) -> f64 {
+    daemon
+        .metric(&format!(
+            "idlemon_keepalive_enforcements_total{{mode=\"{mode}\",reason=\"{reason}\"}}"
+        ))
+        .unwrap_or_else(|| panic!("no {mode}/{reason} counter"))
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
+    const PORT: u16 = 8301;
+    let cgroup = TestCgroup::new("on");
+    let config = config(&cgroup, PORT, "on");
+    let daemon = start_daemon(&config);
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(PORT, 3);
+
+    let bare = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+        },
+    );
+    let own = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: Some(1),
+        },
+    );
+    // The same client outside the selected cgroup: what enforcement off means.
+    let outside = run_client(
+        &path.client,
+        None,
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+        },
+    );
+    let loopback = finished(&run_client(&path.client, Some(&cgroup), Plan::Loopback));
+    let (bare, own, outside) = (finished(&bare), finished(&own), finished(&outside));
+
+    assert_eq!(
+        bare.keepalive,
+        [1, 2, 1, 3],
+        "enforced: on, half the 4 s timeout"
+    );
+    assert_eq!(
+        bare.result, "ok",
+        "the enforced client survived {IDLE_SECONDS} s idle"
+    );
+    assert_eq!(
+        own.keepalive,
+        [1, 1, 1, 9],
+        "the application's own keepalive, unchanged"
+    );
+    assert_eq!(own.result, "ok");
+    assert_eq!(outside.keepalive[0], 0);
+    assert_eq!(
+        outside.result, "ConnectionReset",
+        "the NAT forgot the unenforced flow"
+    );
+    assert_eq!(loopback.keepalive[0], 0, "loopback untouched");
+
+    let events = enforcement_events(&daemon, 2);
+    assert_eq!(
+        events.len(),
+        2,
+        "one event per decision on the NAT path: {events:#?}"
+    );
+    let fixed = event_for(&events, &bare);
+    let enforcement = &fixed["enforcement"];
+    assert_eq!(enforcement["mode"], "on");
+    assert_eq!(enforcement["reason"], "no_keepalive");
+    assert_eq!(enforcement["applied"], true);
+    assert_eq!(enforcement["direction"], "outbound");
+    assert_eq!(enforcement["path_idle_timeout_seconds"], NAT_TIMEOUT);
+    assert_eq!(enforcement["old"]["enabled"], false);
+    assert_eq!(enforcement["new"]["enabled"], true);
+    assert_eq!(enforcement["new"]["idle_seconds"], 2.0);
+    assert_eq!(enforcement["new"]["interval_seconds"], 1.0);
+    assert_eq!(enforcement["new"]["count"], 3);
+    assert_eq!(fixed["remote"], format!("{SERVER_IP}:{PORT}"));
+    assert_eq!(
+        fixed["pid"], bare.pid,
+        "the workload: the connecting process"
+    );
+    assert_eq!(fixed["cgroup_path"], cgroup.name.as_str());
+    let kept = &event_for(&events, &own)["enforcement"];
+    assert_eq!(kept["reason"], "keepalive_sufficient");
+    assert_eq!(kept["applied"], false);
+    assert_eq!(kept["old"]["idle_seconds"], 1.0);
+    assert_eq!(kept["old"], kept["new"]);
+
+    assert_eq!(decisions(&daemon, "on", "no_keepalive"), 1.0);
+    assert_eq!(decisions(&daemon, "on", "keepalive_sufficient"), 1.0);
+    assert_eq!(decisions(&daemon, "on", "loopback"), 1.0);
+    for reason in ["keepalive_too_slow", "no_timeout", "failed", "unreadable"] {
+        assert_eq!(decisions(&daemon, "on", reason), 0.0, "{reason}");
+    }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn dry_run_decides_and_reports_but_changes_nothing() {
+    const PORT: u16 = 8302;
+    let cgroup = TestCgroup::new("dry-run");
+    let config = config(&cgroup, PORT, "dry-run");
+    let daemon = start_daemon(&config);
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(PORT, 1);
+
+    let client = finished(&run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+        },
+    ));
+    assert_eq!(client.keepalive[0], 0, "dry-run set nothing");
+    assert_eq!(client.result, "ConnectionReset");
+
+    let events = enforcement_events(&daemon, 1);
+    let enforcement = &event_for(&events, &client)["enforcement"];
+    assert_eq!(enforcement["mode"], "dry_run");
+    assert_eq!(enforcement["reason"], "no_keepalive");
+    assert_eq!(enforcement["applied"], false);
+    assert_eq!(
+        enforcement["new"]["idle_seconds"], 2.0,
+        "what `on` would set"
+    );
+    assert_eq!(decisions(&daemon, "dry_run", "no_keepalive"), 1.0);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn enforcement_that_cannot_attach_is_degraded_not_fatal() {
+    let cgroup = TestCgroup::new("degraded");
+    let config = config(&cgroup, 8303, "on");
+    let daemon =
+        Daemon::start_unready(&["--config", config.path(), "--disable-attach", "sock_ops"]);
+    let (status, body) = daemon.get("/readyz");
+    assert_eq!(status, 503);
+    assert!(body.contains("enforce hook missing"), "{body}");
+    assert_eq!(
+        daemon.metric("idlemon_degraded{hook=\"enforce\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        daemon.metric("idlemon_probe_info{hook=\"enforce\",kind=\"none\"}"),
+        Some(1.0)
+    );
+    assert!(daemon.log().contains("keepalive enforcement cannot attach"));
+    let (status, _) = daemon.get("/healthz");
+    assert_eq!(status, 200, "running on");
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn a_config_whose_first_probe_would_miss_the_timeout_is_refused() {
+    let config = TempFile::new(
+        "enforce-refused.toml",
+        "[[path]]\nname = \"tiny\"\ncidr = \"10.0.0.0/8\"\nidle_timeout = 1\n[enforce]\nmode = \"on\"\n",
+    );
+    let netns = Netns::new("refused");
+    let output = netns
+        .command(common::IDLEMON)
+        .args(["--config", config.path()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("\"tiny\"") && stderr.contains("well before the timeout"),
+        "{stderr}"
+    );
+}
