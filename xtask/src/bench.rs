@@ -97,6 +97,7 @@
 mod bpf;
 mod churn;
 mod daemon;
+mod enforce;
 mod host;
 mod idle;
 mod load;
@@ -171,6 +172,8 @@ pub enum Part {
     Soak,
     /// fentry and kprobe overhead on 6.1 and 6.12 under qemu, as ratios.
     Vm,
+    /// Connections per second with and without keepalive enforcement.
+    Enforce,
 }
 
 #[derive(Debug, Clone)]
@@ -313,6 +316,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             Part::Churn,
             Part::Idle,
             Part::Pods,
+            Part::Enforce,
             Part::Vm,
         ],
     };
@@ -341,6 +345,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             Part::Pods => pods::run(&mut bench),
             Part::Soak => soak::run(&mut bench),
             Part::Vm => vm::run(&mut bench),
+            Part::Enforce => enforce::run(&mut bench),
         };
         if let Err(error) = result {
             println!("{part:?} FAILED: {error:#}");
