@@ -26,7 +26,7 @@ use monitor_common::{
 };
 
 use crate::{
-    events::emit_with,
+    events::emit_unhurried,
     kernel::{Depth, Untyped, recorded, snapshot},
     maps::{count, pointer_as_number},
 };
@@ -187,7 +187,7 @@ fn try_enforce(ops: *mut bpf_sock_ops) -> Result<u32, u32> {
         }
     }
     count(counter::ENFORCEMENTS + decision.reason, 1);
-    let _ = emit_with(event_kind::KEEPALIVE_ENFORCED, false, |event| {
+    let _ = emit_unhurried(event_kind::KEEPALIVE_ENFORCED, |event| {
         if readable {
             event.socket = before;
             event.socket_known = 1;
