@@ -283,8 +283,10 @@ pub mod enforce {
     pub mod reason {
         /// SO_KEEPALIVE was off: keepalive turned on with the target settings.
         pub const NO_KEEPALIVE: u32 = 0;
-        /// SO_KEEPALIVE was on with an idle time not below the path's
-        /// timeout: TCP_KEEPIDLE lowered to the target.
+        /// SO_KEEPALIVE was on with an idle time or an interval not below
+        /// the path's timeout: whichever is slower than the target lowered
+        /// to it (after a probe, the next comes an interval later: an
+        /// interval at the timeout lets the middlebox forget the flow).
         pub const KEEPALIVE_TOO_SLOW: u32 = 1;
         /// The application's own keepalive already beats the path's
         /// timeout: left as it is.
@@ -345,11 +347,14 @@ pub struct EnforceSettings {
     pub default_timeout_seconds: u32,
     pub default_timeout_jiffies: u32,
     pub default_idle_seconds: u32,
-    /// TCP_KEEPINTVL and TCP_KEEPCNT set on sockets without keepalive.
+    pub default_idle_jiffies: u32,
+    /// TCP_KEEPINTVL and TCP_KEEPCNT set on sockets without keepalive;
+    /// TCP_KEEPINTVL also where the socket's is slower.
     pub interval_seconds: u32,
+    pub interval_jiffies: u32,
     pub count: u32,
 }
-const _: () = assert!(size_of::<EnforceSettings>() == 32);
+const _: () = assert!(size_of::<EnforceSettings>() == 40);
 
 /// One path rule for the kernel: destinations `addr/mask` (IPv4 in the
 /// first word, network order), on the listed port ranges (none: every port).
@@ -365,12 +370,13 @@ pub struct EnforcePath {
     pub timeout_jiffies: u32,
     /// TCP_KEEPIDLE to set on this path.
     pub idle_seconds: u32,
+    pub idle_jiffies: u32,
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
     /// Entries of `ports` in use; 0: every port.
     pub port_ranges: u16,
 }
-const _: () = assert!(size_of::<EnforcePath>() == 80);
+const _: () = assert!(size_of::<EnforcePath>() == 84);
 
 #[cfg(feature = "user")]
 mod user {

@@ -40,7 +40,9 @@ static ENFORCE_SETTINGS: EnforceSettings = EnforceSettings {
     default_timeout_seconds: 0,
     default_timeout_jiffies: 0,
     default_idle_seconds: 0,
+    default_idle_jiffies: 0,
     interval_seconds: 0,
+    interval_jiffies: 0,
     count: 0,
 };
 
@@ -88,6 +90,7 @@ struct Path {
     timeout_seconds: u32,
     timeout_jiffies: u32,
     idle_seconds: u32,
+    idle_jiffies: u32,
 }
 
 fn try_enforce(ops: *mut bpf_sock_ops) -> Result<u32, u32> {
@@ -149,10 +152,17 @@ fn try_enforce(ops: *mut bpf_sock_ops) -> Result<u32, u32> {
         passive: u32::from(passive),
         ..KeepaliveDecision::default()
     };
+    // What the kernel's keepalive timer uses: the socket's own setting,
+    // else its namespace's (`keepalive_time_when`, `keepalive_intvl_when`).
     let effective_idle = if before.keepalive_time != 0 {
         before.keepalive_time
     } else {
         before.ns_keepalive_time
+    };
+    let effective_interval = if before.keepalive_intvl != 0 {
+        before.keepalive_intvl
+    } else {
+        before.ns_keepalive_intvl
     };
     decision.reason = if !readable {
         reason::UNREADABLE
@@ -161,17 +171,28 @@ fn try_enforce(ops: *mut bpf_sock_ops) -> Result<u32, u32> {
         decision.interval_seconds = setting!(interval_seconds);
         decision.count = setting!(count);
         reason::NO_KEEPALIVE
-    } else if effective_idle >= path.timeout_jiffies {
-        // Only the idle time was too slow: the application's (or the
-        // namespace's) interval and count stay.
-        decision.idle_seconds = path.idle_seconds;
+    } else if effective_idle >= path.timeout_jiffies || effective_interval >= path.timeout_jiffies {
+        // Only what is slower than the target is lowered; the count, and
+        // whatever already beats the target, stay as the application (or
+        // the namespace) set them.
+        if effective_idle > path.idle_jiffies {
+            decision.idle_seconds = path.idle_seconds;
+        }
+        if effective_interval > setting!(interval_jiffies) {
+            decision.interval_seconds = setting!(interval_seconds);
+        }
         reason::KEEPALIVE_TOO_SLOW
     } else {
         reason::KEEPALIVE_SUFFICIENT
     };
-    if decision.mode == enforce::MODE_ON && decision.idle_seconds != 0 {
+    let changes =
+        decision.reason == reason::NO_KEEPALIVE || decision.reason == reason::KEEPALIVE_TOO_SLOW;
+    if decision.mode == enforce::MODE_ON && changes {
         // Timers first, then SO_KEEPALIVE, which arms the timer with them.
-        let mut error = set(ops, SOL_TCP, TCP_KEEPIDLE, decision.idle_seconds);
+        let mut error = 0;
+        if decision.idle_seconds != 0 {
+            error = set(ops, SOL_TCP, TCP_KEEPIDLE, decision.idle_seconds);
+        }
         if error == 0 && decision.interval_seconds != 0 {
             error = set(ops, SOL_TCP, TCP_KEEPINTVL, decision.interval_seconds);
         }
@@ -249,6 +270,7 @@ fn path_of(address: &[u32; 4], ipv4: bool, port: u16) -> Path {
                 timeout_seconds: rule.timeout_seconds,
                 timeout_jiffies: rule.timeout_jiffies,
                 idle_seconds: rule.idle_seconds,
+                idle_jiffies: rule.idle_jiffies,
             };
         }
     }
@@ -256,5 +278,6 @@ fn path_of(address: &[u32; 4], ipv4: bool, port: u16) -> Path {
         timeout_seconds: setting!(default_timeout_seconds),
         timeout_jiffies: setting!(default_timeout_jiffies),
         idle_seconds: setting!(default_idle_seconds),
+        idle_jiffies: setting!(default_idle_jiffies),
     }
 }

@@ -20,7 +20,10 @@ use monitor_common::{AF_INET, AF_INET6, EnforcePath, EnforceSettings, enforce};
 use tracing::{info, warn};
 
 use crate::{
-    config::{EnforceConfig, EnforceMode, IdleTimeout, MAX_KEEPALIVE_SECONDS, PathConfig},
+    config::{
+        EnforceConfig, EnforceMode, IdleTimeout, MAX_IDLE_PERCENT, MAX_KEEPALIVE_SECONDS,
+        PathConfig,
+    },
     probes::{AttachKind, HookStatus},
 };
 
@@ -87,6 +90,7 @@ impl Plan {
                     timeout_seconds,
                     timeout_jiffies: jiffies(timeout_seconds, hz),
                     idle_seconds,
+                    idle_jiffies: jiffies(idle_seconds, hz),
                     family,
                     port_ranges: chunk.len() as u16,
                 });
@@ -115,7 +119,9 @@ impl Plan {
                 default_timeout_seconds: default_timeout.get(),
                 default_timeout_jiffies: jiffies(default_timeout.get(), hz),
                 default_idle_seconds: default_idle,
+                default_idle_jiffies: jiffies(default_idle, hz),
                 interval_seconds: config.interval_seconds,
+                interval_jiffies: jiffies(config.interval_seconds, hz),
                 count: config.count,
             },
             paths: kernel_paths,
@@ -126,7 +132,8 @@ impl Plan {
 }
 
 /// TCP_KEEPIDLE for a path of `timeout` seconds: `idle_percent` of it,
-/// rounded down, at most the kernel's maximum.
+/// rounded down, at most the kernel's maximum. After a probe the next one
+/// comes an interval later, so the interval must beat the timeout as well.
 fn idle_for(config: &EnforceConfig, timeout: u32) -> anyhow::Result<u32> {
     let idle = (u64::from(timeout) * u64::from(config.idle_percent) / 100)
         .min(u64::from(MAX_KEEPALIVE_SECONDS)) as u32;
@@ -136,6 +143,14 @@ fn idle_for(config: &EnforceConfig, timeout: u32) -> anyhow::Result<u32> {
              it at idle_percent = {} (the first probe must go out well before the timeout): raise \
              idle_percent or the timeout",
             config.idle_percent
+        ));
+    }
+    if u64::from(config.interval_seconds) * 100 > u64::from(timeout) * u64::from(MAX_IDLE_PERCENT) {
+        return Err(anyhow!(
+            "an idle timeout of {timeout} s is shorter than the keepalive interval {} s allows \
+             (after a probe, the next comes an interval later: it must be at most {MAX_IDLE_PERCENT}% \
+             of the timeout): lower interval",
+            config.interval_seconds
         ));
     }
     Ok(idle)
@@ -392,7 +407,7 @@ mod tests {
     #[test]
     fn a_timeout_too_short_for_a_probe_before_it_is_refused() {
         let error = plan(
-            "[[path]]\nname = \"tiny\"\ncidr = \"10.0.0.0/8\"\nidle_timeout = 1\n",
+            "[[path]]\nname = \"tiny\"\ncidr = \"10.0.0.0/8\"\nidle_timeout = 1\n[enforce]\ninterval = 1\n",
             350,
         )
         .unwrap_err();
@@ -400,7 +415,11 @@ mod tests {
         assert!(message.contains("\"tiny\""), "{message}");
         assert!(message.contains("well before the timeout"), "{message}");
         assert!(plan("", 1).is_err());
-        assert!(plan("[enforce]\nidle_percent = 80\n", 2).is_ok());
+        assert!(plan("[enforce]\nidle_percent = 80\ninterval = 1\n", 2).is_ok());
+        // The default 30 s interval cannot keep a 30 s path alive after a probe.
+        let error = plan("", 30).unwrap_err();
+        assert!(format!("{error:#}").contains("lower interval"), "{error:#}");
+        assert!(plan("", 38).is_ok());
     }
 
     #[test]

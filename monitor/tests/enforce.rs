@@ -33,7 +33,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Daemon, NatPath, Netns, SERVER_IP, TempFile, wait_for};
+use common::{Daemon, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, wait_for};
 use serde_json::Value;
 
 const NAT_TIMEOUT: u32 = 4;
@@ -112,14 +112,18 @@ struct Client {
 /// What a client does.
 #[derive(Clone, Copy)]
 enum Plan {
-    /// Connects to the echo server (setting its own keepalive of this many
-    /// seconds before connect, when given), idles, then sends again.
+    /// Connects to the echo server (setting its own keepalive before
+    /// connect, when given: SO_KEEPALIVE with TCP_KEEPIDLE and
+    /// TCP_KEEPINTVL of this many seconds, or with -1 SO_KEEPALIVE alone,
+    /// which leaves the namespace's 7200 s), idles, then sends again.
     Idle {
         port: u16,
         own_keepalive: Option<i32>,
     },
     /// Connects to a listener of its own on 127.0.0.1.
     Loopback,
+    /// Listens on SERVER_IP:port and reports the one connection it accepts.
+    Serve { port: u16 },
 }
 
 /// Runs a client process in `netns`, moved into `cgroup` first (when given).
@@ -133,6 +137,7 @@ fn run_client(netns: &Netns, cgroup: Option<&TestCgroup>, plan: Plan) -> mpsc::R
             own_keepalive.unwrap_or(0)
         ),
         Plan::Loopback => "loopback".to_owned(),
+        Plan::Serve { port } => format!("serve {SERVER_IP}:{port}"),
     };
     let mut command = netns.command(std::env::current_exe().unwrap().to_str().unwrap());
     command
@@ -197,7 +202,11 @@ fn zz_client_process() {
         return;
     };
     let fields: Vec<&str> = spec.split(' ').collect();
-    let (stream, target_idle) = if fields[0] == "loopback" {
+    let (stream, target_idle) = if fields[0] == "serve" {
+        let listener = TcpListener::bind(fields[1]).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        (stream, None)
+    } else if fields[0] == "loopback" {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         // Keep the accepted end open while the options are read.
@@ -264,8 +273,10 @@ fn connect_with(target: SocketAddr, own: i32) -> TcpStream {
             let rc = libc::setsockopt(fd, level, name, (&raw const value).cast(), 4);
             assert_eq!(rc, 0);
         };
-        if own > 0 {
+        if own != 0 {
             set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        }
+        if own > 0 {
             set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, own);
             set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, own);
         }
@@ -339,7 +350,7 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
     let config = config(&cgroup, PORT, "on");
     let daemon = start_daemon(&config);
     let path = NatPath::new(NAT_TIMEOUT);
-    path.echo_server(PORT, 3);
+    path.echo_server(PORT, 4);
 
     let bare = run_client(
         &path.client,
@@ -357,6 +368,14 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
             own_keepalive: Some(1),
         },
     );
+    let slow = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: Some(-1),
+        },
+    );
     // The same client outside the selected cgroup: what enforcement off means.
     let outside = run_client(
         &path.client,
@@ -367,7 +386,12 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
         },
     );
     let loopback = finished(&run_client(&path.client, Some(&cgroup), Plan::Loopback));
-    let (bare, own, outside) = (finished(&bare), finished(&own), finished(&outside));
+    let (bare, own, slow, outside) = (
+        finished(&bare),
+        finished(&own),
+        finished(&slow),
+        finished(&outside),
+    );
 
     assert_eq!(
         bare.keepalive,
@@ -384,6 +408,12 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
         "the application's own keepalive, unchanged"
     );
     assert_eq!(own.result, "ok");
+    assert_eq!(
+        slow.keepalive,
+        [1, 2, 1, 9],
+        "keepalive on but 7200 s idle and 75 s apart: both lowered, the count kept"
+    );
+    assert_eq!(slow.result, "ok");
     assert_eq!(outside.keepalive[0], 0);
     assert_eq!(
         outside.result, "ConnectionReset",
@@ -391,10 +421,10 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
     );
     assert_eq!(loopback.keepalive[0], 0, "loopback untouched");
 
-    let events = enforcement_events(&daemon, 2);
+    let events = enforcement_events(&daemon, 3);
     assert_eq!(
         events.len(),
-        2,
+        3,
         "one event per decision on the NAT path: {events:#?}"
     );
     let fixed = event_for(&events, &bare);
@@ -420,11 +450,19 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
     assert_eq!(kept["applied"], false);
     assert_eq!(kept["old"]["idle_seconds"], 1.0);
     assert_eq!(kept["old"], kept["new"]);
+    let lowered = &event_for(&events, &slow)["enforcement"];
+    assert_eq!(lowered["reason"], "keepalive_too_slow");
+    assert_eq!(lowered["old"]["idle_seconds"], 7200.0);
+    assert_eq!(lowered["new"]["idle_seconds"], 2.0);
+    assert_eq!(lowered["old"]["interval_seconds"], 75.0);
+    assert_eq!(lowered["new"]["interval_seconds"], 1.0);
+    assert_eq!(lowered["new"]["count"], 9);
 
     assert_eq!(decisions(&daemon, "on", "no_keepalive"), 1.0);
     assert_eq!(decisions(&daemon, "on", "keepalive_sufficient"), 1.0);
     assert_eq!(decisions(&daemon, "on", "loopback"), 1.0);
-    for reason in ["keepalive_too_slow", "no_timeout", "failed", "unreadable"] {
+    assert_eq!(decisions(&daemon, "on", "keepalive_too_slow"), 1.0);
+    for reason in ["no_timeout", "failed", "unreadable"] {
         assert_eq!(decisions(&daemon, "on", reason), 0.0, "{reason}");
     }
 }
@@ -490,7 +528,7 @@ fn enforcement_that_cannot_attach_is_degraded_not_fatal() {
 fn a_config_whose_first_probe_would_miss_the_timeout_is_refused() {
     let config = TempFile::new(
         "enforce-refused.toml",
-        "[[path]]\nname = \"tiny\"\ncidr = \"10.0.0.0/8\"\nidle_timeout = 1\n[enforce]\nmode = \"on\"\n",
+        "[[path]]\nname = \"tiny\"\ncidr = \"10.0.0.0/8\"\nidle_timeout = 1\n[enforce]\nmode = \"on\"\ninterval = 1\n",
     );
     let netns = Netns::new("refused");
     let output = netns
@@ -504,4 +542,43 @@ fn a_config_whose_first_probe_would_miss_the_timeout_is_refused() {
         stderr.contains("\"tiny\"") && stderr.contains("well before the timeout"),
         "{stderr}"
     );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn accepted_connections_are_enforced_when_configured() {
+    const PORT: u16 = 8304;
+    let cgroup = TestCgroup::new("accepted");
+    // The server sees its clients at the NAT's server-side address.
+    let config = TempFile::new(
+        "enforce-accepted.toml",
+        &format!(
+            "[[path]]\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\
+             [[path]]\ncidr = \"{NAT_SERVER_SIDE_IP}/32\"\nidle_timeout = {NAT_TIMEOUT}\n\
+             [enforce]\nmode = \"on\"\ncgroups = [\"{}\"]\nidle_percent = 50\ninterval = 1\ncount = 3\naccepted = true\n",
+            cgroup.name
+        ),
+    );
+    let daemon = start_daemon(&config);
+    let path = NatPath::new(NAT_TIMEOUT);
+    let server = run_client(&path.server, Some(&cgroup), Plan::Serve { port: PORT });
+    // Refused until the server process listens: bounded retries.
+    let target: SocketAddr = format!("{SERVER_IP}:{PORT}").parse().unwrap();
+    let client = wait_for(Duration::from_secs(10), || {
+        path.client
+            .run(|| TcpStream::connect_timeout(&target, Duration::from_secs(2)).ok())
+    })
+    .expect("the server process listens");
+    let server = finished(&server);
+    drop(client);
+    assert_eq!(
+        server.keepalive,
+        [1, 2, 1, 3],
+        "the accepted socket enforced"
+    );
+    let events = enforcement_events(&daemon, 1);
+    let enforcement = &event_for(&events, &server)["enforcement"];
+    assert_eq!(enforcement["direction"], "accepted");
+    assert_eq!(enforcement["reason"], "no_keepalive");
+    assert_eq!(decisions(&daemon, "on", "no_keepalive"), 1.0);
 }
