@@ -105,6 +105,8 @@ struct Client {
     local: String,
     /// SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT once connected.
     keepalive: [i32; 4],
+    /// The same at the end, after the idle period.
+    keepalive_at_end: [i32; 4],
     /// `ok`, or the error of the request after the idle period.
     result: String,
 }
@@ -176,12 +178,16 @@ fn run_client(netns: &Netns, cgroup: Option<&TestCgroup>, plan: Plan) -> mpsc::R
             .find_map(|line| line.strip_prefix("CLIENT "))
             .unwrap_or_else(|| panic!("client said nothing: {stdout}"));
         let fields: Vec<&str> = line.split(' ').collect();
-        let numbers: Vec<i32> = fields[1].split(',').map(|n| n.parse().unwrap()).collect();
+        let numbers = |field: &str| -> [i32; 4] {
+            let numbers: Vec<i32> = field.split(',').map(|n| n.parse().unwrap()).collect();
+            numbers.try_into().unwrap()
+        };
         let _ = tx.send(Client {
             pid,
             local: fields[0].to_owned(),
-            keepalive: numbers.try_into().unwrap(),
-            result: fields[2].to_owned(),
+            keepalive: numbers(fields[1]),
+            keepalive_at_end: numbers(fields[2]),
+            result: fields[3].to_owned(),
         });
     });
     rx
@@ -220,7 +226,7 @@ fn zz_client_process() {
             Some(fields[2].parse::<u64>().unwrap()),
         )
     };
-    let option = |level, name| {
+    let option = |stream: &TcpStream, level, name| {
         let mut value = 0i32;
         let mut length = size_of::<i32>() as libc::socklen_t;
         // SAFETY: a valid socket and buffer.
@@ -236,12 +242,15 @@ fn zz_client_process() {
         assert_eq!(rc, 0);
         value
     };
-    let keepalive = [
-        option(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-        option(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
-        option(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
-        option(libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
-    ];
+    let keepalive = |stream: &TcpStream| {
+        [
+            option(stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+            option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+        ]
+    };
+    let at_connect = keepalive(&stream);
     let mut stream = stream;
     let result = match target_idle {
         None => "ok".to_owned(),
@@ -254,9 +263,10 @@ fn zz_client_process() {
             }
         }
     };
-    let [a, b, c, d] = keepalive;
+    let [a, b, c, d] = at_connect;
+    let [e, f, g, h] = keepalive(&stream);
     println!(
-        "CLIENT {} {a},{b},{c},{d} {result}",
+        "CLIENT {} {a},{b},{c},{d} {e},{f},{g},{h} {result}",
         stream.local_addr().unwrap()
     );
 }
@@ -310,7 +320,7 @@ fn echo(stream: &mut TcpStream) -> std::io::Result<()> {
 }
 
 fn enforcement_events(daemon: &Daemon, wanted: usize) -> Vec<Value> {
-    let found = wait_for(Duration::from_secs(10), || {
+    let found = wait_for(Duration::from_secs(20), || {
         let (_, body) = daemon.get("/events?limit=10000");
         let events: Vec<Value> = serde_json::from_str(&body).unwrap();
         let enforced: Vec<Value> = events
@@ -581,4 +591,34 @@ fn accepted_connections_are_enforced_when_configured() {
     assert_eq!(enforcement["direction"], "accepted");
     assert_eq!(enforcement["reason"], "no_keepalive");
     assert_eq!(decisions(&daemon, "on", "no_keepalive"), 1.0);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn stopping_idlemon_leaves_fixed_sockets_as_they_are() {
+    const PORT: u16 = 8305;
+    let cgroup = TestCgroup::new("stop");
+    let config = config(&cgroup, PORT, "on");
+    let daemon = start_daemon(&config);
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(PORT, 1);
+    let client = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+        },
+    );
+    // Enforced, then idlemon stops while the client idles.
+    enforcement_events(&daemon, 1);
+    assert!(daemon.stop().success());
+    let client = finished(&client);
+    assert_eq!(client.keepalive, [1, 2, 1, 3]);
+    assert_eq!(
+        client.keepalive_at_end,
+        [1, 2, 1, 3],
+        "the settings outlive idlemon"
+    );
+    assert_eq!(client.result, "ok", "kept alive after idlemon stopped");
 }
