@@ -1,8 +1,8 @@
 //! Part `enforce`: what keepalive enforcement costs a new connection.
 //!
 //! One idlemon runs with `--enforce-keepalive on` for a cgroup of the
-//! bench's own. Windows alternate (ABBA) between the bench process outside
-//! that cgroup (A: the `sock_ops` program does not run) and inside it (B:
+//! bench's own. Windows alternate (ABBA) between the bench process in a
+//! sibling cgroup (A: the `sock_ops` program does not run) and inside it (B:
 //! it runs for every connection and sets four socket options), while one
 //! thread connects to an address of a veth interface in the part's
 //! network namespace (not loopback, which the program skips at once: each
@@ -65,7 +65,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot write {}", config.display()))?;
     println!(
-        "connect+close (RST) to {SERVER} (a veth address, path timeout 350 s) as fast as one thread can, in network namespace {}; idlemon --enforce-keepalive on for cgroup {}; A: the bench outside it, B: inside",
+        "connect+close (RST) to {SERVER} (a veth address, path timeout 350 s) as fast as one thread can, in network namespace {}; idlemon --enforce-keepalive on for cgroup {}; A: the bench in a sibling cgroup, B: inside it",
         netns.name, cgroup.name
     );
     let mut daemon = Daemon::start(
@@ -212,7 +212,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
 }
 
 /// Connections per second over `window`, from the bench process inside the
-/// enforced cgroup or outside it.
+/// enforced cgroup or the plain one.
 fn measure(
     netns: &Netns,
     cgroup: &BenchCgroup,
@@ -220,11 +220,7 @@ fn measure(
     target: SocketAddr,
     window: Duration,
 ) -> anyhow::Result<f64> {
-    if inside {
-        cgroup.enter()?
-    } else {
-        cgroup.leave()?
-    }
+    move_to(if inside { &cgroup.path } else { &cgroup.plain })?;
     let (opened, elapsed) = netns.run(|| {
         let start = Instant::now();
         let mut opened = 0u64;
@@ -254,11 +250,15 @@ fn measure(
     Ok(opened as f64 / elapsed.as_secs_f64().max(1e-9))
 }
 
-/// A cgroup v2 directory of the bench; the bench process moves in and out.
+/// Two sibling cgroup v2 directories of the bench, the enforced one and a
+/// plain one: the bench process moves between them, so that A and B differ
+/// only in the program (a cgroup's depth and accounting change the cost of
+/// a connection too: the root cgroup measured 20% slower than a child here).
 struct BenchCgroup {
-    /// From the cgroup root.
+    /// The enforced one, from the cgroup root.
     name: String,
     path: PathBuf,
+    plain: PathBuf,
     /// The bench's own cgroup, to go back to.
     home: PathBuf,
 }
@@ -280,17 +280,17 @@ impl BenchCgroup {
             .ok_or_else(|| anyhow!("/proc/self/cgroup has no cgroup v2 entry"))?;
         let name = format!("/idlemon-bench-{}-enforce", std::process::id());
         let path = root.join(name.trim_start_matches('/'));
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
+        let plain = root.join(format!("idlemon-bench-{}-plain", std::process::id()));
+        for directory in [&path, &plain] {
+            std::fs::create_dir_all(directory)
+                .with_context(|| format!("cannot create {}", directory.display()))?;
+        }
         Ok(Self {
             name,
             path,
+            plain,
             home: root.join(home.trim_start_matches('/')),
         })
-    }
-
-    fn enter(&self) -> anyhow::Result<()> {
-        move_to(&self.path)
     }
 
     fn leave(&self) -> anyhow::Result<()> {
@@ -302,6 +302,7 @@ impl Drop for BenchCgroup {
     fn drop(&mut self) {
         let _ = move_to(&self.home);
         let _ = std::fs::remove_dir(&self.path);
+        let _ = std::fs::remove_dir(&self.plain);
     }
 }
 
