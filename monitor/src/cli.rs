@@ -145,7 +145,8 @@ pub struct DaemonArgs {
     pub kernel_btf: Option<PathBuf>,
 
     /// Attach kinds never to try, comma-separated (fentry, kprobe, tp_btf,
-    /// raw_tp, tracepoint): to work around a kernel bug, or to test fallbacks.
+    /// raw_tp, tracepoint; sock_ops: keepalive enforcement): to work around a
+    /// kernel bug, or to test fallbacks.
     #[arg(long, env = "IDLEMON_DISABLE_ATTACH", value_delimiter = ',')]
     pub disable_attach: Vec<crate::probes::AttachKind>,
 
