@@ -57,6 +57,14 @@ impl Plan {
     ) -> anyhow::Result<Self> {
         let config = &paths.enforce;
         let mode = flag.or(config.mode).unwrap_or_default();
+        // Off, nothing is checked: the settings only matter to the program.
+        let idle_for = |config: &EnforceConfig, timeout: u32| {
+            if mode == EnforceMode::Off {
+                Ok(0)
+            } else {
+                idle_for(config, timeout)
+            }
+        };
         let default_idle = idle_for(config, default_timeout.get())
             .with_context(|| "--idle-timeout (the path where no [[path]] rule matches)")?;
         let mut kernel_paths = Vec::new();
@@ -353,7 +361,12 @@ mod tests {
 
     fn plan(text: &str, timeout: u32) -> anyhow::Result<Plan> {
         let paths = PathConfig::parse(text, "idlemon.toml").unwrap();
-        Plan::new(None, &paths, NonZeroU32::new(timeout).unwrap(), 100)
+        Plan::new(
+            Some(EnforceMode::DryRun),
+            &paths,
+            NonZeroU32::new(timeout).unwrap(),
+            100,
+        )
     }
 
     #[test]
@@ -420,6 +433,15 @@ mod tests {
         let error = plan("", 30).unwrap_err();
         assert!(format!("{error:#}").contains("lower interval"), "{error:#}");
         assert!(plan("", 38).is_ok());
+    }
+
+    #[test]
+    fn nothing_is_checked_while_enforcement_is_off() {
+        let paths =
+            PathConfig::parse("[[path]]\ncidr = \"10.0.0.0/8\"\nidle_timeout = 5\n", "f").unwrap();
+        let timeout = NonZeroU32::new(1).unwrap();
+        assert!(Plan::new(None, &paths, timeout, 100).is_ok());
+        assert!(Plan::new(Some(EnforceMode::On), &paths, timeout, 100).is_err());
     }
 
     #[test]

@@ -121,9 +121,11 @@ enum Plan {
     Idle {
         port: u16,
         own_keepalive: Option<i32>,
+        /// Connect through an IPv4-mapped IPv6 address (a dual-stack socket).
+        mapped: bool,
     },
-    /// Connects to a listener of its own on 127.0.0.1.
-    Loopback,
+    /// Connects to a listener of its own on this loopback address and port 0.
+    Loopback(&'static str),
     /// Listens on SERVER_IP:port and reports the one connection it accepts.
     Serve { port: u16 },
 }
@@ -134,11 +136,19 @@ fn run_client(netns: &Netns, cgroup: Option<&TestCgroup>, plan: Plan) -> mpsc::R
         Plan::Idle {
             port,
             own_keepalive,
-        } => format!(
-            "{SERVER_IP}:{port} {} {IDLE_SECONDS}",
-            own_keepalive.unwrap_or(0)
-        ),
-        Plan::Loopback => "loopback".to_owned(),
+            mapped,
+        } => {
+            let server = if mapped {
+                format!("[::ffff:{SERVER_IP}]")
+            } else {
+                SERVER_IP.to_owned()
+            };
+            format!(
+                "{server}:{port} {} {IDLE_SECONDS}",
+                own_keepalive.unwrap_or(0)
+            )
+        }
+        Plan::Loopback(address) => format!("loopback:{address}"),
         Plan::Serve { port } => format!("serve {SERVER_IP}:{port}"),
     };
     let mut command = netns.command(std::env::current_exe().unwrap().to_str().unwrap());
@@ -212,8 +222,8 @@ fn zz_client_process() {
         let listener = TcpListener::bind(fields[1]).unwrap();
         let (stream, _) = listener.accept().unwrap();
         (stream, None)
-    } else if fields[0] == "loopback" {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    } else if let Some(address) = fields[0].strip_prefix("loopback:") {
+        let listener = TcpListener::bind(address).unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         // Keep the accepted end open while the options are read.
         std::mem::forget(listener.accept().unwrap());
@@ -275,6 +285,11 @@ fn zz_client_process() {
 /// seconds set before connect (0: no keepalive), as applications that set
 /// their own keepalive do.
 fn connect_with(target: SocketAddr, own: i32) -> TcpStream {
+    if target.is_ipv6() {
+        // An IPv4-mapped address: a dual-stack socket reaching an IPv4 peer.
+        assert_eq!(own, 0, "own keepalive only on IPv4 sockets");
+        return TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+    }
     // SAFETY: plain socket calls on a socket this function owns.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
@@ -340,7 +355,14 @@ fn enforcement_events(daemon: &Daemon, wanted: usize) -> Vec<Value> {
 fn event_for<'a>(events: &'a [Value], client: &Client) -> &'a Value {
     events
         .iter()
-        .find(|event| event["local"] == client.local.as_str())
+        .find(|event| {
+            // Ports are unique in the client's namespace; the address may be
+            // written IPv4 or IPv4-mapped.
+            let port = client.local.rsplit(':').next().unwrap();
+            event["local"]
+                .as_str()
+                .is_some_and(|local| local.ends_with(&format!(":{port}")))
+        })
         .unwrap_or_else(|| panic!("no event for {client:?}: {events:#?}"))
 }
 
@@ -360,7 +382,7 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
     let config = config(&cgroup, PORT, "on");
     let daemon = start_daemon(&config);
     let path = NatPath::new(NAT_TIMEOUT);
-    path.echo_server(PORT, 4);
+    path.echo_server(PORT, 5);
 
     let bare = run_client(
         &path.client,
@@ -368,6 +390,7 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
         Plan::Idle {
             port: PORT,
             own_keepalive: None,
+            mapped: false,
         },
     );
     let own = run_client(
@@ -376,6 +399,7 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
         Plan::Idle {
             port: PORT,
             own_keepalive: Some(1),
+            mapped: false,
         },
     );
     let slow = run_client(
@@ -384,6 +408,7 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
         Plan::Idle {
             port: PORT,
             own_keepalive: Some(-1),
+            mapped: false,
         },
     );
     // The same client outside the selected cgroup: what enforcement off means.
@@ -393,9 +418,37 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
         Plan::Idle {
             port: PORT,
             own_keepalive: None,
+            mapped: false,
         },
     );
-    let loopback = finished(&run_client(&path.client, Some(&cgroup), Plan::Loopback));
+    // A dual-stack socket to the same server, through its IPv4-mapped address.
+    let mapped = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+            mapped: true,
+        },
+    );
+    let loopback = finished(&run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Loopback("127.0.0.1:0"),
+    ));
+    let loopback6 = finished(&run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Loopback("[::1]:0"),
+    ));
+    let mapped = finished(&mapped);
+    assert_eq!(
+        mapped.keepalive,
+        [1, 2, 1, 3],
+        "IPv4-mapped: the IPv4 rule applies"
+    );
+    assert_eq!(mapped.result, "ok");
+    assert_eq!(loopback6.keepalive[0], 0, "IPv6 loopback untouched");
     let (bare, own, slow, outside) = (
         finished(&bare),
         finished(&own),
@@ -431,10 +484,10 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
     );
     assert_eq!(loopback.keepalive[0], 0, "loopback untouched");
 
-    let events = enforcement_events(&daemon, 3);
+    let events = enforcement_events(&daemon, 4);
     assert_eq!(
         events.len(),
-        3,
+        4,
         "one event per decision on the NAT path: {events:#?}"
     );
     let fixed = event_for(&events, &bare);
@@ -468,9 +521,13 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
     assert_eq!(lowered["new"]["interval_seconds"], 1.0);
     assert_eq!(lowered["new"]["count"], 9);
 
-    assert_eq!(decisions(&daemon, "on", "no_keepalive"), 1.0);
+    assert_eq!(
+        event_for(&events, &mapped)["enforcement"]["reason"],
+        "no_keepalive"
+    );
+    assert_eq!(decisions(&daemon, "on", "no_keepalive"), 2.0);
     assert_eq!(decisions(&daemon, "on", "keepalive_sufficient"), 1.0);
-    assert_eq!(decisions(&daemon, "on", "loopback"), 1.0);
+    assert_eq!(decisions(&daemon, "on", "loopback"), 2.0);
     assert_eq!(decisions(&daemon, "on", "keepalive_too_slow"), 1.0);
     for reason in ["no_timeout", "failed", "unreadable"] {
         assert_eq!(decisions(&daemon, "on", reason), 0.0, "{reason}");
@@ -493,6 +550,7 @@ fn dry_run_decides_and_reports_but_changes_nothing() {
         Plan::Idle {
             port: PORT,
             own_keepalive: None,
+            mapped: false,
         },
     ));
     assert_eq!(client.keepalive[0], 0, "dry-run set nothing");
@@ -608,6 +666,7 @@ fn stopping_idlemon_leaves_fixed_sockets_as_they_are() {
         Plan::Idle {
             port: PORT,
             own_keepalive: None,
+            mapped: false,
         },
     );
     // Enforced, then idlemon stops while the client idles.
