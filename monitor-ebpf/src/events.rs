@@ -13,7 +13,7 @@ use crate::{
     maps::count,
 };
 
-/// 1 MiB holds about six thousand events: a burst beyond what user space
+/// 1 MiB holds about five thousand events: a burst beyond what user space
 /// drains in time is counted in `EVENTS_LOST`, never silently dropped.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
