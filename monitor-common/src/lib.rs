@@ -302,6 +302,9 @@ pub mod enforce {
         pub const COUNT: u32 = 8;
     }
 
+    /// `KeepaliveDecision::passive` of a connection that existed before
+    /// idlemon started, fixed by the walk.
+    pub const EXISTING: u32 = 2;
     /// Path rules the kernel can hold; the config file's rules beyond it
     /// are refused when enforcement is on.
     pub const MAX_PATHS: u32 = 128;
@@ -326,7 +329,8 @@ pub struct KeepaliveDecision {
     pub count: u32,
     /// The path's idle timeout, in seconds.
     pub path_timeout_seconds: u32,
-    /// 1: an accepted connection (PASSIVE_ESTABLISHED); 0: an outbound one.
+    /// 1: an accepted connection (PASSIVE_ESTABLISHED); 0: an outbound one;
+    /// `enforce::EXISTING`: one older than idlemon, fixed by the walk.
     pub passive: u32,
     /// The `bpf_setsockopt` error, for `reason::FAILED`.
     pub error: i32,
@@ -378,6 +382,19 @@ pub struct EnforcePath {
 }
 const _: () = assert!(size_of::<EnforcePath>() == 84);
 
+/// A socket user space selected for `enforce_existing`, as the walk reads
+/// it (ports in host order, addresses as in `SocketRecord`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExistingSocket {
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<ExistingSocket>() == 24);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain `#[repr(C)]` integers and arrays with explicit padding,
@@ -388,4 +405,5 @@ mod user {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::EnforceSettings {}
     unsafe impl aya::Pod for super::EnforcePath {}
+    unsafe impl aya::Pod for super::ExistingSocket {}
 }

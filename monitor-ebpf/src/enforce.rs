@@ -16,18 +16,24 @@
 //! already fixed keep their settings.
 
 use aya_ebpf::{
-    bindings::bpf_sock_ops, cty::c_void, helpers::bpf_setsockopt, macros::map, macros::sock_ops,
-    maps::Array, programs::SockOpsContext,
+    bindings::bpf_sock_ops,
+    cty::c_void,
+    helpers::bpf_setsockopt,
+    macros::map,
+    macros::sock_ops,
+    maps::{Array, HashMap},
+    programs::SockOpsContext,
 };
 use monitor_common::{
-    AF_INET, AF_INET6, EnforcePath, EnforceSettings, KeepaliveDecision, SocketRecord, counter,
+    AF_INET, AF_INET6, EnforcePath, EnforceSettings, ExistingSocket, KeepaliveDecision,
+    SocketRecord, TCP_ESTABLISHED, counter,
     enforce::{self, reason},
     event_kind,
 };
 
 use crate::{
     events::emit_unhurried,
-    kernel::{Depth, Untyped, recorded, snapshot},
+    kernel::{Depth, Memory as _, Typed, Untyped, recorded, snapshot},
     maps::{count, pointer_as_number},
 };
 
@@ -100,42 +106,24 @@ fn try_enforce(ops: *mut bpf_sock_ops) -> Result<u32, u32> {
         return Ok(1);
     }
     let family = field!(ops, family);
-    let mut address = [0u32; 4];
-    let mut ipv4 = family == u32::from(AF_INET);
-    if ipv4 {
-        address[0] = field!(ops, remote_ip4);
+    let address = if family == u32::from(AF_INET) {
+        [field!(ops, remote_ip4), 0, 0, 0]
     } else if family == u32::from(AF_INET6) {
-        address = [
+        [
             field!(ops, remote_ip6[0]),
             field!(ops, remote_ip6[1]),
             field!(ops, remote_ip6[2]),
             field!(ops, remote_ip6[3]),
-        ];
-        // A dual-stack socket's IPv4 peer (`::ffff:a.b.c.d`) takes IPv4 rules.
-        if address[0] == 0 && address[1] == 0 && address[2] == u32::to_be(0xffff) {
-            address = [address[3], 0, 0, 0];
-            ipv4 = true;
-        }
+        ]
     } else {
         return Ok(1);
-    }
-    let loopback = if ipv4 {
-        u32::from_be(address[0]) >> 24 == 127
-    } else {
-        address[0] == 0 && address[1] == 0 && address[2] == 0 && address[3] == u32::to_be(1)
     };
-    if loopback {
-        count(counter::ENFORCEMENTS + reason::LOOPBACK, 1);
-        return Ok(1);
-    }
     // `remote_port` holds the port in network order in its upper half on
     // little-endian kernels (`sock_ops_convert_ctx_access`).
     let port = u16::from_be((field!(ops, remote_port) >> 16) as u16);
-    let path = path_of(&address, ipv4, port);
-    if path.timeout_seconds == 0 {
-        count(counter::ENFORCEMENTS + reason::NO_TIMEOUT, 1);
+    let Some(path) = destination(address, family == u32::from(AF_INET6), port) else {
         return Ok(1);
-    }
+    };
 
     // The socket as it was, for the decision and for the audit event.
     let sk = field!(ops, __bindgen_anon_2.sk);
@@ -146,10 +134,31 @@ fn try_enforce(ops: *mut bpf_sock_ops) -> Result<u32, u32> {
             recorded(sk, &mut before);
             read
         });
+    let decision = decide_and_apply(
+        ops.cast::<c_void>(),
+        &before,
+        readable,
+        &path,
+        u32::from(passive),
+    );
+    report(before, readable, decision);
+    Ok(1)
+}
+
+/// Decides from the socket as it was (`before`) and, with `on`, sets the
+/// options through `target` (the sock_ops context, or the iterator's socket).
+#[inline(always)]
+fn decide_and_apply(
+    target: *mut c_void,
+    before: &SocketRecord,
+    readable: bool,
+    path: &Path,
+    direction: u32,
+) -> KeepaliveDecision {
     let mut decision = KeepaliveDecision {
         mode: setting!(mode),
         path_timeout_seconds: path.timeout_seconds,
-        passive: u32::from(passive),
+        passive: direction,
         ..KeepaliveDecision::default()
     };
     // What the kernel's keepalive timer uses: the socket's own setting,
@@ -191,22 +200,28 @@ fn try_enforce(ops: *mut bpf_sock_ops) -> Result<u32, u32> {
         // Timers first, then SO_KEEPALIVE, which arms the timer with them.
         let mut error = 0;
         if decision.idle_seconds != 0 {
-            error = set(ops, SOL_TCP, TCP_KEEPIDLE, decision.idle_seconds);
+            error = set(target, SOL_TCP, TCP_KEEPIDLE, decision.idle_seconds);
         }
         if error == 0 && decision.interval_seconds != 0 {
-            error = set(ops, SOL_TCP, TCP_KEEPINTVL, decision.interval_seconds);
+            error = set(target, SOL_TCP, TCP_KEEPINTVL, decision.interval_seconds);
         }
         if error == 0 && decision.count != 0 {
-            error = set(ops, SOL_TCP, TCP_KEEPCNT, decision.count);
+            error = set(target, SOL_TCP, TCP_KEEPCNT, decision.count);
         }
         if error == 0 && decision.reason == reason::NO_KEEPALIVE {
-            error = set(ops, SOL_SOCKET, SO_KEEPALIVE, 1);
+            error = set(target, SOL_SOCKET, SO_KEEPALIVE, 1);
         }
         if error != 0 {
             decision.reason = reason::FAILED;
             decision.error = error;
         }
     }
+    decision
+}
+
+/// Counts the decision and reports it as an audit event.
+#[inline(always)]
+fn report(before: SocketRecord, readable: bool, decision: KeepaliveDecision) {
     count(counter::ENFORCEMENTS + decision.reason, 1);
     let _ = emit_unhurried(event_kind::KEEPALIVE_ENFORCED, |event| {
         if readable {
@@ -215,22 +230,111 @@ fn try_enforce(ops: *mut bpf_sock_ops) -> Result<u32, u32> {
         }
         event.enforcement = decision;
     });
-    Ok(1)
 }
 
 #[inline(always)]
-fn set(ops: *mut bpf_sock_ops, level: i32, name: i32, value: u32) -> i32 {
+fn set(target: *mut c_void, level: i32, name: i32, value: u32) -> i32 {
     let mut value = value as i32;
-    // SAFETY: the context and a 4-byte option value on the stack.
+    // SAFETY: a sock_ops context or a socket, and a 4-byte option value on the stack.
     unsafe {
         bpf_setsockopt(
-            ops.cast::<c_void>(),
+            target,
             level,
             name,
             (&raw mut value).cast::<c_void>(),
             size_of::<i32>() as i32,
         ) as i32
     }
+}
+
+/// The path to `address` (network-order words; IPv4 in the first), or None
+/// for loopback and paths without a timeout, which are counted and left.
+#[inline(always)]
+fn destination(mut address: [u32; 4], ipv6: bool, port: u16) -> Option<Path> {
+    let mut ipv4 = !ipv6;
+    // A dual-stack socket's IPv4 peer (`::ffff:a.b.c.d`) takes IPv4 rules.
+    if ipv6 && address[0] == 0 && address[1] == 0 && address[2] == u32::to_be(0xffff) {
+        address = [address[3], 0, 0, 0];
+        ipv4 = true;
+    }
+    let loopback = if ipv4 {
+        u32::from_be(address[0]) >> 24 == 127
+    } else {
+        address[0] == 0 && address[1] == 0 && address[2] == 0 && address[3] == u32::to_be(1)
+    };
+    if loopback {
+        count(counter::ENFORCEMENTS + reason::LOOPBACK, 1);
+        return None;
+    }
+    let path = path_of(&address, ipv4, port);
+    if path.timeout_seconds == 0 {
+        count(counter::ENFORCEMENTS + reason::NO_TIMEOUT, 1);
+        return None;
+    }
+    Some(path)
+}
+
+/// Sockets user space selected for the walk of one network namespace
+/// (`enforce_existing`): those of the selected workloads' processes.
+#[map]
+static EXISTING: HashMap<ExistingSocket, u32> = HashMap::with_max_entries(EXISTING_MAX, 0);
+const EXISTING_MAX: u32 = 65_536;
+
+/// Connections that existed before idlemon started: an `iter/tcp` walk of
+/// one network namespace (Linux 5.15+ lets such programs call
+/// `bpf_setsockopt`; the iterator holds each socket's lock), which decides
+/// and sets as `enforce_keepalive` does for the sockets in `EXISTING`:
+/// https://elixir.bootlin.com/linux/v6.12/source/net/ipv4/tcp_ipv4.c#L3400
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn enforce_existing(ctx: *mut c_void) -> i32 {
+    match try_enforce_existing(ctx) {
+        Ok(ret) => ret,
+        Err(ret) => ret,
+    }
+}
+
+fn try_enforce_existing(ctx: *mut c_void) -> Result<i32, i32> {
+    // SAFETY: `struct bpf_iter__tcp { meta; sk_common; uid }` (iterator.rs).
+    let sk = unsafe { *((ctx as *const u64).add(1) as *const *const u8) };
+    if sk.is_null() {
+        return Ok(0);
+    }
+    let Some(tp) = Typed::tcp_sock(sk as u64) else {
+        return Ok(0);
+    };
+    let mut before = SocketRecord::default();
+    if snapshot::<Typed>(tp, &mut before, Depth::Event).is_err() || before.state != TCP_ESTABLISHED
+    {
+        return Ok(0);
+    }
+    let key = ExistingSocket {
+        remote_addr: before.remote_addr,
+        local_port: before.local_port,
+        remote_port: before.remote_port,
+        family: before.family,
+        _pad: 0,
+    };
+    // SAFETY: a lookup; the value is not used.
+    if unsafe { EXISTING.get(&key) }.is_none() {
+        return Ok(0);
+    }
+    recorded(tp, &mut before);
+    let word = |index: usize| {
+        u32::from_ne_bytes([
+            before.remote_addr[index * 4],
+            before.remote_addr[index * 4 + 1],
+            before.remote_addr[index * 4 + 2],
+            before.remote_addr[index * 4 + 3],
+        ])
+    };
+    let address = [word(0), word(1), word(2), word(3)];
+    let Some(path) = destination(address, before.family == AF_INET6, before.remote_port) else {
+        return Ok(0);
+    };
+    let decision = decide_and_apply(tp as *mut c_void, &before, true, &path, enforce::EXISTING);
+    report(before, true, decision);
+    Ok(0)
 }
 
 /// The first rule (in precedence order) whose network and ports hold the

@@ -128,8 +128,14 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         "programs loaded"
     );
     if enforce_plan.mode != EnforceMode::Off {
-        let status = enforce::start(&mut loaded.ebpf, &enforce_plan, &args.disable_attach);
+        let (status, attached) =
+            enforce::start(&mut loaded.ebpf, &enforce_plan, &args.disable_attach);
         loaded.hooks.push(status);
+        if !attached.is_empty() {
+            let existing =
+                enforce::fix_existing(&mut loaded.ebpf, &btf, &attached, &args.proc_root);
+            loaded.hooks.push(existing);
+        }
     }
     // Parsing the kernel's BTF and loading took tens of MB that are free now.
     // SAFETY: only asks malloc to return free memory to the system.

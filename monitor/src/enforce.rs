@@ -16,7 +16,7 @@ use aya::{
     programs::{SockOps, links::CgroupAttachMode},
 };
 use ipnet::IpNet;
-use monitor_common::{AF_INET, AF_INET6, EnforcePath, EnforceSettings, enforce};
+use monitor_common::{AF_INET, AF_INET6, EnforcePath, EnforceSettings, ExistingSocket, enforce};
 use tracing::{info, warn};
 
 use crate::{
@@ -245,7 +245,7 @@ fn unescape(field: &str) -> String {
 /// cgroup (or the root). Never fails: a kernel or host that cannot enforce
 /// makes the returned hook degraded, with the reason (logs, metrics,
 /// /readyz), and idlemon runs on without enforcement.
-pub fn start(ebpf: &mut Ebpf, plan: &Plan, disabled: &[AttachKind]) -> HookStatus {
+pub fn start(ebpf: &mut Ebpf, plan: &Plan, disabled: &[AttachKind]) -> (HookStatus, Vec<PathBuf>) {
     let outcome = if disabled.contains(&AttachKind::SockOps) {
         Err(anyhow!("disabled by --disable-attach"))
     } else {
@@ -258,13 +258,14 @@ pub fn start(ebpf: &mut Ebpf, plan: &Plan, disabled: &[AttachKind]) -> HookStatu
                 cgroups = ?attached,
                 "keepalive enforcement attached"
             );
-            HookStatus {
+            let status = HookStatus {
                 hook: "enforce",
                 kind: Some(AttachKind::SockOps),
                 refused: Vec::new(),
                 lost: None,
                 degraded: false,
-            }
+            };
+            (status, attached)
         }
         Err(error) => {
             let reason = format!("{error:#}");
@@ -273,7 +274,7 @@ pub fn start(ebpf: &mut Ebpf, plan: &Plan, disabled: &[AttachKind]) -> HookStatu
                 %reason,
                 "keepalive enforcement cannot attach: running degraded, enforcing nothing"
             );
-            HookStatus {
+            let status = HookStatus {
                 hook: "enforce",
                 kind: None,
                 refused: vec![(AttachKind::SockOps, reason)],
@@ -281,7 +282,8 @@ pub fn start(ebpf: &mut Ebpf, plan: &Plan, disabled: &[AttachKind]) -> HookStatu
                     "keepalive enforcement is off: it needs cgroup v2 and sock_ops with bpf_setsockopt (Linux 5.9+)",
                 ),
                 degraded: true,
-            }
+            };
+            (status, Vec::new())
         }
     }
 }
@@ -353,6 +355,221 @@ fn attach(ebpf: &mut Ebpf, plan: &Plan) -> anyhow::Result<Vec<PathBuf>> {
         );
     }
     Ok(attached)
+}
+
+/// Fixes the connections that existed before idlemon started, of the
+/// processes in the `attached` cgroups (and below): an `iter/tcp` walk per
+/// network namespace that decides and sets as the `sock_ops` program does
+/// (`bpf_setsockopt` from `iter/tcp`: Linux 5.15+). The sockets are picked
+/// in user space (the processes' socket inodes, found in their namespace's
+/// `/proc/PID/net/tcp` and `tcp6`) and handed to the walk in `EXISTING`.
+/// Returns the hook's status: a kernel that refuses is said in the log and
+/// `idlemon_probe_info{hook="enforce_existing",kind="none"}`, not degraded.
+pub fn fix_existing(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    attached: &[PathBuf],
+    proc_root: &std::path::Path,
+) -> HookStatus {
+    match walk_existing(ebpf, btf, attached, proc_root) {
+        Ok(selected) => {
+            info!(
+                sockets = selected,
+                "connections older than idlemon checked for keepalive enforcement"
+            );
+            HookStatus {
+                hook: "enforce_existing",
+                kind: Some(AttachKind::Iter),
+                refused: Vec::new(),
+                lost: None,
+                degraded: false,
+            }
+        }
+        Err(error) => {
+            let reason = format!("{error:#}");
+            warn!(
+                %reason,
+                "connections older than idlemon are not enforced (the walk needs bpf_setsockopt in iter/tcp, Linux 5.15+); new ones are"
+            );
+            HookStatus {
+                hook: "enforce_existing",
+                kind: None,
+                refused: vec![(AttachKind::Iter, reason)],
+                lost: Some("connections older than idlemon are not enforced"),
+                degraded: false,
+            }
+        }
+    }
+}
+
+fn walk_existing(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    attached: &[PathBuf],
+    proc_root: &std::path::Path,
+) -> anyhow::Result<usize> {
+    use std::{
+        collections::{HashMap as Map, HashSet},
+        io::Read as _,
+        os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    };
+
+    // Processes of the selected cgroups, by network namespace, with their
+    // socket inodes.
+    let mut pids = Vec::new();
+    for directory in attached {
+        cgroup_pids(directory, &mut pids, 0);
+    }
+    let mut namespaces: Map<u64, (u32, HashSet<u64>)> = Map::new();
+    for pid in pids {
+        let process = proc_root.join(pid.to_string());
+        let Ok(netns) = std::fs::metadata(process.join("ns/net")) else {
+            continue;
+        };
+        let entry = namespaces
+            .entry(netns.ino())
+            .or_insert_with(|| (pid, HashSet::new()));
+        let Ok(fds) = std::fs::read_dir(process.join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path())
+                && let Some(inode) = target
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("socket:["))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|t| t.parse().ok())
+            {
+                entry.1.insert(inode);
+            }
+        }
+    }
+
+    let program: &mut aya::programs::Iter = ebpf
+        .program_mut(EXISTING_PROGRAM)
+        .ok_or_else(|| anyhow!("program {EXISTING_PROGRAM} missing from the eBPF object"))?
+        .try_into()?;
+    program
+        .load("tcp", btf)
+        .context("the kernel refused the walk that fixes existing connections")?;
+    let link = program.attach().context("cannot attach the walk")?;
+    let link = program.take_link(link)?;
+    let link = aya::programs::links::FdLink::try_from(link).context("the walk's link has no fd")?;
+    let link_id = link.info().context("cannot inspect the walk's link")?.id();
+    let link_fd = crate::kernel::link_fd_by_id(link_id).context("cannot open the walk's link")?;
+    let mut existing: aya::maps::HashMap<_, ExistingSocket, u32> = ebpf
+        .map_mut("EXISTING")
+        .ok_or_else(|| anyhow!("map EXISTING missing from the eBPF object"))?
+        .try_into()
+        .context("map EXISTING is not a hash map")?;
+
+    let mut selected = 0;
+    for (pid, inodes) in namespaces.values() {
+        if inodes.is_empty() {
+            continue;
+        }
+        let process = proc_root.join(pid.to_string());
+        let mut keys = Vec::new();
+        for (table, family) in [("net/tcp", AF_INET), ("net/tcp6", AF_INET6)] {
+            if let Ok(text) = std::fs::read_to_string(process.join(table)) {
+                keys.extend(established_sockets(&text, family, inodes));
+            }
+        }
+        if keys.is_empty() {
+            continue;
+        }
+        for key in &keys {
+            existing.insert(key, 1, 0).context("cannot fill EXISTING")?;
+        }
+        let namespace = File::open(process.join("ns/net"))
+            .with_context(|| format!("cannot open the network namespace of process {pid}"))?;
+        let walked = std::thread::scope(|scope| {
+            scope
+                .spawn(|| -> anyhow::Result<()> {
+                    // SAFETY: a namespace fd; setns moves only this thread.
+                    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error())
+                            .context("cannot enter the network namespace");
+                    }
+                    let iterator = crate::kernel::create_iterator(&link_fd)
+                        .context("cannot start the walk")?;
+                    let mut output = Vec::new();
+                    File::from(iterator).read_to_end(&mut output)?;
+                    Ok(())
+                })
+                .join()
+                .map_err(|_| anyhow!("the walk's thread panicked"))?
+        });
+        for key in &keys {
+            let _ = existing.remove(key);
+        }
+        walked?;
+        selected += keys.len();
+    }
+    drop(link);
+    Ok(selected)
+}
+
+/// The program of the walk (`monitor-ebpf/src/enforce.rs`).
+const EXISTING_PROGRAM: &str = "enforce_existing";
+
+/// Every process in cgroup `directory` and below (bounded depth).
+fn cgroup_pids(directory: &std::path::Path, pids: &mut Vec<u32>, depth: usize) {
+    if depth > 32 {
+        return;
+    }
+    if let Ok(text) = std::fs::read_to_string(directory.join("cgroup.procs")) {
+        pids.extend(
+            text.lines()
+                .filter_map(|line| line.trim().parse::<u32>().ok()),
+        );
+    }
+    if let Ok(entries) = std::fs::read_dir(directory) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                cgroup_pids(&entry.path(), pids, depth + 1);
+            }
+        }
+    }
+}
+
+/// The ESTABLISHED sockets of `/proc/PID/net/tcp` or `tcp6` text whose
+/// inode is in `inodes`, as the walk reads them.
+fn established_sockets(
+    text: &str,
+    family: u16,
+    inodes: &std::collections::HashSet<u64>,
+) -> Vec<ExistingSocket> {
+    let endpoint = |field: &str| -> Option<([u8; 16], u16)> {
+        let (address, port) = field.split_once(':')?;
+        let mut bytes = [0u8; 16];
+        // Each group of 8 hex digits is one 32-bit word as the kernel
+        // holds it (network-order bytes, printed as a native integer).
+        for (index, chunk) in address.as_bytes().chunks(8).enumerate().take(4) {
+            let word = u32::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
+            bytes[index * 4..index * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        Some((bytes, u16::from_str_radix(port, 16).ok()?))
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let inode: u64 = fields.get(9)?.parse().ok()?;
+            if *fields.get(3)? != "01" || !inodes.contains(&inode) {
+                return None;
+            }
+            let (_, local_port) = endpoint(fields.get(1)?)?;
+            let (remote_addr, remote_port) = endpoint(fields.get(2)?)?;
+            Some(ExistingSocket {
+                remote_addr,
+                local_port,
+                remote_port,
+                family,
+                _pad: 0,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -458,6 +675,21 @@ mod tests {
             (8, 2)
         );
         assert_eq!(plan.settings.paths, 2);
+    }
+
+    #[test]
+    fn established_sockets_are_read_from_proc_net_tcp() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+                    0: 020200C0:A1B2 026433C6:206D 01 00000000:00000000 00:00000000 00000000     0        0 4242 1\n\
+                    1: 020200C0:A1B3 026433C6:206D 01 00000000:00000000 00:00000000 00000000     0        0 4343 1\n\
+                    2: 020200C0:A1B4 026433C6:206D 06 00000000:00000000 00:00000000 00000000     0        0 4242 1\n";
+        let inodes = [4242].into_iter().collect();
+        let sockets = established_sockets(text, AF_INET, &inodes);
+        assert_eq!(sockets.len(), 1, "{sockets:?}");
+        assert_eq!(sockets[0].local_port, 0xA1B2);
+        assert_eq!(sockets[0].remote_port, 8301);
+        assert_eq!(sockets[0].remote_addr[..4], [198, 51, 100, 2]);
+        assert_eq!(sockets[0].remote_addr[4..], [0; 12]);
     }
 
     #[test]

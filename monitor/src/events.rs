@@ -132,7 +132,8 @@ pub struct Enforcement {
     /// `failed` or `unreadable` (the label of
     /// `idlemon_keepalive_enforcements_total`).
     pub reason: &'static str,
-    /// `outbound` (connect) or `accepted`.
+    /// `outbound` (connect), `accepted`, or `existing` (a connection older
+    /// than idlemon, fixed by the walk at start).
     pub direction: &'static str,
     /// Whether the socket was changed (never in dry-run).
     pub applied: bool,
@@ -205,10 +206,10 @@ fn enforcement(event: &Event, socket: Option<&TrackedSocket>) -> Enforcement {
             "dry_run"
         },
         reason: enforcement_reason(decision.reason),
-        direction: if decision.passive != 0 {
-            "accepted"
-        } else {
-            "outbound"
+        direction: match decision.passive {
+            0 => "outbound",
+            monitor_common::enforce::EXISTING => "existing",
+            _ => "accepted",
         },
         applied,
         path_idle_timeout_seconds: decision.path_timeout_seconds,

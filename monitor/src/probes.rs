@@ -34,6 +34,8 @@ pub enum AttachKind {
     /// A cgroup `sock_ops` program (keepalive enforcement).
     #[value(name = "sock_ops")]
     SockOps,
+    /// An iterator (keepalive enforcement of existing connections).
+    Iter,
 }
 
 impl AttachKind {
@@ -45,6 +47,7 @@ impl AttachKind {
             Self::RawTp => "raw_tp",
             Self::Tracepoint => "tracepoint",
             Self::SockOps => "sock_ops",
+            Self::Iter => "iter",
         }
     }
 }
@@ -386,9 +389,10 @@ fn attach(ebpf: &mut Ebpf, candidate: &Candidate, btf: &Btf) -> anyhow::Result<(
             program.load()?;
             program.attach(category, name)?;
         }
-        AttachKind::SockOps => {
+        AttachKind::SockOps | AttachKind::Iter => {
             return Err(anyhow!(
-                "sock_ops programs attach to cgroups (monitor/src/enforce.rs)"
+                "{} programs are attached by monitor/src/enforce.rs",
+                candidate.kind
             ));
         }
     }

@@ -128,6 +128,8 @@ enum Plan {
     Loopback(&'static str),
     /// Listens on SERVER_IP:port and reports the one connection it accepts.
     Serve { port: u16 },
+    /// As `Idle` without keepalive, idle this many seconds.
+    IdleFor { port: u16, seconds: u64 },
 }
 
 /// Runs a client process in `netns`, moved into `cgroup` first (when given).
@@ -150,6 +152,7 @@ fn run_client(netns: &Netns, cgroup: Option<&TestCgroup>, plan: Plan) -> mpsc::R
         }
         Plan::Loopback(address) => format!("loopback:{address}"),
         Plan::Serve { port } => format!("serve {SERVER_IP}:{port}"),
+        Plan::IdleFor { port, seconds } => format!("{SERVER_IP}:{port} 0 {seconds}"),
     };
     let mut command = netns.command(std::env::current_exe().unwrap().to_str().unwrap());
     command
@@ -680,4 +683,58 @@ fn stopping_idlemon_leaves_fixed_sockets_as_they_are() {
         "the settings outlive idlemon"
     );
     assert_eq!(client.result, "ok", "kept alive after idlemon stopped");
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn a_connection_opened_before_idlemon_started_is_enforced_at_start() {
+    const PORT: u16 = 8306;
+    // A longer timeout, so that idlemon surely starts before the NAT forgets.
+    const TIMEOUT: u32 = 8;
+    let cgroup = TestCgroup::new("existing");
+    let config = TempFile::new(
+        "enforce-existing.toml",
+        &format!(
+            "[[path]]\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\
+             [[path]]\ncidr = \"{SERVER_IP}/32\"\nidle_timeout = {TIMEOUT}\n\
+             [enforce]\nmode = \"on\"\ncgroups = [\"{}\"]\nidle_percent = 50\ninterval = 1\ncount = 3\n",
+            cgroup.name
+        ),
+    );
+    let path = NatPath::new(TIMEOUT);
+    path.echo_server(PORT, 1);
+    let client = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::IdleFor {
+            port: PORT,
+            seconds: u64::from(3 * TIMEOUT),
+        },
+    );
+    // The client connects at once; idlemon starts afterwards.
+    let connected = wait_for(Duration::from_secs(5), || {
+        let output = path.client.exec("ss", &["-tnH", "state", "established"]);
+        String::from_utf8_lossy(&output.stdout)
+            .contains(&format!("{SERVER_IP}:{PORT}"))
+            .then_some(())
+    });
+    assert!(connected.is_some(), "the client connected");
+    let daemon = start_daemon(&config);
+    let client = finished(&client);
+    assert_eq!(client.keepalive[0], 0, "no keepalive when it connected");
+    assert_eq!(
+        client.keepalive_at_end,
+        [1, 4, 1, 3],
+        "enforced by the walk at start"
+    );
+    assert_eq!(client.result, "ok", "survived {} s idle", 3 * TIMEOUT);
+    let events = enforcement_events(&daemon, 1);
+    let enforcement = &event_for(&events, &client)["enforcement"];
+    assert_eq!(enforcement["direction"], "existing");
+    assert_eq!(enforcement["reason"], "no_keepalive");
+    assert_eq!(enforcement["applied"], true);
+    assert_eq!(
+        daemon.metric("idlemon_probe_info{hook=\"enforce_existing\",kind=\"iter\"}"),
+        Some(1.0)
+    );
 }
