@@ -56,12 +56,27 @@ METRICS = {
     "idlemon_keepalive_timeouts_total", "idlemon_events_lost_total", "idlemon_tracked_sockets",
     "idlemon_at_risk_sockets", "idlemon_long_idle_sockets", "idlemon_network_namespaces",
     "idlemon_scans_total", "idlemon_scan_errors_total", "idlemon_scan_duration_seconds",
-    "idlemon_scan_cpu_seconds", "idlemon_scan_shared_table_walks", "idlemon_scan_namespace_walks", "idlemon_scan_file_walk_available", "idlemon_ready", "idlemon_resets_received_total",
+    "idlemon_scan_cpu_seconds", "idlemon_walk_duration_seconds",
+    "idlemon_walk_cpu_seconds_total", "idlemon_node_info", "idlemon_idle_timeout_resets_total",
+    "idlemon_scan_shared_table_walks", "idlemon_scan_namespace_walks", "idlemon_scan_file_walk_available", "idlemon_ready", "idlemon_resets_received_total",
     "idlemon_idle_before_reset_seconds", "idlemon_malformed_events_total",
     "idlemon_event_log_errors_total", "idlemon_events_total",
     "idlemon_attribution_series_dropped_total", "idlemon_last_scan_timestamp_seconds",
 }
-HISTOGRAMS = {"idlemon_idle_before_reset_seconds"}
+HISTOGRAMS = {"idlemon_idle_before_reset_seconds", "idlemon_walk_duration_seconds"}
+# Besides idlemon's own: Prometheus's `up` per target, and the process
+# collector's standard metrics of the daemon.
+OTHER_METRICS = {
+    "up", "process_cpu_seconds_total", "process_resident_memory_bytes",
+    "process_virtual_memory_bytes", "process_open_fds", "process_max_fds",
+    "process_start_time_seconds", "process_threads",
+}
+# Recording rule names: level:metric:operations (Prometheus's convention).
+RECORD_NAME = re.compile(r"^[a-z_]+:[a-z0-9_]+:[a-z0-9_]+$")
+
+
+def recorded_series():
+    return {rule["record"] for group in load(RULES)["groups"] for rule in group["rules"] if "record" in rule}
 
 PROMETHEUS_RULE_HEADER = """\
 # The alert rules of deploy/prometheus/idlemon-rules.yml for the Prometheus
@@ -366,11 +381,24 @@ def rules_lint():
     anchors = github_anchors(RUNBOOK.read_text()) if RUNBOOK.exists() else set()
     result.check(RUNBOOK.exists(), f"{rel(RUNBOOK)} is missing")
     names = []
+    records = recorded_series()
     for group in load(RULES)["groups"]:
         for rule in group["rules"]:
-            name = rule.get("alert")
-            if not result.check(name is not None, f"group {group['name']}: a rule that is not an alert"):
+            if "record" in rule:
+                record = rule["record"]
+                result.check(RECORD_NAME.match(record) is not None,
+                             f"recording rule {record}: name is not level:metric:operations")
+                level = record.split(":")[0].split("_")
+                grouped = re.search(r"\bby\s*\(([^)]*)\)", rule.get("expr", ""))
+                result.check(grouped is not None and
+                             {label.strip() for label in grouped.group(1).split(",")} >= set(level),
+                             f"recording rule {record}: does not aggregate by its level ({', '.join(level)})")
                 continue
+            name = rule.get("alert")
+            if not result.check(name is not None, f"group {group['name']}: a rule neither alert nor record"):
+                continue
+            for used in re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b", rule.get("expr", "")):
+                result.check(used in records, f"{name}: uses {used}, which no recording rule makes")
             names.append(name)
             result.check(rule.get("labels", {}).get("severity") in ("critical", "warning", "info"),
                          f"{name}: severity must be critical, warning or info")
@@ -387,6 +415,7 @@ def rules_lint():
     for target in re.findall(r"\]\(#([^)]+)\)", RUNBOOK.read_text() if RUNBOOK.exists() else ""):
         result.check(target in anchors, f"{rel(RUNBOOK)} links to #{target}, which no heading makes")
     print(f"  alerts: {', '.join(names)}")
+    print(f"  recorded: {', '.join(sorted(records))}")
     return result.done()
 
 
@@ -400,10 +429,17 @@ def dashboard(promtool):
     result.check(variables.get("datasource", {}).get("type") == "datasource"
                  and variables["datasource"].get("query") == "prometheus",
                  "no datasource variable of type prometheus")
-    for name in ("namespace", "pod"):
+    for name in ("namespace", "workload"):
         var = variables.get(name, {})
-        result.check(f"label_values(idlemon_at_risk_sockets" in str(var.get("query")),
-                     f"variable {name} does not come from label_values(idlemon_at_risk_sockets, ...)")
+        result.check("label_values(cluster_namespace_workload:idlemon_at_risk_sockets:sum" in str(var.get("query")),
+                     f"variable {name} does not come from label_values(cluster_namespace_workload:idlemon_at_risk_sockets:sum, ...)")
+    cluster = variables.get("cluster", {})
+    result.check(re.search(r"label_values\(.*,\s*cluster\)", str(cluster.get("query"))) is not None
+                 and cluster.get("includeAll") and cluster.get("allValue") == ".*",
+                 "no cluster variable from label_values(..., cluster) defaulting to all")
+    names = [v["name"] for v in board.get("templating", {}).get("list", [])]
+    result.check(names[:2] == ["datasource", "cluster"], f"variables should start with datasource, cluster: {names}")
+    records = recorded_series()
     for var in variables.values():
         if var.get("type") == "query":
             result.check(var.get("datasource") == datasource, f"variable {var['name']} does not use ${{datasource}}")
@@ -429,12 +465,16 @@ def dashboard(promtool):
             for function, window in re.findall(r"\b(rate|irate|increase|delta|deriv)\s*\([^\[]*\[([^\]]*)\]", expr):
                 result.check(window == "$__rate_interval",
                              f"panel {title!r}: {function}(...[{window}]) should use [$__rate_interval]")
-            for metric in re.findall(r"\bidlemon_[a-z0-9_]+", expr):
+            for record in re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b", expr):
+                result.check(record in records, f"panel {title!r} uses {record}, which no recording rule makes")
+            bare = re.sub(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b", "", expr)
+            for metric in re.findall(r"(?<![\w:])idlemon_[a-z0-9_]+", bare):
                 name = re.sub(r"_(bucket|sum|count)$", "", metric)
                 name = name if name in HISTOGRAMS else metric
                 used.add(name)
                 result.check(name in METRICS, f"panel {title!r} uses unknown metric {metric}")
-            result.check(not re.search(r"\bup\b", expr), f"panel {title!r} uses `up`: dashboards use idlemon_* only")
+            for metric in re.findall(r"(?<![\w:])(up|process_[a-z0-9_]+)\b(?!\s*\()", bare):
+                result.check(metric in OTHER_METRICS, f"panel {title!r} uses {metric}, which neither Prometheus nor idlemon exports")
         if panel.get("type") == "heatmap":
             result.check(all(t.get("format") == "heatmap" for t in panel["targets"]),
                          f"heatmap {title!r} queries are not format heatmap")
@@ -447,8 +487,10 @@ def dashboard(promtool):
     # promtool parses every query, with the variables given values.
     rules = {"groups": [{"name": "dashboard", "rules": []}]}
     for i, (title, ref, expr) in enumerate(exprs):
-        concrete = (expr.replace("$__rate_interval", "1m").replace("$node", ".*")
-                    .replace("$namespace", ".*").replace("$pod", ".*"))
+        concrete = expr.replace("$__rate_interval", "1m")
+        for name in ("node", "namespace", "workload", "cluster", "job"):
+            concrete = concrete.replace(f"${name}", ".*")
+        result.check("$" not in concrete, f"panel {title!r} uses a variable the check does not know: {expr}")
         rules["groups"][0]["rules"].append({"record": f"dashboard:query_{i}:{ref}", "expr": concrete})
     with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as f:
         yaml.safe_dump(rules, f)
@@ -847,7 +889,7 @@ def helm_checks(out_dir, kustomize_rendered=None):
             except tomllib.TOMLDecodeError as error:
                 result.check(False, f"the ConfigMap's idlemon.toml is not TOML: {error}")
         rule = kinds["PrometheusRule"][0]
-        urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"]]
+        urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
         result.check(all(u.startswith("https://wiki.example.com/idlemon/runbook#idlemon") for u in urls),
                      f"runbookUrlBase is not the base of every runbook_url: {urls[:2]}")
         for kind in ("PodMonitor", "PrometheusRule"):

@@ -316,7 +316,7 @@ fn try_enforce_existing(ctx: *mut c_void) -> Result<i32, i32> {
         _pad: 0,
     };
     // SAFETY: a lookup; the value is not used.
-    if unsafe { EXISTING.get(&key) }.is_none() {
+    if unsafe { EXISTING.get(key) }.is_none() {
         return Ok(0);
     }
     recorded(tp, &mut before);

@@ -17,7 +17,7 @@ pub const DEFAULT_API_PORT: u16 = 9782;
 #[derive(Debug, Parser)]
 #[command(
     name = "idlemon",
-    version,
+    version = crate::build_info::version_line(),
     about = "Finds TCP connections a middlebox's idle timeout is about to kill, and explains the ones it did",
     long_about = None,
 )]
@@ -128,11 +128,34 @@ pub struct DaemonArgs {
     #[arg(long, env = "IDLEMON_KUBE_API", requires = "node_name")]
     pub kube_api: Option<String>,
 
+    /// Kubernetes API bearer token file, instead of the service account's.
+    /// Read again every minute and after the API server refuses a token.
+    #[arg(long, env = "IDLEMON_KUBE_TOKEN_FILE", requires = "node_name")]
+    pub kube_token_file: Option<PathBuf>,
+
+    /// The API server ends each pod watch after this many seconds; a watch
+    /// or list silent 5 s longer is taken for a dead connection and restarted.
+    #[arg(long, env = "IDLEMON_KUBE_WATCH_TIMEOUT", default_value = "290", value_parser = parse_seconds)]
+    pub kube_watch_timeout: Duration,
+
     /// Owner label sets (namespace, pod, workload) of
     /// idlemon_at_risk_sockets per scan; the rest are folded into
     /// workload="_other" and counted in idlemon_attribution_series_dropped_total.
     #[arg(long, env = "IDLEMON_MAX_ATTRIBUTION_SERIES", default_value_t = 500)]
     pub max_attribution_series: usize,
+
+    /// Owner labels of the per-workload series (idlemon_at_risk_sockets,
+    /// idlemon_idle_timeout_resets_total), comma-separated: namespace,
+    /// workload, pod. Without pod (the default), rollouts start no new
+    /// series; /sockets and the events still name the pod.
+    #[arg(
+        long,
+        env = "IDLEMON_OWNER_LABELS",
+        value_delimiter = ',',
+        default_value = "namespace,workload",
+        required = false
+    )]
+    pub owner_labels: Vec<crate::metrics::OwnerLabel>,
 
     /// Export idlemon_at_risk_destination_sockets{destination} for the N
     /// destinations with the most at-risk sockets (0: off).
@@ -254,6 +277,10 @@ mod tests {
         assert_eq!(cli.daemon.stall_intervals, 6);
         assert_eq!(cli.daemon.idle_threshold, Duration::from_secs(300));
         assert_eq!(cli.daemon.idle_timeout, Duration::from_secs(350));
+        assert_eq!(
+            crate::metrics::OwnerLabels::of(&cli.daemon.owner_labels),
+            crate::metrics::OwnerLabels::DEFAULT
+        );
         assert!(cli.command.is_none());
     }
 
@@ -286,6 +313,10 @@ mod tests {
         assert!(Cli::try_parse_from(["idlemon", "--bogus"]).is_err());
         assert!(Cli::try_parse_from(["idlemon", "--listen", "nowhere"]).is_err());
         assert!(Cli::try_parse_from(["idlemon", "--disable-attach", "magic"]).is_err());
+        assert!(Cli::try_parse_from(["idlemon", "--owner-labels", "node"]).is_err());
+        let cli = Cli::try_parse_from(["idlemon", "--owner-labels", "namespace,workload,pod"])
+            .expect("owner labels");
+        assert!(crate::metrics::OwnerLabels::of(&cli.daemon.owner_labels).pod);
         let cli = Cli::try_parse_from(["idlemon", "--disable-attach", "fentry,tp_btf,raw_tp"])
             .expect("attach kinds are named as in idlemon_probe_info");
         assert_eq!(cli.daemon.disable_attach.len(), 3);

@@ -57,8 +57,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         args.event_log_keep,
     )?;
     let kube_api = match &args.node_name {
-        Some(node) => ApiConfig::discover(node, args.kube_api.as_deref())
-            .context("cannot set up the Kubernetes pod watch")?,
+        Some(node) => ApiConfig::discover(
+            node,
+            args.kube_api.as_deref(),
+            args.kube_token_file.as_deref(),
+            args.kube_watch_timeout,
+        )
+        .context("cannot set up the Kubernetes pod watch")?,
         None => None,
     };
     if !args.proc_root.join("self").exists() && !args.proc_root.join("1").exists() {
@@ -149,11 +154,14 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             table_capacity: args.max_sockets,
             owners: args.max_attribution_series,
             destinations: args.destination_labels as usize,
+            owner_labels: crate::metrics::OwnerLabels::of(&args.owner_labels),
         },
     )?);
     if enforce_plan.mode != EnforceMode::Off {
         metrics.enable_enforcement(enforce_plan.mode.as_str());
     }
+    let node = crate::events::node_name(args.node_name.as_deref());
+    metrics.node_info(&node, &crate::metrics::kernel_release());
     let pods = Arc::new(PodCache::default());
     if let Some(api) = kube_api {
         pods::spawn_watch(
@@ -213,7 +221,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .context("map EVENTS is not a ring buffer")?;
     let event_task = stream::spawn(
         ring,
-        Explainer::new(Arc::clone(&classifier)),
+        Explainer::new(Arc::clone(&classifier)).on_node(&node),
         Sinks {
             attributor: Attributor::new(args.proc_root.clone(), Arc::clone(&pods)),
             history: Arc::clone(&history),

@@ -82,8 +82,16 @@ pub struct Reuse {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventRecord {
-    /// Increasing; `GET /events?after=ID` continues from one.
+    /// Increasing within one run of the daemon; `GET /events?after=ID`
+    /// continues from one.
     pub id: u64,
+    /// Unique across nodes, reboots and restarts, and the same wherever the
+    /// event is read (the event log, /events): what a log pipeline
+    /// deduplicates on. `BOOT_ID-START_MS-ID`: the kernel's boot id, the
+    /// daemon's start (unix milliseconds) and `id`.
+    pub event_id: String,
+    /// The node (`--node-name`, else the hostname).
+    pub node: Arc<str>,
     /// RFC 3339, UTC.
     pub time: String,
     #[serde(skip)]
@@ -248,6 +256,9 @@ const REUSE_MEMORY: usize = 65_536;
 /// Turns kernel events into explained records.
 pub struct Explainer {
     classifier: Arc<Classifier>,
+    node: Arc<str>,
+    /// The prefix of every `event_id` of this run.
+    run: String,
     next_id: u64,
     /// Socket -> (jiffies of its last send after idle, that event's id).
     reuses: HashMap<u64, (u32, u64)>,
@@ -257,9 +268,24 @@ impl Explainer {
     pub fn new(classifier: Arc<Classifier>) -> Self {
         Self {
             classifier,
+            node: node_name(None).into(),
+            run: format!(
+                "{}-{}",
+                boot_id(),
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |elapsed| elapsed.as_millis())
+            ),
             next_id: 1,
             reuses: HashMap::new(),
         }
+    }
+
+    /// Names the node in every event (the hostname otherwise).
+    #[must_use]
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node = node.into();
+        self
     }
 
     /// `unix_seconds` is the event's wall-clock time.
@@ -280,6 +306,8 @@ impl Explainer {
 
         let mut record = EventRecord {
             id,
+            event_id: format!("{}-{id}", self.run),
+            node: Arc::clone(&self.node),
             time: humantime::format_rfc3339_millis(
                 UNIX_EPOCH + Duration::from_secs_f64(unix_seconds.max(0.0)),
             )
@@ -362,6 +390,27 @@ impl Explainer {
         record.evidence = record.is_evidence(self.classifier.idle_threshold);
         Some(record)
     }
+}
+
+/// The node's name: `flag` (`--node-name`), else the hostname.
+pub fn node_name(flag: Option<&str>) -> String {
+    if let Some(name) = flag.filter(|name| !name.is_empty()) {
+        return name.to_owned();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The kernel's random id of this boot, without dashes (32 hex digits).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().replace('-', ""))
+        .ok()
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| "noboot".to_owned())
 }
 
 fn errno_name(errno: u32) -> String {

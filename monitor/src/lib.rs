@@ -2,6 +2,7 @@
 //! line and runs it; the fuzz targets (`monitor/fuzz`) drive the parsers.
 
 pub mod attribution;
+pub mod build_info;
 pub mod cli;
 pub mod client;
 pub mod config;

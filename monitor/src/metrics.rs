@@ -82,6 +82,75 @@ const KERNEL_COUNTERS: &[(u32, &str, &str)] = &[
     ),
 ];
 
+/// An owner label of the per-workload series (`--owner-labels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OwnerLabel {
+    Namespace,
+    Workload,
+    Pod,
+}
+
+/// The owner labels the per-workload series carry. Without `pod` (the
+/// default), a rollout does not start new series: per-pod detail is in
+/// /sockets and the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerLabels {
+    pub namespace: bool,
+    pub pod: bool,
+    pub workload: bool,
+}
+
+impl OwnerLabels {
+    pub const DEFAULT: Self = Self {
+        namespace: true,
+        pod: false,
+        workload: true,
+    };
+
+    pub fn of(labels: &[OwnerLabel]) -> Self {
+        Self {
+            namespace: labels.contains(&OwnerLabel::Namespace),
+            pod: labels.contains(&OwnerLabel::Pod),
+            workload: labels.contains(&OwnerLabel::Workload),
+        }
+    }
+
+    /// The label names, in the order of `Attribution::labels`.
+    fn names(self) -> Vec<&'static str> {
+        [
+            (self.namespace, "namespace"),
+            (self.pod, "pod"),
+            (self.workload, "workload"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
+
+    /// The chosen values of (namespace, pod, workload).
+    fn pick(self, [namespace, pod, workload]: &[String; 3]) -> Vec<String> {
+        [
+            (self.namespace, namespace),
+            (self.pod, pod),
+            (self.workload, workload),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, value)| value.clone())
+        .collect()
+    }
+
+    /// The label values of the series past the cap: `workload="_other"`
+    /// (or the last chosen label, without workload), the rest empty.
+    fn other(self) -> Vec<String> {
+        let mut values = vec![String::new(); self.names().len()];
+        if let Some(last) = values.last_mut() {
+            "_other".clone_into(last);
+        }
+        values
+    }
+}
+
 /// Caps on label cardinality.
 #[derive(Debug, Clone, Copy)]
 pub struct LabelLimits {
@@ -91,6 +160,8 @@ pub struct LabelLimits {
     pub owners: usize,
     /// Destinations with their own series; 0 disables the metric.
     pub destinations: usize,
+    /// Owner labels of idlemon_at_risk_sockets and idlemon_idle_timeout_resets_total.
+    pub owner_labels: OwnerLabels,
 }
 
 pub struct Metrics {
@@ -111,8 +182,20 @@ pub struct Metrics {
     pub namespaces: IntGauge,
     pub scans: IntCounter,
     pub scan_errors: IntCounterVec,
+    /// Wall time of each walk (a histogram: a 30 s scrape sees every walk
+    /// of a 5 s interval, not one in six).
+    pub walk_seconds: Histogram,
+    /// CPU time of the walks, summed.
+    pub walk_cpu_seconds: prometheus::Counter,
+    /// The last walk's wall and CPU time: what `cargo xtask bench` reads
+    /// per walk. Dashboards and alerts use the histogram and the counter.
     pub scan_seconds: Gauge,
     pub scan_cpu_seconds: Gauge,
+    node_info: IntGaugeVec,
+    idle_timeout_resets: IntCounterVec,
+    /// Owner label sets of idlemon_idle_timeout_resets_total so far, capped
+    /// at `LabelLimits::owners`.
+    reset_owners: std::sync::Mutex<std::collections::HashSet<Vec<String>>>,
     pub shared_table_walks: IntGauge,
     pub namespace_walks: IntGauge,
     pub file_walk_available: IntGauge,
@@ -131,6 +214,19 @@ pub struct Metrics {
     keepalive_enforcements: IntCounterVec,
     enforce_mode: std::sync::OnceLock<&'static str>,
 }
+
+/// The running kernel's release (`uname -r`), for idlemon_node_info.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|release| release.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Buckets of `idlemon_walk_duration_seconds`: 1 ms (a few sockets) to 10 s
+/// (hundreds of thousands on a busy node, or a stall).
+const WALK_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// Buckets of `idlemon_idle_before_reset_seconds`: 1 s to 2 h, with the
 /// common middlebox timeouts (60, 350, 900, 3600) as edges.
@@ -151,11 +247,18 @@ impl Metrics {
         };
 
         let build_info = IntGaugeVec::new(
-            Opts::new("idlemon_build_info", "idlemon's version; always 1."),
-            &["version"],
+            Opts::new(
+                "idlemon_build_info",
+                "idlemon's version, git revision and architecture; always 1.",
+            ),
+            &["version", "revision", "arch"],
         )?;
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[
+                crate::build_info::VERSION,
+                crate::build_info::REVISION,
+                crate::build_info::arch(),
+            ])
             .set(1);
         register(Box::new(build_info))?;
 
@@ -165,6 +268,20 @@ impl Metrics {
         )?;
         threshold.set(idle_threshold_seconds);
         register(Box::new(threshold))?;
+        let node_info = IntGaugeVec::new(
+            Opts::new(
+                "idlemon_node_info",
+                "The node idlemon runs on (--node-name, else the hostname) and its kernel \
+                 release; always 1. Join on it to tell kernels apart.",
+            ),
+            &["node", "kernel_release"],
+        )?;
+        register(Box::new(node_info.clone()))?;
+        // process_cpu_seconds_total, process_resident_memory_bytes, ...: the
+        // daemon's own cost, as every Prometheus exporter reports it.
+        register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let timeout = Gauge::new(
             "idlemon_idle_timeout_seconds",
             "Default idle timeout of the path's middlebox (the config file may override it per destination).",
@@ -220,14 +337,26 @@ impl Metrics {
             "ESTABLISHED TCP sockets tracked, in every network namespace.",
         )?;
         register(Box::new(tracked.clone()))?;
+        let owner_names = limits.owner_labels.names();
         let at_risk = IntGaugeVec::new(
             Opts::new(
                 "idlemon_at_risk_sockets",
                 "Sockets idle at least the threshold whose keepalive cannot keep the path alive, \
-                 by reason and owner (namespace, pod, workload; workload=\"_other\" past the series cap).",
+                 by reason and owner (--owner-labels: namespace, workload and optionally pod; \
+                 workload=\"_other\" past the series cap).",
             ),
-            &["reason", "namespace", "pod", "workload"],
+            &[&["reason"][..], &owner_names].concat(),
         )?;
+        let idle_timeout_resets = IntCounterVec::new(
+            Opts::new(
+                "idlemon_idle_timeout_resets_total",
+                "RSTs received on connections idle at least the path's idle timeout \
+                 (classification idle_timeout_suspected), by owner (--owner-labels; \
+                 workload=\"_other\" past the series cap).",
+            ),
+            &owner_names,
+        )?;
+        register(Box::new(idle_timeout_resets.clone()))?;
         register(Box::new(at_risk.clone()))?;
         let at_risk_destinations = IntGaugeVec::new(
             Opts::new(
@@ -290,14 +419,29 @@ impl Metrics {
             &["reason"],
         )?;
         register(Box::new(scan_errors.clone()))?;
+        let walk_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "idlemon_walk_duration_seconds",
+                "Wall time of each socket walk and classification.",
+            )
+            .buckets(WALK_BUCKETS.to_vec()),
+        )?;
+        register(Box::new(walk_seconds.clone()))?;
+        let walk_cpu_seconds = prometheus::Counter::new(
+            "idlemon_walk_cpu_seconds_total",
+            "CPU time spent in socket walks and classification.",
+        )?;
+        register(Box::new(walk_cpu_seconds.clone()))?;
         let scan_seconds = Gauge::new(
             "idlemon_scan_duration_seconds",
-            "Wall time of the last socket walk and classification.",
+            "Wall time of the last socket walk and classification (a 30 s scrape sees one \
+             walk in six: idlemon_walk_duration_seconds has them all).",
         )?;
         register(Box::new(scan_seconds.clone()))?;
         let scan_cpu_seconds = Gauge::new(
             "idlemon_scan_cpu_seconds",
-            "CPU time of the last socket walk and classification.",
+            "CPU time of the last socket walk and classification (idlemon_walk_cpu_seconds_total \
+             sums them all).",
         )?;
         register(Box::new(scan_cpu_seconds.clone()))?;
         let shared_table_walks = IntGauge::new(
@@ -397,9 +541,9 @@ impl Metrics {
         register(Box::new(api_walks.clone()))?;
 
         for risk in Risk::ALL {
-            at_risk
-                .with_label_values(&[risk.as_str(), "", "", ""])
-                .set(0);
+            let mut labels = vec![risk.as_str()];
+            labels.resize(1 + owner_names.len(), "");
+            at_risk.with_label_values(&labels).set(0);
         }
         for coverage in Coverage::ALL {
             long_idle.with_label_values(&[coverage.as_str()]).set(0);
@@ -436,8 +580,13 @@ impl Metrics {
             namespaces,
             scans,
             scan_errors,
+            walk_seconds,
+            walk_cpu_seconds,
             scan_seconds,
             scan_cpu_seconds,
+            node_info,
+            idle_timeout_resets,
+            reset_owners: std::sync::Mutex::default(),
             shared_table_walks,
             namespace_walks,
             file_walk_available,
@@ -479,37 +628,33 @@ impl Metrics {
         // The busiest owners keep their own series; the rest are folded.
         let mut owners: Vec<(&(Risk, [String; 3]), &usize)> = summary.at_risk.iter().collect();
         owners.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+        let chosen = self.limits.owner_labels;
+        let with_reason = |risk: Risk, owner: Vec<String>| {
+            let mut labels = vec![risk.as_str().to_owned()];
+            labels.extend(owner);
+            labels
+        };
         let mut series: std::collections::BTreeMap<Vec<String>, i64> = Risk::ALL
             .iter()
             .map(|risk| {
                 (
-                    vec![
-                        risk.as_str().to_owned(),
-                        String::new(),
-                        String::new(),
-                        String::new(),
-                    ],
+                    with_reason(*risk, vec![String::new(); chosen.names().len()]),
                     0,
                 )
             })
             .collect();
         let mut dropped = 0;
-        for (rank, ((risk, [namespace, pod, workload]), count)) in owners.into_iter().enumerate() {
-            let labels = if rank < self.limits.owners {
-                vec![
-                    risk.as_str().to_owned(),
-                    namespace.clone(),
-                    pod.clone(),
-                    workload.clone(),
-                ]
+        // Owners that differ only in a label left out (pods of one workload)
+        // share a series; the cap counts series, not owners.
+        let mut kept = std::collections::HashSet::new();
+        for ((risk, owner), count) in owners {
+            let picked = chosen.pick(owner);
+            let labels = if kept.contains(&picked) || kept.len() < self.limits.owners {
+                kept.insert(picked.clone());
+                with_reason(*risk, picked)
             } else {
                 dropped += 1;
-                vec![
-                    risk.as_str().to_owned(),
-                    String::new(),
-                    String::new(),
-                    "_other".to_owned(),
-                ]
+                with_reason(*risk, chosen.other())
             };
             *series.entry(labels).or_default() += *count as i64;
         }
@@ -611,6 +756,13 @@ impl Metrics {
         }
     }
 
+    /// Sets idlemon_node_info.
+    pub fn node_info(&self, node: &str, kernel_release: &str) {
+        self.node_info
+            .with_label_values(&[node, kernel_release])
+            .set(1);
+    }
+
     pub fn observe_event(&self, record: &EventRecord) {
         self.events.with_label_values(&[record.kind.as_str()]).inc();
         if record.kind != Kind::ResetReceived {
@@ -620,6 +772,19 @@ impl Metrics {
         self.resets_received
             .with_label_values(&[classification.as_str()])
             .inc();
+        if classification == Classification::IdleTimeoutSuspected {
+            let chosen = self.limits.owner_labels;
+            let owner = chosen.pick(&record.attribution.labels(record.comm.as_deref()));
+            let labels = match self.reset_owners.lock() {
+                Ok(mut seen) if seen.contains(&owner) || seen.len() < self.limits.owners => {
+                    seen.insert(owner.clone());
+                    owner
+                }
+                _ => chosen.other(),
+            };
+            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+            self.idle_timeout_resets.with_label_values(&labels).inc();
+        }
         if let Some(idle) = record.idle_before_seconds {
             self.idle_before_reset.observe(idle);
         }
@@ -645,6 +810,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn build_info_names_version_revision_and_arch() {
+        let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
+        let text = metrics.render().expect("render");
+        let series = format!(
+            "idlemon_build_info{{arch=\"{}\",revision=\"{}\",version=\"{}\"}} 1",
+            crate::build_info::arch(),
+            crate::build_info::REVISION,
+            env!("CARGO_PKG_VERSION"),
+        );
+        assert!(
+            text.lines().any(|line| line == series),
+            "{series} not in\n{text}"
+        );
+    }
+
+    #[test]
     fn kernel_counters_advance_and_never_go_back() {
         let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
         let mut totals = vec![0u64; counter::SLOTS as usize];
@@ -658,12 +839,17 @@ mod tests {
         assert!(text.contains("idlemon_sends_after_idle_total 2"));
         assert!(text.contains("idlemon_idle_timeout_seconds 350"));
         assert!(text.contains(
-            "idlemon_at_risk_sockets{namespace=\"\",pod=\"\",reason=\"keepalive_too_slow\",workload=\"\"} 0"
+            "idlemon_at_risk_sockets{namespace=\"\",reason=\"keepalive_too_slow\",workload=\"\"} 0"
         ));
+        // The daemon's own cost, from the process collector.
+        assert!(text.contains("process_cpu_seconds_total "), "{text}");
+        assert!(text.contains("process_resident_memory_bytes "));
     }
 
-    /// Every `idlemon_*` name a dashboard query or alert rule uses must be
-    /// one this registry exports, so that no panel or alert is silently empty.
+    /// Every `idlemon_*` and `process_*` name a dashboard query or alert rule
+    /// uses must be one this registry exports, and every recorded series
+    /// (`level:metric:operations`) one the rules record, so that no panel or
+    /// alert is silently empty. `up` is Prometheus's own.
     #[test]
     fn dashboard_and_alerts_use_only_exported_metrics() {
         let hooks = [crate::probes::HookStatus {
@@ -674,6 +860,12 @@ mod tests {
             degraded: false,
         }];
         let metrics = Metrics::new(300.0, 350.0, &hooks, LIMITS).expect("metrics");
+        // Families that have series only once set.
+        metrics.node_info("node-a", "6.18.0");
+        metrics
+            .idle_timeout_resets
+            .with_label_values(&["shop", "cart"])
+            .inc();
         let mut exported = std::collections::BTreeSet::new();
         for family in metrics.registry.gather() {
             let name = family.name().to_owned();
@@ -685,15 +877,29 @@ mod tests {
             exported.insert(name);
         }
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let rules = std::fs::read_to_string(root.join("deploy/prometheus/idlemon-rules.yml"))
+            .expect("rules");
+        let recorded: std::collections::BTreeSet<String> = rules
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("- record: "))
+            .map(|name| name.trim().to_owned())
+            .collect();
+        assert!(recorded.len() >= 2, "fleet recording rules: {recorded:?}");
         for file in [
             "deploy/grafana/idlemon-dashboard.json",
             "deploy/prometheus/idlemon-rules.yml",
             "deploy/prometheus/idlemon-rules.test.yml",
         ] {
             let text = std::fs::read_to_string(root.join(file)).expect(file);
-            let used = metric_names(&text);
+            let used = metric_names(&text, "idlemon_");
             assert!(!used.is_empty(), "{file} uses no idlemon metric");
-            for name in used {
+            for name in recorded_names(&text) {
+                assert!(
+                    recorded.contains(&name),
+                    "{file} uses {name}, which no recording rule records"
+                );
+            }
+            for name in used.into_iter().chain(metric_names(&text, "process_")) {
                 assert!(
                     exported.contains(&name),
                     "{file} uses {name}, which idlemon does not export"
@@ -715,22 +921,41 @@ mod tests {
         assert!(queries.len() >= 5, "{} queries", queries.len());
         for query in queries {
             assert!(
-                !metric_names(query).is_empty(),
-                "query without an idlemon metric: {query}"
+                !metric_names(query, "idlemon_").is_empty()
+                    || !metric_names(query, "process_").is_empty()
+                    || !recorded_names(query).is_empty()
+                    || query.starts_with("up{")
+                    || query.contains("(up{"),
+                "query without an idlemon or process metric, recorded series or `up`: {query}"
             );
         }
     }
 
-    /// `idlemon_*` identifiers in a text, skipping ones that are only a
-    /// prefix of a longer word (file names, alert names use CamelCase).
-    fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    /// Recorded series (`level:metric:operations`) named in a text.
+    fn recorded_names(text: &str) -> std::collections::BTreeSet<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .filter(|word| {
+                word.split(':').count() == 3
+                    && word.split(':').all(|part| !part.is_empty())
+                    && word.contains("idlemon_")
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Identifiers starting with `prefix` in a text, skipping ones that are
+    /// only a part of a longer word (file names, alert names use CamelCase)
+    /// or of a recorded series' name.
+    fn metric_names(text: &str, prefix: &str) -> std::collections::BTreeSet<String> {
         let bytes = text.as_bytes();
         let mut names = std::collections::BTreeSet::new();
         let mut start = 0;
-        while let Some(found) = text[start..].find("idlemon_") {
+        while let Some(found) = text[start..].find(prefix) {
             let begin = start + found;
-            let preceded =
-                begin > 0 && (bytes[begin - 1].is_ascii_alphanumeric() || bytes[begin - 1] == b'_');
+            let preceded = begin > 0
+                && (bytes[begin - 1].is_ascii_alphanumeric()
+                    || bytes[begin - 1] == b'_'
+                    || bytes[begin - 1] == b':');
             let mut end = begin;
             while end < bytes.len()
                 && (bytes[end].is_ascii_lowercase()
@@ -751,6 +976,16 @@ mod tests {
         table_capacity: 1024,
         owners: 2,
         destinations: 1,
+        owner_labels: OwnerLabels::DEFAULT,
+    };
+
+    const LIMITS_WITH_POD: LabelLimits = LabelLimits {
+        owner_labels: OwnerLabels {
+            namespace: true,
+            pod: true,
+            workload: true,
+        },
+        ..LIMITS
     };
 
     fn owner(risk: Risk, workload: &str) -> (Risk, [String; 3]) {
@@ -766,7 +1001,7 @@ mod tests {
 
     #[test]
     fn owner_labels_are_capped_and_stale_series_removed() {
-        let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
+        let metrics = Metrics::new(300.0, 350.0, &[], LIMITS_WITH_POD).expect("metrics");
         let mut summary = Summary::default();
         summary.at_risk.insert(owner(Risk::NoKeepalive, "a"), 5);
         summary.at_risk.insert(owner(Risk::NoKeepalive, "b"), 3);
@@ -816,5 +1051,131 @@ mod tests {
         assert!(!text.contains("workload=\"a\""), "stale series removed");
         assert!(!text.contains("destination=\"10.0.0.1\""));
         assert!(text.contains("idlemon_at_risk_sockets{namespace=\"\",pod=\"\",reason=\"no_keepalive\",workload=\"\"} 0"));
+    }
+
+    #[test]
+    fn by_default_pods_of_a_workload_share_one_series() {
+        let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
+        let mut summary = Summary::default();
+        let pod = |name: &str| {
+            (
+                Risk::NoKeepalive,
+                ["shop".to_owned(), name.to_owned(), "cart".to_owned()],
+            )
+        };
+        summary.at_risk.insert(pod("cart-7d9f-abcde"), 2);
+        summary.at_risk.insert(pod("cart-7d9f-fghij"), 3);
+        summary.at_risk.insert(owner(Risk::NoKeepalive, "b"), 1);
+        metrics.observe(&summary);
+        let text = metrics.render().expect("render");
+        assert!(
+            text.contains(
+                "idlemon_at_risk_sockets{namespace=\"shop\",reason=\"no_keepalive\",workload=\"cart\"} 5"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "idlemon_at_risk_sockets{namespace=\"shop\",reason=\"no_keepalive\",workload=\"b\"} 1"
+        ));
+        assert!(!text.contains("pod="), "no pod label by default");
+        assert!(text.contains("idlemon_attribution_series_dropped_total 0"));
+    }
+
+    #[test]
+    fn owner_labels_parse_in_any_order() {
+        assert_eq!(
+            OwnerLabels::of(&[OwnerLabel::Workload, OwnerLabel::Namespace]),
+            OwnerLabels::DEFAULT
+        );
+        let only_workload = OwnerLabels::of(&[OwnerLabel::Workload]);
+        assert_eq!(only_workload.names(), ["workload"]);
+        assert_eq!(only_workload.other(), ["_other"]);
+    }
+
+    #[test]
+    fn walks_are_a_histogram_and_a_cpu_counter() {
+        let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
+        metrics.walk_seconds.observe(0.003);
+        metrics.walk_seconds.observe(0.2);
+        metrics.walk_cpu_seconds.inc_by(0.25);
+        metrics.walk_cpu_seconds.inc_by(0.5);
+        metrics.node_info("node-a", "6.18.0");
+        let text = metrics.render().expect("render");
+        assert!(text.contains("idlemon_walk_duration_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("idlemon_walk_duration_seconds_bucket{le=\"0.25\"} 2"));
+        assert!(text.contains("idlemon_walk_duration_seconds_count 2"));
+        assert!(
+            text.contains("idlemon_walk_cpu_seconds_total 0.75"),
+            "{text}"
+        );
+        assert!(text.contains("idlemon_node_info{kernel_release=\"6.18.0\",node=\"node-a\"} 1"));
+    }
+
+    fn reset(classification: Classification, workload: &str) -> EventRecord {
+        let address: std::net::SocketAddr = "192.0.2.2:40000".parse().expect("address");
+        EventRecord {
+            id: 1,
+            event_id: "boot-1-1".to_owned(),
+            node: "node-a".into(),
+            time: String::new(),
+            unix_seconds: 0.0,
+            kind: Kind::ResetReceived,
+            classification: Some(classification),
+            family: "ipv4",
+            local: address,
+            remote: address,
+            idle_since_send_seconds: None,
+            idle_since_receive_seconds: None,
+            idle_before_seconds: Some(400.0),
+            reuse: None,
+            error: None,
+            pid: Some(7),
+            comm: Some("python3".to_owned()),
+            cgroup_id: None,
+            attribution: std::sync::Arc::new(crate::attribution::Attribution {
+                namespace: Some("shop".to_owned()),
+                pod: Some(format!("{workload}-7d9f-abcde")),
+                workload: Some(workload.to_owned()),
+                ..Default::default()
+            }),
+            socket: None,
+            evidence: true,
+            enforcement: None,
+        }
+    }
+
+    #[test]
+    fn idle_timeout_resets_are_counted_by_workload_and_capped() {
+        let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
+        for workload in ["cart", "cart", "api", "batch"] {
+            metrics.observe_event(&reset(Classification::IdleTimeoutSuspected, workload));
+        }
+        metrics.observe_event(&reset(Classification::Other, "cart"));
+        let text = metrics.render().expect("render");
+        let count = |labels: &str| {
+            text.lines()
+                .find(|line| {
+                    line.starts_with(&format!("idlemon_idle_timeout_resets_total{{{labels}}}"))
+                })
+                .map(|line| line.rsplit(' ').next().unwrap_or_default().to_owned())
+        };
+        assert_eq!(
+            count("namespace=\"shop\",workload=\"cart\"").as_deref(),
+            Some("2"),
+            "{text}"
+        );
+        assert_eq!(
+            count("namespace=\"shop\",workload=\"api\"").as_deref(),
+            Some("1")
+        );
+        // Past the cap of two owner sets.
+        assert_eq!(
+            count("namespace=\"\",workload=\"_other\"").as_deref(),
+            Some("1")
+        );
+        assert!(text.contains(
+            "idlemon_resets_received_total{classification=\"idle_timeout_suspected\"} 4"
+        ));
+        assert!(!text.contains("pod="));
     }
 }

@@ -300,14 +300,18 @@ fn scan(
         state.told_shared_tables = true;
         warn!(
             namespaces = shared_tables,
-            "each scan walks the host's whole TCP connection table once for every network namespace with sockets that shares it, which is most of its CPU (idlemon_scan_cpu_seconds); setting net.ipv4.tcp_child_ehash_entries (Linux 6.1+, e.g. to 1024) before pods start gives each new namespace a table of its own"
+            "each scan walks the host's whole TCP connection table once for every network namespace with sockets that shares it, which is most of its CPU (idlemon_walk_cpu_seconds_total); setting net.ipv4.tcp_child_ehash_entries (Linux 6.1+, e.g. to 1024) before pods start gives each new namespace a table of its own"
         );
     }
     metrics.scans.inc();
-    metrics.scan_seconds.set(started.elapsed().as_secs_f64());
-    metrics
-        .scan_cpu_seconds
-        .set((thread_cpu_time() - cpu_started).as_secs_f64());
+    let (wall, cpu) = (
+        started.elapsed().as_secs_f64(),
+        (thread_cpu_time() - cpu_started).as_secs_f64(),
+    );
+    metrics.walk_seconds.observe(wall);
+    metrics.walk_cpu_seconds.inc_by(cpu);
+    metrics.scan_seconds.set(wall);
+    metrics.scan_cpu_seconds.set(cpu);
     debug!(
         sockets = snapshot.sockets.len(),
         owners = snapshot.owners.len(),

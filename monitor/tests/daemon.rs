@@ -44,7 +44,14 @@ fn connections_move_the_kernel_fed_counter() {
     assert!(after.is_some(), "counter stayed near {before}");
     let (_, body) = daemon.get("/metrics");
     assert_eq!(
-        metric(&body, "idlemon_build_info{version=\"0.1.0\"}"),
+        metric(
+            &body,
+            &format!(
+                "idlemon_build_info{{arch=\"{}\",revision=\"{}\",version=\"0.1.0\"}}",
+                monitor::build_info::arch(),
+                monitor::build_info::REVISION,
+            )
+        ),
         Some(1.0)
     );
     assert_eq!(daemon.get("/healthz").0, 200);

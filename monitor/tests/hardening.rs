@@ -19,7 +19,7 @@ use std::{
 
 use common::{
     DAEMON_PORT, Daemon, IDLEMON, Netns, TempFile, assert_programs_back_to, port_for,
-    settled_idlemon_programs, wait_for,
+    raise_fd_limit, settled_idlemon_programs, wait_for,
 };
 use serde_json::Value;
 
@@ -233,16 +233,7 @@ fn the_http_api_is_bounded_read_only_and_survives_hostile_clients() {
 
     // 1,000 concurrent /metrics requests, all answered.
     let answered = daemon.netns.run(|| {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: valid resource and pointer; raise our soft fd limit.
-        unsafe {
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+        raise_fd_limit();
         let mut streams: Vec<TcpStream> = (0..1000)
             .map(|_| {
                 let mut stream = TcpStream::connect(("127.0.0.1", DAEMON_PORT)).unwrap();

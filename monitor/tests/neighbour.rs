@@ -22,7 +22,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{API_PORT, DAEMON_PORT, Daemon, IDLEMON, Netns, wait_for};
+use common::{
+    API_PORT, DAEMON_PORT, Daemon, IDLEMON, Netns, http_get, raise_fd_limit, rss_kib, wait_for,
+};
 
 /// The daemon's address on the test's pod network, and the neighbour's.
 const POD_IP: &str = "192.0.2.20";
@@ -34,40 +36,6 @@ fn refused(daemon: &Daemon, listener: &str, reason: &str) -> f64 {
     daemon
         .metric(&series)
         .unwrap_or_else(|| panic!("{series} not exported"))
-}
-
-/// Raises this thread's soft limit of open files to the hard one.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid resource and pointer.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
-}
-
-/// One GET over HTTP/1.0 from `netns` to `address`; None when nothing
-/// answers there.
-fn get_from(netns: &Netns, address: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: idlemon\r\n\r\n");
-    netns.run(move || {
-        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .ok()?;
-        stream.write_all(request.as_bytes()).ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        Some((
-            head.split_whitespace().nth(1)?.parse().ok()?,
-            body.to_owned(),
-        ))
-    })
 }
 
 #[test]
@@ -92,11 +60,11 @@ fn a_neighbour_on_the_pod_network_gets_metrics_but_no_connection_data() {
     neighbour.ip(&["link", "set", theirs, "up"]);
 
     let metrics_port: SocketAddr = format!("{POD_IP}:{DAEMON_PORT}").parse().unwrap();
-    let (status, body) = get_from(&neighbour, metrics_port, "/metrics").expect("metrics answer");
+    let (status, body) = http_get(&neighbour, metrics_port, "/metrics").expect("metrics answer");
     assert_eq!(status, 200);
     assert!(body.contains("idlemon_tracked_sockets"));
     assert_eq!(
-        get_from(&neighbour, metrics_port, "/healthz").unwrap().0,
+        http_get(&neighbour, metrics_port, "/healthz").unwrap().0,
         200
     );
     for path in [
@@ -105,13 +73,13 @@ fn a_neighbour_on_the_pod_network_gets_metrics_but_no_connection_data() {
         "/events",
         "/events?wait=1",
     ] {
-        let (status, body) = get_from(&neighbour, metrics_port, path).expect("an answer");
+        let (status, body) = http_get(&neighbour, metrics_port, path).expect("an answer");
         assert_eq!(status, 404, "{path} on the metrics port: {body}");
         assert!(body.contains("--api-listen"), "{body}");
     }
     let api_port: SocketAddr = format!("{POD_IP}:{API_PORT}").parse().unwrap();
     assert!(
-        get_from(&neighbour, api_port, "/sockets").is_none(),
+        http_get(&neighbour, api_port, "/sockets").is_none(),
         "the connection data API is reachable from the pod network"
     );
     assert_eq!(refused(&daemon, "metrics", "not_found"), 4.0);
@@ -327,13 +295,4 @@ fn odd_entries_in_run_netns_are_skipped_and_walks_go_on() {
         .as_secs_f64();
     assert!((now - stamp).abs() < 5.0, "last walk at {stamp}, now {now}");
     drop(fifo);
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap()
 }

@@ -20,7 +20,8 @@ use std::{
 };
 
 use common::{
-    Daemon, Keepalive, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, echo, wait_for,
+    Daemon, Keepalive, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, echo, rss_kib,
+    wait_for,
 };
 use serde_json::Value;
 
@@ -42,6 +43,11 @@ fn nat_config() -> TempFile {
 }
 
 fn start_daemon(config: &TempFile, extra: &[&str]) -> Daemon {
+    Daemon::start(&daemon_args(config, extra))
+}
+
+/// Short thresholds and walks, and the test NAT's paths.
+fn daemon_args<'a>(config: &'a TempFile, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "--idle-threshold",
         "2",
@@ -51,7 +57,7 @@ fn start_daemon(config: &TempFile, extra: &[&str]) -> Daemon {
         config.path(),
     ];
     args.extend_from_slice(extra);
-    Daemon::start(&args)
+    args
 }
 
 fn events(daemon: &Daemon) -> Vec<Value> {
@@ -381,15 +387,6 @@ for _ in range(int(sys.argv[1])):
     s.close()
 "#;
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap()
-}
-
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn a_burst_of_100k_resets_is_counted_and_memory_stays_bounded() {
@@ -465,14 +462,7 @@ fn a_flood_of_resets_with_a_stalled_log_reader_keeps_the_evidence() {
     const FLOOD: u32 = 100_000;
     let config = nat_config();
     // The event log on stdout, into a pipe that nobody reads.
-    let daemon = Daemon::start_with_stalled_stdout(&[
-        "--idle-threshold",
-        "2",
-        "--scan-interval",
-        "0.5",
-        "--config",
-        config.path(),
-    ]);
+    let daemon = Daemon::start_with_stalled_stdout(&daemon_args(&config, &[]));
     let rss_before = rss_kib(daemon.pid());
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8105, 1);

@@ -1,5 +1,5 @@
 //! Tracking and classification against the real kernel, through a NAT
-//! gateway whose idle timeout is a few seconds (PLATFORM.md's recipe).
+//! gateway whose idle timeout is a few seconds (`common::NatPath`).
 //! Needs root and a BPF-capable kernel: run with `cargo xtask test`.
 
 #![allow(

@@ -4,8 +4,12 @@
 //! fresh machine they are the only two commands anyone needs.
 
 mod bench;
+mod container;
+mod image;
+mod release;
 mod setup;
 mod vm;
+mod workspace;
 
 use std::{
     path::{Path, PathBuf},
@@ -42,11 +46,24 @@ enum Action {
     Bench(bench::BenchArgs),
     /// Boot EKS-like Debian kernels under qemu and run the attach-kind scenario.
     VmTest(vm::VmArgs),
+    /// Build the image for linux/amd64 and linux/arm64 into
+    /// target/image/idlemon-VERSION.oci.tar (buildah, no Docker engine).
+    Image(image::ImageArgs),
+    /// Build the amd64 image and run it under podman with the DaemonSet's
+    /// security context (part of `test`).
+    ContainerTest,
+    /// Tag a release, build its image and chart package, and print the
+    /// commands that publish them (nothing is pushed).
+    Release(release::ReleaseArgs),
     /// Set up, then run the unit tests and the root integration tests.
     Test {
         /// Only the unit tests (no root, no kernel).
         #[arg(long)]
         unit: bool,
+        /// Skip the container test (it builds the amd64 image and runs it
+        /// under podman).
+        #[arg(long)]
+        no_container: bool,
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
@@ -67,7 +84,17 @@ fn main() -> anyhow::Result<()> {
             let error = std::os::unix::process::CommandExt::exec(Command::new(&binary).args(&args));
             Err(error).with_context(|| format!("cannot start {}", binary.display()))
         }
-        Action::Test { unit, filter } => test(unit, filter.as_deref()),
+        Action::Image(args) => image::run(&args),
+        Action::Release(args) => release::run(&args),
+        Action::ContainerTest => {
+            setup::run()?;
+            container::run(&workspace_root())
+        }
+        Action::Test {
+            unit,
+            no_container,
+            filter,
+        } => test(unit, no_container, filter.as_deref()),
         Action::Bench(args) => {
             setup::run()?;
             build(true)?;
@@ -89,7 +116,7 @@ fn build(release: bool) -> anyhow::Result<()> {
     cargo(&args)
 }
 
-fn test(unit_only: bool, filter: Option<&str>) -> anyhow::Result<()> {
+fn test(unit_only: bool, no_container: bool, filter: Option<&str>) -> anyhow::Result<()> {
     if !unit_only {
         setup::run()?;
     }
@@ -119,6 +146,13 @@ fn test(unit_only: bool, filter: Option<&str>) -> anyhow::Result<()> {
         // It runs the release build, which `cargo test` did not make.
         build(true)?;
         vm::run(&vm::VmArgs::all())?;
+        // The image as the DaemonSet runs it (podman), after the release
+        // build above, which the amd64 image reuses.
+        if no_container {
+            println!("xtask: container test skipped (--no-container)");
+        } else {
+            container::run(&workspace_root())?;
+        }
         deploy_checks()?;
     }
     Ok(())
@@ -128,6 +162,11 @@ fn test(unit_only: bool, filter: Option<&str>) -> anyhow::Result<()> {
 /// offline (advisories need a database from the network).
 fn supply_chain_check() -> anyhow::Result<()> {
     setup::cargo_deny()?;
+    // cargo-deny reads `cargo metadata` for every platform, so the sources of
+    // Windows-only crates must be on disk too; a build fetches only this
+    // host's. Without this, a fresh machine fails with "failed to download
+    // `windows-sys`... --offline was specified".
+    cargo(&["fetch", "--locked"])?;
     cargo(&["deny", "--offline", "check", "licenses", "bans", "sources"])
 }
 

@@ -12,7 +12,8 @@ use anyhow::{Context as _, bail};
 /// bpf-linker links the kernel programs; 0.13.0 is the release that builds
 /// against LLVM 22, the LLVM of both Debian's packages and rustc nightly here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+pub const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const LLVM_MAJOR: &str = "22.";
 /// cargo-deny checks licences, bans and sources offline in `cargo xtask
 /// test`; 0.20 is the newest that builds with rustc 1.95 here.
 const CARGO_DENY_VERSION: &str = "0.20.2";
@@ -41,11 +42,36 @@ const PACKAGES: &[(&str, &str)] = &[
         "prometheus",
         "a test scrapes idlemon with a real Prometheus server",
     ),
+    (
+        "buildah",
+        "cargo xtask image assembles the image without a Docker engine",
+    ),
+    (
+        "skopeo",
+        "the container test loads the image archive into podman's storage",
+    ),
+    ("podman", "the container test runs the image"),
+    (
+        "runc",
+        "podman's runtime here (crun fails on hybrid cgroups)",
+    ),
+    (
+        "gcc-aarch64-linux-gnu",
+        "links the arm64 (Graviton) daemon cross-compiled by cargo xtask image",
+    ),
+    (
+        "libc6-dev-arm64-cross",
+        "the arm64 glibc the cross-compiled daemon links against",
+    ),
 ];
+
+/// The target of the arm64 image's daemon (cargo xtask image).
+pub const ARM64_TARGET: &str = "aarch64-unknown-linux-gnu";
 
 pub fn run() -> anyhow::Result<()> {
     packages()?;
     nightly()?;
+    cross_target()?;
     bpf_linker()?;
     tracefs()?;
     println!("xtask setup: done");
@@ -132,40 +158,71 @@ pub fn installed(package: &str) -> bool {
         })
 }
 
+/// The nightly that builds the kernel programs, at the date pinned in the
+/// workspace's Cargo.toml (monitor/build.rs reads the same key), with
+/// rust-src for `-Z build-std=core`.
 fn nightly() -> anyhow::Result<()> {
+    let nightly = crate::workspace::Workspace::read(&crate::workspace_root())?.nightly;
     let toolchains = capture(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to build the kernel programs with nightly")?;
-    if !toolchains.lines().any(|line| line.starts_with("nightly")) {
-        println!(
-            "xtask setup: installing the nightly toolchain (kernel programs need -Z build-std)"
-        );
-        run_command(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
+    let installed = toolchains
+        .lines()
+        .any(|line| line.starts_with(&format!("{nightly}-")) || line.trim() == nightly);
+    if installed {
+        let components = capture(Command::new("rustup").args([
+            "component",
+            "list",
+            "--toolchain",
+            &nightly,
+            "--installed",
         ]))?;
+        if components.lines().any(|line| line.starts_with("rust-src")) {
+            println!("xtask setup: {nightly} with rust-src already installed");
+            return nightly_llvm(&nightly);
+        }
     }
-    let components = capture(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
+    println!(
+        "xtask setup: installing {nightly} with rust-src (the kernel programs need -Z build-std)"
+    );
+    run_command(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        &nightly,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
     ]))?;
-    if components.lines().any(|line| line.starts_with("rust-src")) {
-        println!("xtask setup: nightly with rust-src already installed");
+    nightly_llvm(&nightly)
+}
+
+/// bpf-linker reads the bitcode nightly emits: their LLVM must match. Say so
+/// here rather than as an unreadable link error.
+fn nightly_llvm(nightly: &str) -> anyhow::Result<()> {
+    let version = capture(Command::new("rustup").args(["run", nightly, "rustc", "-vV"]))?;
+    let llvm = version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .unwrap_or("unknown");
+    if !llvm.starts_with(LLVM_MAJOR) {
+        bail!(
+            "{nightly} has LLVM {llvm}, but bpf-linker {BPF_LINKER_VERSION} is built against LLVM {LLVM_MAJOR}: pin a nightly with LLVM {LLVM_MAJOR} in Cargo.toml ([workspace.metadata.idlemon] nightly)"
+        );
+    }
+    Ok(())
+}
+
+/// The standard library for the arm64 daemon, for the toolchain building the
+/// workspace (the one cargo runs xtask with).
+fn cross_target() -> anyhow::Result<()> {
+    let installed = capture(Command::new("rustup").args(["target", "list", "--installed"]))
+        .context("rustup is needed to add the arm64 target")?;
+    if installed.lines().any(|line| line.trim() == ARM64_TARGET) {
+        println!("xtask setup: rust target {ARM64_TARGET} already installed");
         return Ok(());
     }
-    println!("xtask setup: adding rust-src to nightly (for -Z build-std=core)");
-    run_command(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))
+    println!("xtask setup: adding rust target {ARM64_TARGET} (the arm64 image's daemon)");
+    run_command(Command::new("rustup").args(["target", "add", ARM64_TARGET]))
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
@@ -187,6 +244,8 @@ fn bpf_linker() -> anyhow::Result<()> {
             .args([
                 "install",
                 &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                // Its own Cargo.lock: the same dependencies next month.
+                "--locked",
                 "--no-default-features",
                 "--features",
                 "llvm-22",
@@ -241,7 +300,7 @@ pub fn run_command(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn capture(command: &mut Command) -> anyhow::Result<String> {
+pub fn capture(command: &mut Command) -> anyhow::Result<String> {
     let output = command
         .stderr(Stdio::null())
         .output()

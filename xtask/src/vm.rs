@@ -262,7 +262,8 @@ pub fn launch(
     }
     let mut command = Command::new("qemu-system-x86_64");
     command
-        // /dev/kvm exists here but KVM fails (PLATFORM.md): emulate.
+        // /dev/kvm exists on CI's machines, but KVM guests fail there (an MSR
+        // assertion with -cpu host, an emulation failure with kvm64): emulate.
         .args(["-accel", "tcg", "-cpu", "max", "-m", "1024"])
         // -nographic would put qemu's monitor on stdio too; the console
         // alone goes there, and the results get a serial port of their own

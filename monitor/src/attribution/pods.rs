@@ -1,18 +1,53 @@
-//! Pod names and owners from the Kubernetes API: a list, then a watch, of the
-//! pods on this node only (`fieldSelector=spec.nodeName=NODE`), with get,
-//! list and watch permissions and nothing else.
+//! Pod names and owners from the Kubernetes API: kube-rs's watcher lists,
+//! then watches, the pods on this node only (`fieldSelector=spec.nodeName=NODE`),
+//! with get, list and watch permissions and nothing else.
+//!
+//! A DaemonSet's watch runs for months. What that takes, and where it is done:
+//! - bound service-account tokens rotate (EKS refuses tokens older than 90
+//!   days): [`TokenFile`] reads the token file again every minute, as client-go
+//!   does, and at once after the API server answered 401;
+//! - a connection can die silently (an idle timeout on the way): the watch asks
+//!   the server to end it after `watch_timeout`, and both the watcher's idle
+//!   timeout and the connection's read timeout give up on it 5 s after that;
+//! - 410 Gone (our resourceVersion is too old): the watcher relists after an
+//!   ERROR event with code 410, and [`watch`] relists after a watch request
+//!   answered 410 (kube would retry that same version forever);
+//! - errors back off exponentially with jitter, and only a completed list or a
+//!   watch event resets the backoff: a server that refuses every request is
+//!   not asked again every second;
+//! - log lines carry a summary of each error ([`describe`]), never a response
+//!   body, which could hold pod specs and their environment. Pods are
+//!   received as untyped objects and their status decoded here ([`read_pod`]):
+//!   kube logs the whole response when it cannot decode one, and a single
+//!   pod it cannot decode would fail the whole list.
+//!
+//! Only [`PodMeta`] is kept per pod, not the pod (a reflector's store would
+//! hold every pod's spec and status).
 
 use std::{
     collections::HashMap,
-    io::{BufRead as _, BufReader},
-    sync::{Arc, RwLock},
-    thread,
-    time::Duration,
+    hash::BuildHasher as _,
+    path::{Path, PathBuf},
+    pin::pin,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt as _;
+use http::{HeaderValue, Request, header::AUTHORIZATION};
+use k8s_openapi::{
+    api::core::v1::{Pod, PodStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject},
+    client::{Body, ClientBuilder},
+    core::Status,
+    runtime::watcher::{self, Event, watcher},
+};
 use prometheus::{IntCounter, IntGauge};
-use serde::Deserialize;
 use tracing::{info, warn};
 
 /// What idlemon needs of a pod.
@@ -52,140 +87,82 @@ impl PodCache {
         }
     }
 
-    fn apply(&self, event: &WatchEvent) {
-        let Ok(mut pods) = self.pods.write() else {
-            return;
-        };
-        let Some((uid, meta)) = event.object.meta() else {
-            return;
-        };
-        match event.kind.as_str() {
-            "ADDED" | "MODIFIED" => {
-                pods.insert(uid, meta);
-            }
-            "DELETED" => {
-                pods.remove(&uid);
-            }
-            _ => {}
+    fn insert(&self, uid: String, meta: PodMeta) {
+        if let Ok(mut pods) = self.pods.write() {
+            pods.insert(uid, meta);
+        }
+    }
+
+    fn remove(&self, uid: &str) {
+        if let Ok(mut pods) = self.pods.write() {
+            pods.remove(uid);
         }
     }
 }
 
-// The subset of the Pod API object idlemon reads.
-#[derive(Debug, Deserialize)]
-struct PodList {
-    metadata: ListMeta,
-    #[serde(default)]
-    items: Vec<Pod>,
+/// A pod's UID and what idlemon keeps of it, and why its status did not
+/// decode if it did not: such a pod (a field of a newer API version, say) is
+/// kept with its names but without container names.
+fn read_pod(mut object: DynamicObject) -> (Option<(String, PodMeta)>, Option<serde_json::Error>) {
+    let status = match object.data.get_mut("status").map(serde_json::Value::take) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(status) => serde_json::from_value::<PodStatus>(status).map(Some),
+    };
+    let (status, error) = match status {
+        Ok(status) => (status, None),
+        Err(error) => (None, Some(error)),
+    };
+    (pod_meta(&object.metadata, status.as_ref()), error)
 }
 
-#[derive(Debug, Deserialize)]
-struct ListMeta {
-    #[serde(rename = "resourceVersion", default)]
-    resource_version: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct Pod {
-    #[serde(default)]
-    metadata: ObjectMeta,
-    #[serde(default)]
-    status: PodStatus,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct ObjectMeta {
-    #[serde(default)]
-    uid: String,
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: String,
-    #[serde(rename = "resourceVersion", default)]
-    resource_version: String,
-    #[serde(default)]
-    labels: HashMap<String, String>,
-    #[serde(rename = "ownerReferences", default)]
-    owner_references: Vec<OwnerReference>,
-}
-
-#[derive(Debug, Deserialize)]
-struct OwnerReference {
-    kind: String,
-    name: String,
-    #[serde(default)]
-    controller: bool,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct PodStatus {
-    #[serde(rename = "containerStatuses", default)]
-    container_statuses: Vec<ContainerStatus>,
-    #[serde(rename = "initContainerStatuses", default)]
-    init_container_statuses: Vec<ContainerStatus>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ContainerStatus {
-    name: String,
-    #[serde(rename = "containerID", default)]
-    container_id: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct WatchEvent {
-    #[serde(rename = "type")]
-    kind: String,
-    object: Pod,
-}
-
-impl Pod {
-    fn meta(&self) -> Option<(String, PodMeta)> {
-        let metadata = &self.metadata;
-        if metadata.uid.is_empty() {
-            return None;
-        }
-        let containers = self
-            .status
-            .container_statuses
-            .iter()
-            .chain(&self.status.init_container_statuses)
-            .filter_map(|status| {
-                let id = status
-                    .container_id
-                    .split_once("://")
-                    .map_or(status.container_id.as_str(), |(_, id)| id);
-                (!id.is_empty()).then(|| (id.to_owned(), status.name.clone()))
-            })
-            .collect();
-        Some((
-            metadata.uid.clone(),
-            PodMeta {
-                namespace: metadata.namespace.clone(),
-                name: metadata.name.clone(),
-                workload: workload(metadata),
-                containers,
-            },
-        ))
-    }
+fn pod_meta(metadata: &ObjectMeta, status: Option<&PodStatus>) -> Option<(String, PodMeta)> {
+    let uid = metadata.uid.clone().filter(|uid| !uid.is_empty())?;
+    let containers = status
+        .iter()
+        .flat_map(|status| {
+            [
+                &status.container_statuses,
+                &status.init_container_statuses,
+                &status.ephemeral_container_statuses,
+            ]
+        })
+        .flatten()
+        .flatten()
+        .filter_map(|status| {
+            let id = status.container_id.as_deref()?;
+            let id = id.split_once("://").map_or(id, |(_, id)| id);
+            (!id.is_empty()).then(|| (id.to_owned(), status.name.clone()))
+        })
+        .collect();
+    Some((
+        uid,
+        PodMeta {
+            namespace: metadata.namespace.clone().unwrap_or_default(),
+            name: metadata.name.clone().unwrap_or_default(),
+            workload: workload(metadata),
+            containers,
+        },
+    ))
 }
 
 /// The workload a pod belongs to, as an SRE names it.
 fn workload(metadata: &ObjectMeta) -> String {
-    let owner = metadata
-        .owner_references
+    let name = metadata.name.as_deref().unwrap_or_default();
+    let owners = metadata.owner_references.as_deref().unwrap_or_default();
+    let owner = owners
         .iter()
-        .find(|owner| owner.controller)
-        .or(metadata.owner_references.first());
+        .find(|owner| owner.controller == Some(true))
+        .or(owners.first());
     match owner {
-        None => format!("pod/{}", metadata.name),
+        None => format!("pod/{name}"),
         Some(owner) if owner.kind == "ReplicaSet" => {
             // A Deployment's ReplicaSet is `<deployment>-<pod-template-hash>`.
-            match metadata.labels.get("pod-template-hash") {
-                Some(hash) => match owner.name.strip_suffix(&format!("-{hash}")) {
-                    Some(deployment) => format!("deployment/{deployment}"),
-                    None => format!("replicaset/{}", owner.name),
-                },
+            let hash = metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get("pod-template-hash"));
+            match hash.and_then(|hash| owner.name.strip_suffix(&format!("-{hash}"))) {
+                Some(deployment) => format!("deployment/{deployment}"),
                 None => format!("replicaset/{}", owner.name),
             }
         }
@@ -193,26 +170,54 @@ fn workload(metadata: &ObjectMeta) -> String {
     }
 }
 
+const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 /// Where and how to reach the API server.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     /// `https://host:port` in a cluster; `http://` is accepted for tests.
-    pub base: String,
-    pub token: Option<String>,
-    pub ca_pem: Option<Vec<u8>>,
+    pub url: http::Uri,
     pub node: String,
+    /// The bearer token's file, read again as it rotates.
+    pub token_file: Option<PathBuf>,
+    /// The API server's CA bundle (PEM), read again as it rotates.
+    pub ca_file: Option<PathBuf>,
+    /// The server ends each watch after this long; a watch or list silent
+    /// 5 s longer is given up as dead.
+    pub watch_timeout: Duration,
 }
-
-const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 impl ApiConfig {
     /// In a pod: the service account and KUBERNETES_SERVICE_HOST/PORT.
-    /// `base` overrides the address (and then the service account is optional).
-    pub fn discover(node: &str, base: Option<&str>) -> anyhow::Result<Option<Self>> {
-        let token = std::fs::read_to_string(format!("{SERVICE_ACCOUNT}/token")).ok();
-        let ca_pem = std::fs::read(format!("{SERVICE_ACCOUNT}/ca.crt")).ok();
-        let base = match base {
-            Some(base) => base.trim_end_matches('/').to_owned(),
+    /// `url` overrides the address; then the service account is optional.
+    /// `token_file` overrides the service account's token.
+    pub fn discover(
+        node: &str,
+        url: Option<&str>,
+        token_file: Option<&Path>,
+        watch_timeout: Duration,
+    ) -> anyhow::Result<Option<Self>> {
+        let account = Path::new(SERVICE_ACCOUNT);
+        let account_token = account.join("token");
+        let account_ca = account.join("ca.crt");
+        if let Some(path) = token_file {
+            std::fs::metadata(path)
+                .with_context(|| format!("cannot read the API token file {}", path.display()))?;
+        }
+        let (url, token_file, ca_file) = match url {
+            Some(url) => {
+                let url: http::Uri = url
+                    .trim_end_matches('/')
+                    .parse()
+                    .with_context(|| format!("`{url}` is not a URL"))?;
+                let token_file = token_file
+                    .map(Path::to_owned)
+                    .or_else(|| account_token.exists().then_some(account_token));
+                let ca_file = (url.scheme() == Some(&http::uri::Scheme::HTTPS)
+                    && account_ca.exists())
+                .then_some(account_ca);
+                (url, token_file, ca_file)
+            }
             None => {
                 let (Ok(host), Ok(port)) = (
                     std::env::var("KUBERNETES_SERVICE_HOST"),
@@ -220,9 +225,17 @@ impl ApiConfig {
                 ) else {
                     return Ok(None);
                 };
-                if token.is_none() {
+                let token_file = token_file.map_or(account_token, Path::to_owned);
+                if !token_file.exists() {
                     bail!(
-                        "in a Kubernetes pod but no service account token at {SERVICE_ACCOUNT}/token"
+                        "in a Kubernetes pod but no service account token at {}",
+                        token_file.display()
+                    );
+                }
+                if !account_ca.exists() {
+                    bail!(
+                        "in a Kubernetes pod but no service account CA at {}",
+                        account_ca.display()
                     );
                 }
                 let host = if host.contains(':') {
@@ -230,54 +243,162 @@ impl ApiConfig {
                 } else {
                     host
                 };
-                format!("https://{host}:{port}")
+                let url = format!("https://{host}:{port}");
+                let url = url
+                    .parse()
+                    .with_context(|| format!("KUBERNETES_SERVICE_HOST/PORT make `{url}`"))?;
+                (url, Some(token_file), Some(account_ca))
             }
         };
         Ok(Some(Self {
-            base,
-            token: token.map(|token| token.trim().to_owned()),
-            ca_pem,
+            url,
             node: node.to_owned(),
+            token_file,
+            ca_file,
+            watch_timeout,
         }))
     }
 
-    fn agent(&self) -> anyhow::Result<ureq::Agent> {
-        let mut tls = ureq::tls::TlsConfig::builder();
-        if let Some(pem) = &self.ca_pem {
-            let certificate = ureq::tls::Certificate::from_pem(pem)
-                .context("cannot parse the service account's ca.crt")?
-                .to_owned();
-            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&[certificate]));
+    /// kube's client for this server, with the token added to every request.
+    fn client(&self) -> anyhow::Result<(Client, Option<Arc<TokenFile>>)> {
+        let mut config = kube::Config::new(self.url.clone());
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read the API server's CA {}", path.display()))?;
+            let certificates =
+                pem::parse_many(&pem).with_context(|| format!("{} is not PEM", path.display()))?;
+            config.root_cert = Some(
+                certificates
+                    .into_iter()
+                    .map(|certificate| certificate.into_contents())
+                    .collect(),
+            );
+            // kube re-reads this file to follow CA rotation.
+            config.root_cert_file = Some(path.clone());
         }
-        Ok(ureq::Agent::config_builder()
-            .tls_config(tls.build())
-            .timeout_connect(Some(Duration::from_secs(10)))
-            .http_status_as_error(false)
-            .build()
-            .into())
+        // A list that stalls after its headers ends here; a stalled watch
+        // ends here or by the watcher's own idle timeout, whichever is first.
+        config.read_timeout = Some(self.watch_timeout + IDLE_MARGIN);
+        // ... counted from each request, not from when its pooled
+        // connection last carried one.
+        config.reset_reader_on_write = true;
+        let builder = ClientBuilder::try_from(config).context("cannot set up the API client")?;
+        let Some(path) = &self.token_file else {
+            return Ok((builder.build(), None));
+        };
+        let token = Arc::new(TokenFile::new(path.clone(), TOKEN_REFRESH));
+        let header = Arc::clone(&token);
+        let client = builder
+            .with_layer(&tower::util::MapRequestLayer::new(
+                move |mut request: Request<Body>| {
+                    if let Some(value) = header.header() {
+                        request.headers_mut().insert(AUTHORIZATION, value);
+                    }
+                    request
+                },
+            ))
+            .build();
+        Ok((client, Some(token)))
+    }
+}
+
+/// How much longer than the watch's own timeout a silent connection may stay
+/// silent (kube's watcher uses the same margin).
+const IDLE_MARGIN: Duration = Duration::from_secs(5);
+
+/// How often the token file is read again: client-go's and kube's period.
+/// The kubelet rewrites bound tokens well before they expire.
+const TOKEN_REFRESH: Duration = Duration::from_secs(60);
+
+/// A bearer token from a file, read again once `refresh` has passed and after
+/// the API server refused it. If a later read fails, the last token stays in
+/// use (kubernetes/kubernetes#68164: some clients remove the file after start).
+struct TokenFile {
+    path: PathBuf,
+    refresh: Duration,
+    /// The `Authorization` value and when it was read; None: read it next.
+    current: Mutex<(Option<HeaderValue>, Option<Instant>)>,
+}
+
+impl TokenFile {
+    fn new(path: PathBuf, refresh: Duration) -> Self {
+        Self {
+            path,
+            refresh,
+            current: Mutex::new((None, None)),
+        }
     }
 
-    fn get(
-        &self,
-        agent: &ureq::Agent,
-        query: &str,
-    ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
-        let url = format!(
-            "{}/api/v1/pods?fieldSelector=spec.nodeName%3D{}{query}",
-            self.base, self.node
-        );
-        let mut request = agent.get(&url);
-        if let Some(token) = &self.token {
-            request = request.header("Authorization", &format!("Bearer {token}"));
+    fn header(&self) -> Option<HeaderValue> {
+        let mut current = self.current.lock().ok()?;
+        let (value, read_at) = &mut *current;
+        if read_at.is_none_or(|at| at.elapsed() >= self.refresh) {
+            // Once per period even when it fails: no read per request.
+            *read_at = Some(Instant::now());
+            match std::fs::read_to_string(&self.path) {
+                Ok(token) => match HeaderValue::try_from(format!("Bearer {}", token.trim())) {
+                    Ok(mut header) => {
+                        header.set_sensitive(true);
+                        *value = Some(header);
+                    }
+                    Err(_) => warn!(
+                        path = %self.path.display(),
+                        "the API token file holds characters a token cannot have; \
+                         the last token read stays in use"
+                    ),
+                },
+                Err(error) => warn!(
+                    path = %self.path.display(),
+                    %error,
+                    "cannot read the API token file; the last token read stays in use"
+                ),
+            }
         }
-        let response = request.call().with_context(|| format!("GET {url}"))?;
-        if response.status() != 200 {
-            bail!(
-                "GET {url} answered {} (does the ClusterRole allow list and watch on pods?)",
-                response.status()
-            );
+        value.clone()
+    }
+
+    /// The API server refused the token: read the file again before the next request.
+    fn expire(&self) {
+        if let Ok(mut current) = self.current.lock() {
+            current.1 = None;
         }
-        Ok(response)
+    }
+}
+
+/// Delays between failed requests: from 0.8 s, doubling, up to 30 s, each with
+/// up to a quarter added at random so that the nodes of a cluster do not
+/// return to a recovering API server at the same instant (client-go's values).
+#[derive(Debug)]
+struct Backoff {
+    first: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            first: Duration::from_millis(800),
+            max: Duration::from_secs(30),
+            failures: 0,
+        }
+    }
+}
+
+impl Backoff {
+    fn next_delay(&mut self) -> Duration {
+        let base = self
+            .first
+            .saturating_mul(1 << self.failures.min(16))
+            .min(self.max);
+        self.failures = self.failures.saturating_add(1);
+        // Any randomness will do; std's hasher keys are random per process.
+        let random = std::collections::hash_map::RandomState::new().hash_one(self.failures);
+        base + base.mul_f64((random % 1000) as f64 / 4000.0)
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
     }
 }
 
@@ -288,190 +409,308 @@ pub struct WatchMetrics {
     pub errors: IntCounter,
 }
 
-/// Keeps `cache` in step with the API server from a background thread,
-/// relisting after errors with backoff. The thread ends with the process.
+/// Keeps `cache` in step with the API server from a background task, for as
+/// long as the runtime runs.
 pub fn spawn_watch(
     config: ApiConfig,
     cache: Arc<PodCache>,
     metrics: WatchMetrics,
 ) -> anyhow::Result<()> {
-    let agent = config.agent()?;
-    thread::Builder::new()
-        .name("idlemon-pods".into())
-        .spawn(move || {
-            let mut backoff = Duration::from_secs(1);
-            loop {
-                match list_and_watch(&config, &agent, &cache, &metrics) {
-                    Ok(()) => backoff = Duration::from_secs(1),
-                    Err(error) => {
-                        metrics.errors.inc();
-                        warn!(
-                            error = format!("{error:#}"),
-                            "pod watch failed; pods stay as last seen"
-                        );
-                        thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
-                }
-            }
-        })
-        .context("cannot start the pod watch thread")?;
+    let (client, token) = config.client()?;
+    tokio::spawn(watch(client, token, config, cache, metrics));
     Ok(())
 }
 
-/// One list, then one watch until the server ends it.
-fn list_and_watch(
-    config: &ApiConfig,
-    agent: &ureq::Agent,
-    cache: &PodCache,
-    metrics: &WatchMetrics,
-) -> anyhow::Result<()> {
-    let list: PodList = serde_json::from_reader(config.get(agent, "")?.into_body().into_reader())
-        .context("the pod list is not JSON")?;
-    cache.replace(list.items.iter().filter_map(Pod::meta).collect());
-    metrics.pods.set(cache.len() as i64);
-    info!(pods = cache.len(), node = %config.node, "pods of this node listed");
-    let mut version = list.metadata.resource_version;
+async fn watch(
+    client: Client,
+    token: Option<Arc<TokenFile>>,
+    config: ApiConfig,
+    cache: Arc<PodCache>,
+    metrics: WatchMetrics,
+) {
+    let api: Api<DynamicObject> = Api::all_with(client, &ApiResource::erase::<Pod>(&()));
+    let settings = watcher::Config::default()
+        .fields(&format!("spec.nodeName={}", config.node))
+        .timeout(config.watch_timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32);
+    let mut backoff = Backoff::default();
+    // Each turn starts a fresh watcher, which starts with a list.
     loop {
-        let response = config.get(
-            agent,
-            &format!(
-                "&watch=1&allowWatchBookmarks=true&timeoutSeconds=300&resourceVersion={version}"
-            ),
-        )?;
-        for line in BufReader::new(response.into_body().into_reader()).lines() {
-            let line = line.context("reading the pod watch")?;
-            if line.trim().is_empty() {
-                continue;
+        let mut events = pin!(watcher(api.clone(), settings.clone()));
+        // Pods of a list in progress; the cache keeps the last complete one.
+        let mut listing = HashMap::new();
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(Event::Init) => listing.clear(),
+                Ok(Event::InitApply(pod)) => {
+                    listing.extend(keep(pod, &metrics));
+                }
+                Ok(Event::InitDone) => {
+                    let pods = std::mem::take(&mut listing);
+                    info!(pods = pods.len(), node = %config.node, "pods of this node listed");
+                    metrics.pods.set(pods.len() as i64);
+                    cache.replace(pods);
+                    backoff.reset();
+                }
+                Ok(Event::Apply(pod)) => {
+                    if let Some((uid, meta)) = keep(pod, &metrics) {
+                        cache.insert(uid, meta);
+                    }
+                    metrics.pods.set(cache.len() as i64);
+                    backoff.reset();
+                }
+                Ok(Event::Delete(pod)) => {
+                    if let Some(uid) = &pod.metadata.uid {
+                        cache.remove(uid);
+                    }
+                    metrics.pods.set(cache.len() as i64);
+                    backoff.reset();
+                }
+                Err(error) => {
+                    metrics.errors.inc();
+                    if status_code(&error) == Some(401)
+                        && let Some(token) = &token
+                    {
+                        token.expire();
+                    }
+                    let delay = backoff.next_delay();
+                    warn!(
+                        error = %describe(&error),
+                        retry_in = ?delay,
+                        "pod watch failed; pods stay as last seen"
+                    );
+                    tokio::time::sleep(delay).await;
+                    if matches!(&error, watcher::Error::WatchStartFailed(_))
+                        && status_code(&error) == Some(410)
+                    {
+                        break;
+                    }
+                }
             }
-            let event: WatchEvent = serde_json::from_str(&line)
-                .with_context(|| format!("unexpected pod watch line: {line}"))?;
-            if event.kind == "ERROR" {
-                // Usually 410 Gone: our version is too old. Relist.
-                return Err(anyhow!("pod watch ended with an error event: {line}"));
-            }
-            if !event.object.metadata.resource_version.is_empty() {
-                version.clone_from(&event.object.metadata.resource_version);
-            }
-            cache.apply(&event);
-            metrics.pods.set(cache.len() as i64);
         }
     }
 }
 
+/// What to keep of a pod; a status that does not decode is counted and logged.
+fn keep(pod: DynamicObject, metrics: &WatchMetrics) -> Option<(String, PodMeta)> {
+    let (kept, error) = read_pod(pod);
+    if let Some(error) = error {
+        metrics.errors.inc();
+        warn!(
+            pod = kept.as_ref().map(|(_, pod)| format!("{}/{}", pod.namespace, pod.name)),
+            error = %describe_decoding(&error),
+            "a pod's status does not decode; its containers stay unnamed"
+        );
+    }
+    kept
+}
+
+/// The HTTP status the API server answered with, if it answered.
+fn status_code(error: &watcher::Error) -> Option<u16> {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status))
+        | watcher::Error::WatchError(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+/// What went wrong, for the log: never a response body nor a piece of a pod,
+/// which kube's own error messages can carry.
+fn describe(error: &watcher::Error) -> String {
+    let (what, cause) = match error {
+        watcher::Error::InitialListFailed(error) => ("listing pods", describe_client(error)),
+        watcher::Error::WatchStartFailed(error) => ("starting the watch", describe_client(error)),
+        watcher::Error::WatchFailed(error) => ("watching", describe_client(error)),
+        watcher::Error::WatchError(status) => ("the watch ended", describe_status(status)),
+        watcher::Error::NoResourceVersion => ("watching", "no resourceVersion".to_owned()),
+    };
+    format!("{what}: {cause}")
+}
+
+fn describe_client(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => describe_status(status),
+        kube::Error::SerdeError(error) => describe_decoding(error),
+        kube::Error::FromUtf8(_) => "a response is not UTF-8".to_owned(),
+        // Connection and protocol errors carry no response data.
+        error => {
+            let mut text = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                text = format!("{text}: {cause}");
+                source = cause.source();
+            }
+            text
+        }
+    }
+}
+
+/// Where decoding failed, without the value that failed it.
+fn describe_decoding(error: &serde_json::Error) -> String {
+    format!(
+        "a response does not decode ({:?} error at line {} column {})",
+        error.classify(),
+        error.line(),
+        error.column()
+    )
+}
+
+/// kube's reason for an error body that is not a Kubernetes `Status`, whose
+/// message is then the body itself.
+const NOT_A_STATUS: &str = "Failed to parse error data";
+
+fn describe_status(status: &Status) -> String {
+    let hint = match status.code {
+        401 => " (is the service account token valid?)",
+        403 => " (does the ClusterRole allow get, list and watch on pods?)",
+        _ => "",
+    };
+    if status.reason == NOT_A_STATUS {
+        return format!("HTTP {}{hint}", status.code);
+    }
+    if status.code == 0 && status.message.is_empty() {
+        // kube reads any JSON object that is not the expected one as an empty Status.
+        return "an object that does not decode as the expected one".to_owned();
+    }
+    // A Status message names the request, not the objects; cut it short all
+    // the same.
+    let message: String = status.message.chars().take(200).collect();
+    format!("HTTP {} {}: {message}{hint}", status.code, status.reason)
+}
+
 #[cfg(test)]
 mod tests {
-    use std::{
-        io::{Read as _, Write as _},
-        net::TcpListener,
-        time::Instant,
-    };
-
     use super::*;
 
     const UID: &str = "6f1e8d8a-2b0c-4a51-9d7f-3c4e5b6a7d8e";
 
-    fn pod_json(uid: &str, name: &str, version: &str) -> String {
-        format!(
-            r#"{{"metadata":{{"uid":"{uid}","name":"{name}","namespace":"shop","resourceVersion":"{version}",
-                "labels":{{"pod-template-hash":"5d9c7b8f9"}},
-                "ownerReferences":[{{"kind":"ReplicaSet","name":"checkout-5d9c7b8f9","controller":true}}]}},
-              "status":{{"containerStatuses":[{{"name":"app","containerID":"containerd://abc123"}}]}}}}"#
-        )
+    fn pod(json: &str) -> DynamicObject {
+        serde_json::from_str(json).expect("an object")
+    }
+
+    fn decoded(json: &str) -> PodMeta {
+        let (kept, error) = read_pod(pod(json));
+        assert!(error.is_none(), "{error:?}");
+        kept.expect("has a uid").1
     }
 
     #[test]
     fn workloads_are_named_as_sres_name_them() {
-        let pod: Pod =
-            serde_json::from_str(&pod_json(UID, "checkout-5d9c7b8f9-x2x4z", "1")).expect("json");
-        let (uid, meta) = pod.meta().expect("has a uid");
+        let (kept, error) = read_pod(pod(&format!(
+            r#"{{"metadata":{{"uid":"{UID}","name":"checkout-5d9c7b8f9-x2x4z","namespace":"shop",
+                "labels":{{"pod-template-hash":"5d9c7b8f9"}},
+                "ownerReferences":[{{"apiVersion":"apps/v1","kind":"ReplicaSet","name":"checkout-5d9c7b8f9","uid":"r","controller":true}}]}},
+              "status":{{"containerStatuses":[{{"name":"app","containerID":"containerd://abc123","image":"i","imageID":"","ready":true,"restartCount":0}}],
+                         "initContainerStatuses":[{{"name":"init","containerID":"containerd://def456"}}]}}}}"#
+        )));
+        assert!(error.is_none());
+        let (uid, meta) = kept.expect("has a uid");
         assert_eq!(uid, UID);
+        assert_eq!(meta.namespace, "shop");
+        assert_eq!(meta.name, "checkout-5d9c7b8f9-x2x4z");
         assert_eq!(meta.workload, "deployment/checkout");
         assert_eq!(
             meta.containers.get("abc123").map(String::as_str),
             Some("app")
         );
+        assert_eq!(
+            meta.containers.get("def456").map(String::as_str),
+            Some("init")
+        );
 
-        let stateful: Pod = serde_json::from_str(
-            r#"{"metadata":{"uid":"u","name":"db-0","namespace":"data",
-               "ownerReferences":[{"kind":"StatefulSet","name":"db","controller":true}]}}"#,
-        )
-        .expect("json");
-        assert_eq!(stateful.meta().expect("uid").1.workload, "statefulset/db");
-        let bare: Pod =
-            serde_json::from_str(r#"{"metadata":{"uid":"u","name":"debug"}}"#).expect("json");
-        assert_eq!(bare.meta().expect("uid").1.workload, "pod/debug");
+        let owned = |kind: &str, name: &str| {
+            decoded(&format!(
+                r#"{{"metadata":{{"uid":"u","name":"p","ownerReferences":[{{"kind":"{kind}","name":"{name}","controller":true}}]}}}}"#
+            ))
+            .workload
+        };
+        assert_eq!(owned("StatefulSet", "db"), "statefulset/db");
+        assert_eq!(owned("DaemonSet", "agent"), "daemonset/agent");
+        assert_eq!(owned("Job", "nightly-29"), "job/nightly-29");
+        // A ReplicaSet of its own (no pod-template-hash) is named as such.
+        assert_eq!(owned("ReplicaSet", "rs"), "replicaset/rs");
+        let bare = decoded(r#"{"metadata":{"uid":"u","name":"debug"}}"#);
+        assert_eq!(bare.workload, "pod/debug");
+        assert!(
+            read_pod(pod(r#"{"metadata":{"name":"no-uid"}}"#))
+                .0
+                .is_none()
+        );
     }
 
-    /// A fake API server: answers the list, then a watch that adds, modifies
-    /// and deletes pods, checking the node filter on each request.
     #[test]
-    fn list_then_watch_keeps_the_cache_in_step() {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let address = listener.local_addr().expect("address");
-        let second = "1f1e8d8a-2b0c-4a51-9d7f-3c4e5b6a7d8e";
-        let watch_body = format!(
-            "{{\"type\":\"ADDED\",\"object\":{}}}\n{{\"type\":\"DELETED\",\"object\":{}}}\n",
-            pod_json(second, "checkout-5d9c7b8f9-aaaaa", "11").replace('\n', ""),
-            pod_json(UID, "checkout-5d9c7b8f9-x2x4z", "12").replace('\n', ""),
-        );
-        let list_body = format!(
-            "{{\"metadata\":{{\"resourceVersion\":\"10\"}},\"items\":[{}]}}",
-            pod_json(UID, "checkout-5d9c7b8f9-x2x4z", "9").replace('\n', "")
-        );
-        let server = thread::spawn(move || {
-            let mut requests = Vec::new();
-            for (n, stream) in listener.incoming().take(2).enumerate() {
-                let mut stream = stream.expect("accept");
-                let mut request = [0u8; 2048];
-                let read = stream.read(&mut request).expect("read");
-                requests.push(String::from_utf8_lossy(&request[..read]).into_owned());
-                let body = if n == 0 { &list_body } else { &watch_body };
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-            requests
-        });
+    fn a_pod_whose_status_does_not_decode_keeps_its_names() {
+        let (kept, error) = read_pod(pod(
+            r#"{"metadata":{"uid":"u","name":"web-0","namespace":"shop"},
+                "status":{"containerStatuses":[{"name":"app","containerID":"containerd://a","ready":"secret"}]}}"#,
+        ));
+        let (uid, meta) = kept.expect("kept");
+        assert_eq!((uid.as_str(), meta.name.as_str()), ("u", "web-0"));
+        assert!(meta.containers.is_empty());
+        let text = describe_decoding(&error.expect("ready is no boolean"));
+        assert!(!text.contains("secret"), "{text}");
+    }
 
-        let config = ApiConfig {
-            base: format!("http://{address}"),
-            token: Some("secret".into()),
-            ca_pem: None,
-            node: "node-a".into(),
-        };
-        let cache = PodCache::default();
-        let metrics = WatchMetrics {
-            pods: IntGauge::new("pods", "pods").expect("gauge"),
-            errors: IntCounter::new("errors", "errors").expect("counter"),
-        };
-        let agent = config.agent().expect("agent");
-        // The watch stream ends after two events; the next watch fails to connect.
-        let started = Instant::now();
-        let outcome = list_and_watch(&config, &agent, &cache, &metrics);
-        assert!(outcome.is_err(), "the fake server stops after one watch");
-        assert!(started.elapsed() < Duration::from_secs(20));
+    #[test]
+    fn the_token_is_read_again_after_its_period_and_after_a_refusal() {
+        let path = std::env::temp_dir().join(format!("idlemon-token-{}", std::process::id()));
+        std::fs::write(&path, "first\n").expect("write");
+        let token = TokenFile::new(path.clone(), Duration::from_millis(200));
+        assert_eq!(token.header().expect("a token"), "Bearer first");
+        std::fs::write(&path, "second").expect("write");
+        assert_eq!(token.header().expect("a token"), "Bearer first", "cached");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(token.header().expect("a token"), "Bearer second");
+        std::fs::write(&path, "third").expect("write");
+        token.expire();
+        assert_eq!(token.header().expect("a token"), "Bearer third");
+        // A file gone later: the last token stays.
+        std::fs::remove_file(&path).expect("remove");
+        token.expire();
+        assert_eq!(token.header().expect("a token"), "Bearer third");
+        assert!(token.header().expect("a token").is_sensitive());
+    }
 
-        let requests = server.join().expect("server");
-        assert!(
-            requests[0].contains("fieldSelector=spec.nodeName%3Dnode-a"),
-            "{}",
-            requests[0]
+    #[test]
+    fn backoff_doubles_to_its_cap_and_starts_over_after_a_reset() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<Duration> = (0..8).map(|_| backoff.next_delay()).collect();
+        for (delay, base) in delays
+            .iter()
+            .zip([0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30.0, 30.0])
+        {
+            let base = Duration::from_secs_f64(base);
+            assert!(*delay >= base && *delay <= base.mul_f64(1.25), "{delays:?}");
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn error_summaries_leave_out_bodies() {
+        let body =
+            Status::failure(r#"{"metadata":{"name":"secret-pod"}}"#, NOT_A_STATUS).with_code(500);
+        let error = watcher::Error::InitialListFailed(kube::Error::Api(body.boxed()));
+        assert_eq!(describe(&error), "listing pods: HTTP 500");
+        assert_eq!(status_code(&error), Some(500));
+
+        let gone = Status::failure("too old resource version: 5 (10)", "Expired").with_code(410);
+        let error = watcher::Error::WatchError(gone.boxed());
+        assert_eq!(
+            describe(&error),
+            "the watch ended: HTTP 410 Expired: too old resource version: 5 (10)"
         );
+
+        let decoding =
+            serde_json::from_str::<Pod>(r#"{"metadata":{"name":"secret-pod","uid":123456789}}"#)
+                .expect_err("uid is not a string");
+        let text = describe(&watcher::Error::WatchFailed(kube::Error::SerdeError(
+            decoding,
+        )));
         assert!(
-            requests[0].contains("Authorization: Bearer secret")
-                || requests[0].contains("authorization: Bearer secret")
+            !text.contains("secret-pod") && !text.contains("123456789"),
+            "{text}"
         );
-        assert!(
-            requests[1].contains("watch=1") && requests[1].contains("resourceVersion=10"),
-            "{}",
-            requests[1]
-        );
-        assert!(cache.get(UID).is_none(), "deleted by the watch");
-        let added = cache.get(second).expect("added by the watch");
-        assert_eq!(added.namespace, "shop");
-        assert_eq!(metrics.pods.get(), 1);
     }
 }

@@ -1,5 +1,5 @@
 //! Test hosts for the kernel tests: network namespaces, a NAT gateway with a
-//! short idle timeout (PLATFORM.md's recipe), an echo server, and a running
+//! short idle timeout (conntrack that forgets idle flows, `NatPath`), an echo server, and a running
 //! idlemon with an HTTP client. Traffic stays on loopback and on TEST-NET
 //! addresses inside namespaces these helpers create.
 
@@ -451,19 +451,8 @@ impl Daemon {
 
     /// GET over HTTP/1.0 on `port`; None when nothing answers there.
     pub fn try_get_on(&self, port: u16, path: &str) -> Option<(u16, String)> {
-        let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-        self.netns.run(move || {
-            let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .ok()?;
-            stream.write_all(request.as_bytes()).ok()?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response).ok()?;
-            let (head, body) = response.split_once("\r\n\r\n")?;
-            let status = head.split_whitespace().nth(1)?.parse().ok()?;
-            Some((status, body.to_owned()))
-        })
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        http_get(&self.netns, address, path)
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
@@ -513,6 +502,49 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// One GET over HTTP/1.0 from inside `netns` to `address`: the status and
+/// the body, or None when nothing answers there within 2 s (10 s to read).
+pub fn http_get(netns: &Netns, address: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: idlemon\r\n\r\n");
+    netns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        stream.write_all(request.as_bytes()).ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, body.to_owned()))
+    })
+}
+
+/// Raises this thread's soft limit of open files to the hard one, for
+/// tests that hold a thousand connections.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid resource and pointer.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap()
 }
 
 pub fn metric(text: &str, series: &str) -> Option<f64> {

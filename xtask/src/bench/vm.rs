@@ -1,5 +1,6 @@
 //! Part 5 (`--only vm`): what the fentry and kprobe hooks cost, which this
-//! host's kernel refuses (PLATFORM.md), on the kernels EKS nodes run.
+//! host's kernel refuses (it is built without kprobes and refuses fentry),
+//! on the kernels EKS nodes run.
 //! Debian's 6.1 and 6.12 cloud kernels boot once each under qemu TCG with
 //! vm-test's harness (`crate::vm`), and its guest driver alternates windows
 //! of one 1-byte ping-pong (`ping_pong.rs`, the overhead part's load)

@@ -118,8 +118,8 @@ const fn expect(
 ///   whose BTF lacks `btf_trace_tcp_sendmsg_locked` and where raw_tp gets
 ///   ENOENT. Send then needs fentry or a kprobe, and without them idlemon
 ///   is not ready;
-/// - this host (6.18, see PLATFORM.md) refuses fentry and kprobes whatever
-///   the mode.
+/// - this host (6.18, built without kprobes, with fentry refused) refuses
+///   fentry and kprobes whatever the mode.
 pub const EXPECTATIONS: &[Expectation] = &[
     expect(Target::V6_1, Mode::Default, [FENTRY, FENTRY, FENTRY], true),
     expect(Target::V6_1, Mode::NoFentry, [KPROBE, KPROBE, KPROBE], true),
