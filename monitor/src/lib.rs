@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod enforce;
 pub mod eventlog;
 pub mod events;
+pub mod fix;
 pub mod fuzzing;
 pub mod http;
 pub mod kernel;

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::{
     attribution::Attribution,
     config::{IdleTimeout, PathConfig},
+    fix::{self, Fix},
 };
 
 /// The maps a walk updates once per socket: foldhash, randomly seeded per
@@ -102,6 +103,9 @@ pub struct TrackedSocket {
     pub keepalive: Keepalive,
     pub at_risk: bool,
     pub risk: Option<Risk>,
+    /// At-risk sockets only: the one change that keeps the path alive
+    /// (`fix::Fix`); null otherwise.
+    pub fix: Option<Fix>,
     /// The process that connected or last sent, where the hooks saw it.
     pub pid: Option<u32>,
     pub comm: Option<String>,
@@ -245,6 +249,23 @@ impl Classifier {
                 Source::Namespace
             }
         };
+        let keepalive = Keepalive {
+            enabled: socket.keepalive_enabled,
+            idle_seconds: self.seconds(socket.keepalive_idle),
+            idle_from: source(1),
+            interval_seconds: self.seconds(socket.keepalive_interval),
+            interval_from: source(2),
+            count: socket.keepalive_count,
+            count_from: source(4),
+            probes_answered: socket.probes_answered,
+            probes_unanswered: socket.probes_unanswered,
+            timer_runs: self.keepalive_timer_seen.then_some(socket.timer_runs),
+        };
+        let attribution = owner.map_or_else(Arc::default, |owner| Arc::clone(&owner.attribution));
+        let fix = socket
+            .risk
+            .zip(path_timeout)
+            .map(|(risk, timeout)| fix::for_socket(risk, timeout, &keepalive, &attribution));
         TrackedSocket {
             sock: socket.sock,
             family: if socket.is_ipv6 { "ipv6" } else { "ipv4" },
@@ -263,24 +284,14 @@ impl Classifier {
                 PathRule::Default => None,
             },
             time_left_seconds: path_timeout.map(|timeout| f64::from(timeout) - path_idle),
-            keepalive: Keepalive {
-                enabled: socket.keepalive_enabled,
-                idle_seconds: self.seconds(socket.keepalive_idle),
-                idle_from: source(1),
-                interval_seconds: self.seconds(socket.keepalive_interval),
-                interval_from: source(2),
-                count: socket.keepalive_count,
-                count_from: source(4),
-                probes_answered: socket.probes_answered,
-                probes_unanswered: socket.probes_unanswered,
-                timer_runs: self.keepalive_timer_seen.then_some(socket.timer_runs),
-            },
+            keepalive,
             at_risk: socket.risk.is_some(),
             risk: socket.risk,
+            fix,
             pid: owner.map(|owner| owner.pid),
             comm: owner.and_then(|owner| owner.comm.clone()),
             cgroup_id: owner.and_then(|owner| owner.cgroup_id),
-            attribution: owner.map_or_else(Arc::default, |owner| Arc::clone(&owner.attribution)),
+            attribution,
         }
     }
 
@@ -976,6 +987,12 @@ mod tests {
         assert_eq!(view.keepalive.probes_unanswered, 2);
         assert_eq!(view.keepalive.probes_answered, 5);
         assert_eq!(view.risk, Some(Risk::KeepaliveTooSlow));
+        // Keepalive on, its idle time from the namespace: the sysctl fixes it.
+        assert!(
+            matches!(&view.fix, Some(Fix::Sysctl { sysctls, .. }) if sysctls[0].name == "net.ipv4.tcp_keepalive_time"),
+            "{:?}",
+            view.fix
+        );
         assert_eq!(view.pid, None);
         assert_eq!(whole.pid, Some(7));
         assert_eq!(

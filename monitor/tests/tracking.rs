@@ -101,6 +101,11 @@ fn survives_unflagged(daemon: &Daemon, path: &NatPath, stream: &mut TcpStream) -
     while started.elapsed() < IDLE_PAST_TIMEOUT {
         let socket = client_socket(daemon, path, local).expect("client socket still tracked");
         assert_eq!(socket["at_risk"], false, "flagged: {socket:#}");
+        assert_eq!(
+            socket["fix"],
+            Value::Null,
+            "a fix for a safe socket: {socket:#}"
+        );
         last = Some(socket);
         let effective = daemon.metric("idlemon_long_idle_sockets{keepalive=\"effective\"}");
         covered = covered.max(effective.expect("coverage gauge exported"));
@@ -149,6 +154,32 @@ fn idle_client_without_keepalive_is_flagged_then_reset() {
         .expect("a cgroup v2 or name=systemd line");
     assert_eq!(flagged["cgroup_path"], expected, "{flagged:#}");
     assert!(flagged["cgroup_id"].as_u64().is_some(), "{flagged:#}");
+    // No keepalive: the application's to set (2 s idle, 1 s apart, for the
+    // 5 s NAT), or enforcement of the cgroup this test runs in.
+    let fix = &flagged["fix"];
+    assert_eq!(fix["kind"], "application", "{flagged:#}");
+    assert_eq!(
+        (
+            &fix["idle_seconds"],
+            &fix["interval_seconds"],
+            &fix["count"]
+        ),
+        (&Value::from(2), &Value::from(1), &Value::from(5))
+    );
+    assert!(
+        fix["snippets"]["python"]
+            .as_str()
+            .unwrap()
+            .contains("socket.TCP_KEEPIDLE, 2)"),
+        "{fix:#}"
+    );
+    assert!(
+        fix["enforce"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("cgroups = [\"{expected}\"]")),
+        "{fix:#}"
+    );
     assert_eq!(
         Some(daemon.metric_sum("idlemon_at_risk_sockets", "reason=\"no_keepalive\"")),
         Some(1.0)
@@ -175,6 +206,18 @@ fn default_keepalive_is_flagged_too_slow() {
     assert_eq!(flagged["keepalive"]["enabled"], true);
     assert_eq!(flagged["keepalive"]["idle_seconds"], 7200.0);
     assert_eq!(flagged["keepalive"]["idle_from"], "namespace");
+    // Keepalive on at the namespace's 7200 s: its sysctl, below the 5 s NAT;
+    // outside pods as sysctl -w (the 75 s interval needs lowering too).
+    let fix = &flagged["fix"];
+    assert_eq!(fix["kind"], "sysctl", "{flagged:#}");
+    assert_eq!(fix["sysctls"][0]["name"], "net.ipv4.tcp_keepalive_time");
+    assert_eq!(fix["sysctls"][0]["value"], 2);
+    assert_eq!(fix["sysctls"][1]["name"], "net.ipv4.tcp_keepalive_intvl");
+    assert_eq!(fix["sysctls"][1]["value"], 1);
+    assert_eq!(
+        fix["snippet"],
+        "sysctl -w net.ipv4.tcp_keepalive_time=2\nsysctl -w net.ipv4.tcp_keepalive_intvl=1\n"
+    );
     assert_eq!(
         Some(daemon.metric_sum("idlemon_at_risk_sockets", "reason=\"keepalive_too_slow\"")),
         Some(1.0)
