@@ -38,6 +38,9 @@ pub enum Command {
     Sockets(SocketsArgs),
     /// Print a running daemon's recent events as JSON lines.
     Events(EventsArgs),
+    /// Summarize a running daemon's at-risk sockets per workload, with the
+    /// one fix for each.
+    Advise(AdviseArgs),
 }
 
 /// `--socket-walk`.
@@ -214,6 +217,17 @@ pub struct SocketsArgs {
     pub min_idle: Option<Duration>,
 
     /// Print the daemon's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AdviseArgs {
+    /// Base URL of the daemon's connection data API (its --api-listen address).
+    #[arg(long, env = "IDLEMON_URL", default_value_t = format!("http://127.0.0.1:{DEFAULT_API_PORT}"))]
+    pub url: String,
+
+    /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
 }

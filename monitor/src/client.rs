@@ -81,7 +81,7 @@ fn encode(value: &str) -> String {
         .collect()
 }
 
-fn get(url: &str) -> anyhow::Result<String> {
+pub(crate) fn get(url: &str) -> anyhow::Result<String> {
     get_events(url).map(|(body, _)| body)
 }
 

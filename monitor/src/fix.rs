@@ -102,11 +102,8 @@ pub fn for_socket(
                 value: interval,
             });
         }
-        let snippet = if attribution.pod_uid.is_some() {
-            pod_sysctls(&sysctls)
-        } else {
-            host_sysctls(&sysctls)
-        };
+        let pairs: Vec<(&str, u32)> = sysctls.iter().map(|s| (s.name, s.value)).collect();
+        let snippet = sysctl_snippet(&pairs, attribution.pod_uid.is_some());
         return Fix::Sysctl {
             sysctls,
             snippet,
@@ -133,25 +130,20 @@ pub fn for_socket(
     }
 }
 
-/// The pod template's `securityContext.sysctls` entry.
-fn pod_sysctls(sysctls: &[Sysctl]) -> String {
-    let mut yaml = String::from("securityContext:\n  sysctls:\n");
-    for sysctl in sysctls {
-        let _ = writeln!(
-            yaml,
-            "    - name: {}\n      value: \"{}\"",
-            sysctl.name, sysctl.value
-        );
-    }
-    yaml
-}
-
-/// The commands for a network namespace outside pods (the host's: also a
-/// file in /etc/sysctl.d/).
-fn host_sysctls(sysctls: &[Sysctl]) -> String {
+/// The pod template's `securityContext.sysctls` entry (`in_pod`), else the
+/// commands for a network namespace outside pods (the host's: also a file
+/// in /etc/sysctl.d/).
+pub fn sysctl_snippet(sysctls: &[(&str, u32)], in_pod: bool) -> String {
     let mut text = String::new();
-    for sysctl in sysctls {
-        let _ = writeln!(text, "sysctl -w {}={}", sysctl.name, sysctl.value);
+    if in_pod {
+        text.push_str("securityContext:\n  sysctls:\n");
+    }
+    for (name, value) in sysctls {
+        let _ = if in_pod {
+            writeln!(text, "    - name: {name}\n      value: \"{value}\"")
+        } else {
+            writeln!(text, "sysctl -w {name}={value}")
+        };
     }
     text
 }
@@ -203,13 +195,23 @@ pub fn workload_cgroup(attribution: &Attribution) -> Option<String> {
 
 /// The `[enforce]` lines that select the socket's workload.
 fn enforce_lines(attribution: &Attribution) -> String {
-    match workload_cgroup(attribution) {
-        Some(cgroup) => format!(
-            "[enforce]\nmode = \"on\"\ncgroups = [\"{}\"] # add to the list if [enforce] exists\n",
-            cgroup.replace('\\', "\\\\").replace('"', "\\\"")
-        ),
-        None => "[enforce]\nmode = \"on\" # no cgroups: every workload on the node\n".to_owned(),
+    let cgroups: Vec<String> = workload_cgroup(attribution).into_iter().collect();
+    enforce_config(&cgroups)
+}
+
+/// The `[enforce]` lines that select `cgroups` (none: every workload).
+pub fn enforce_config(cgroups: &[String]) -> String {
+    if cgroups.is_empty() {
+        return "[enforce]\nmode = \"on\" # no cgroups: every workload on the node\n".to_owned();
     }
+    let quoted: Vec<String> = cgroups
+        .iter()
+        .map(|cgroup| format!("\"{}\"", cgroup.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!(
+        "[enforce]\nmode = \"on\"\ncgroups = [{}] # add to the list if [enforce] exists\n",
+        quoted.join(", ")
+    )
 }
 
 #[cfg(test)]

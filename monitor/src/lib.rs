@@ -1,6 +1,7 @@
 //! idlemon's daemon as a library: the binary (`main.rs`) parses the command
 //! line and runs it; the fuzz targets (`monitor/fuzz`) drive the parsers.
 
+pub mod advise;
 pub mod attribution;
 pub mod build_info;
 pub mod cli;

@@ -180,6 +180,31 @@ fn idle_client_without_keepalive_is_flagged_then_reset() {
             .contains(&format!("cgroups = [\"{expected}\"]")),
         "{fix:#}"
     );
+    // idlemon advise: this test process's workload, its one socket, that fix.
+    let advice = daemon.netns.exec(IDLEMON, &["advise", "--json"]);
+    assert!(advice.status.success(), "{advice:?}");
+    let advice: Value = serde_json::from_slice(&advice.stdout).unwrap();
+    let ours = advice
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|item| item["workload"] == common::own_comm().as_str())
+        .unwrap_or_else(|| panic!("no advice for this test: {advice:#}"));
+    assert_eq!(ours["sockets"], 1, "{advice:#}");
+    assert_eq!(ours["risks"]["no_keepalive"], 1);
+    assert_eq!(
+        ours["destinations"][0],
+        format!("{}:8001", common::SERVER_IP)
+    );
+    assert_eq!(ours["fix"]["kind"], "application");
+    assert_eq!(ours["fix"]["enforce"], fix["enforce"]);
+    let text = daemon.netns.exec(IDLEMON, &["advise"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Fix: in the application, turn SO_KEEPALIVE on")
+            && text.contains("[enforce]"),
+        "{text}"
+    );
     assert_eq!(
         Some(daemon.metric_sum("idlemon_at_risk_sockets", "reason=\"no_keepalive\"")),
         Some(1.0)
@@ -217,6 +242,16 @@ fn default_keepalive_is_flagged_too_slow() {
     assert_eq!(
         fix["snippet"],
         "sysctl -w net.ipv4.tcp_keepalive_time=2\nsysctl -w net.ipv4.tcp_keepalive_intvl=1\n"
+    );
+    let text = daemon.netns.exec(IDLEMON, &["advise"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!(
+            "{}: 1 at-risk socket (1 keepalive_too_slow) to {}:8002\n  Fix: set the keepalive sysctls",
+            common::own_comm(),
+            common::SERVER_IP
+        )) && text.contains("    sysctl -w net.ipv4.tcp_keepalive_time=2\n"),
+        "{text}"
     );
     assert_eq!(
         Some(daemon.metric_sum("idlemon_at_risk_sockets", "reason=\"keepalive_too_slow\"")),
