@@ -414,6 +414,10 @@ pub struct Snapshot {
     /// threshold (carried over from the previous walk where unchanged),
     /// per-socket keepalive settings only where SO_KEEPALIVE is on.
     pub complete: bool,
+    /// Each network namespace the walk found sockets in (by inode): its
+    /// `net.ipv4.tcp_keepalive_time`, in jiffies, and the owner of one of
+    /// its sockets, which names its pod (NO_OWNER when none was attributed).
+    pub namespaces: WalkMap<u32, (u32, u32)>,
 }
 
 impl Snapshot {
@@ -424,6 +428,7 @@ impl Snapshot {
             sockets: Vec::new(),
             owners: Vec::new(),
             complete: false,
+            namespaces: WalkMap::default(),
         }
     }
 
@@ -449,6 +454,10 @@ impl Snapshot {
 pub struct SnapshotBuilder {
     snapshot: Snapshot,
     owner_index: WalkMap<(u32, u64), u32>,
+    /// The namespace of the last record, while it has an owner: records
+    /// come namespace by namespace, so the map is touched once per
+    /// namespace rather than once per socket.
+    namespace_done: Option<u32>,
 }
 
 impl SnapshotBuilder {
@@ -461,6 +470,7 @@ impl SnapshotBuilder {
         Self {
             snapshot,
             owner_index: WalkMap::default(),
+            namespace_done: None,
         }
     }
 
@@ -483,6 +493,17 @@ impl SnapshotBuilder {
                 None => NO_OWNER,
             },
         };
+        if self.namespace_done != Some(record.netns) {
+            let entry = self
+                .snapshot
+                .namespaces
+                .entry(record.netns)
+                .or_insert((record.ns_keepalive_time, NO_OWNER));
+            if entry.1 == NO_OWNER {
+                entry.1 = owner;
+            }
+            self.namespace_done = (entry.1 != NO_OWNER).then_some(record.netns);
+        }
         let socket = self.snapshot.classifier.compact(record, owner);
         self.snapshot.sockets.push(socket);
     }
@@ -608,6 +629,20 @@ pub struct Summary {
     /// Sockets idle at least the threshold on a path with a timeout, by
     /// keepalive coverage (indexed like `Coverage::ALL`).
     pub long_idle: [usize; Coverage::ALL.len()],
+    /// Each network namespace with ESTABLISHED sockets: its inode, its
+    /// pod's namespace and name (empty when none of its sockets was
+    /// attributed to a pod: the host's, or not yet), and its effective
+    /// `net.ipv4.tcp_keepalive_time` in seconds; pods first.
+    pub namespace_keepalive: Vec<NamespaceKeepalive>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NamespaceKeepalive {
+    /// Empty outside pods; first, so that pods sort ahead.
+    pub pod: String,
+    pub namespace: String,
+    pub netns: u32,
+    pub keepalive_time_seconds: u64,
 }
 
 impl Summary {
@@ -638,6 +673,25 @@ impl Summary {
             };
             *summary.at_risk.entry((risk, labels)).or_default() += count;
         }
+        let classifier = &snapshot.classifier;
+        summary.namespace_keepalive = snapshot
+            .namespaces
+            .iter()
+            .map(|(&netns, &(keepalive_time, owner))| {
+                let owner = snapshot.owners.get(owner as usize);
+                let attribution = owner.map(|owner| &*owner.attribution);
+                let text = |value: Option<&String>| value.cloned().unwrap_or_default();
+                NamespaceKeepalive {
+                    pod: text(attribution.and_then(|a| a.pod.as_ref().or(a.pod_uid.as_ref()))),
+                    namespace: text(attribution.and_then(|a| a.namespace.as_ref())),
+                    netns,
+                    keepalive_time_seconds: classifier.seconds(keepalive_time).round() as u64,
+                }
+            })
+            .collect();
+        summary
+            .namespace_keepalive
+            .sort_by(|a, b| (a.pod.is_empty(), a).cmp(&(b.pod.is_empty(), b)));
         summary
     }
 
@@ -917,6 +971,59 @@ mod tests {
                 .at_risk_destinations
                 .get(&"52.1.2.3".parse::<IpAddr>().expect("ip")),
             Some(&2)
+        );
+    }
+
+    #[test]
+    fn each_namespace_reports_its_keepalive_time_and_its_pod() {
+        let in_netns = |netns: u32, keepalive_time: u32, owner: Option<u32>| {
+            let mut record = record(400, false);
+            record.netns = netns;
+            record.ns_keepalive_time = keepalive_time * HZ;
+            match owner {
+                Some(pid) => owned(record, pid),
+                None => record,
+            }
+        };
+        // The pod's namespace: its first socket unattributed, the next one
+        // the pod's. The host's: nobody's pod. A third: no owner at all.
+        let records = [
+            in_netns(7, 60, None),
+            in_netns(7, 60, Some(10)),
+            in_netns(7, 60, None),
+            in_netns(1, 7200, Some(11)),
+            in_netns(9, 7200, None),
+        ];
+        let mut builder = SnapshotBuilder::new(Arc::new(classifier("")), 0, true);
+        for record in &records {
+            builder.add(record, |pid, _| {
+                Arc::new(Attribution {
+                    namespace: (pid == Some(10)).then(|| "shop".to_owned()),
+                    pod: (pid == Some(10)).then(|| "cart-1".to_owned()),
+                    ..Attribution::default()
+                })
+            });
+        }
+        let summary = Summary::of(&builder.finish(Instant::now()));
+        let rows: Vec<(&str, &str, u32, u64)> = summary
+            .namespace_keepalive
+            .iter()
+            .map(|row| {
+                (
+                    row.namespace.as_str(),
+                    row.pod.as_str(),
+                    row.netns,
+                    row.keepalive_time_seconds,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("shop", "cart-1", 7, 60),
+                ("", "", 1, 7200),
+                ("", "", 9, 7200)
+            ]
         );
     }
 

@@ -307,6 +307,15 @@ fn namespace_keepalive_sysctl_below_the_timeout_is_not_flagged() {
     assert_eq!(socket["keepalive"]["idle_seconds"], 1.0);
     assert_eq!(socket["keepalive"]["idle_from"], "namespace");
     assert_eq!(socket["keepalive"]["interval_seconds"], 1.0);
+    // The gauge of each namespace's tcp_keepalive_time: the client's 1 s,
+    // the server's (its accepted socket) at the kernel's 7200 s; no pods.
+    let gauge = |inode: u64| {
+        daemon.metric(&format!(
+            "idlemon_namespace_keepalive_time_seconds{{namespace=\"\",netns=\"{inode}\",pod=\"\"}}"
+        ))
+    };
+    assert_eq!(gauge(path.client.inode()), Some(1.0));
+    assert_eq!(gauge(path.server.inode()), Some(7200.0));
 }
 
 #[test]
