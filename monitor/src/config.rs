@@ -44,6 +44,8 @@
 //! cgroups = ["/system.slice/billing.service", "/kubepods.slice/kubepods-burstable.slice"]
 //!                               # cgroup v2 directories whose processes' sockets are enforced
 //!                               # (and everything below them); absent: every workload
+//! units = ["billing.service"]   # systemd units on plain hosts: /system.slice/NAME
+//!                               # (".service" added to a name without a unit type)
 //! idle_percent = 50             # TCP_KEEPIDLE = this percentage of the path's idle timeout (1-80)
 //! interval = 30                 # TCP_KEEPINTVL, seconds (1-32767)
 //! count = 5                     # TCP_KEEPCNT (1-127)
@@ -395,6 +397,36 @@ impl EnforceConfig {
                 config.cgroups.push(path.to_owned());
             }
         }
+        if let Some(units) = &table.units {
+            let Raw::Array(entries) = units.get_ref() else {
+                return Err(Invalid::new(
+                    units.span(),
+                    format!(
+                        "units must be an array of systemd unit names such as \"billing.service\", got {}",
+                        written(units, text)
+                    ),
+                ));
+            };
+            for entry in entries {
+                let name = expect_str(entry, text, "units entries must be strings")?;
+                if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                    return Err(Invalid::new(
+                        entry.span(),
+                        format!(
+                            "units entry {} must be a systemd unit name such as \"billing.service\"",
+                            written(entry, text)
+                        ),
+                    ));
+                }
+                // A system unit's cgroup (systemd's default Slice=system.slice).
+                let unit = if name.contains('.') {
+                    name.to_owned()
+                } else {
+                    format!("{name}.service")
+                };
+                config.cgroups.push(format!("/system.slice/{unit}"));
+            }
+        }
         if let Some(root) = &table.cgroup_root {
             let path = expect_str(root, text, "cgroup_root must be a path")?;
             config.cgroup_root = Some(PathBuf::from(path));
@@ -621,6 +653,7 @@ struct RawFile {
 struct RawEnforce {
     mode: Option<Spanned<Raw>>,
     cgroups: Option<Spanned<Raw>>,
+    units: Option<Spanned<Raw>>,
     cgroup_root: Option<Spanned<Raw>>,
     idle_percent: Option<Spanned<Raw>>,
     interval: Option<Spanned<Raw>>,
@@ -659,6 +692,7 @@ const FILE_KEYS: &[(&str, FileKey)] = &[("path", FileKey::Path), ("enforce", Fil
 enum EnforceKey {
     Mode,
     Cgroups,
+    Units,
     CgroupRoot,
     IdlePercent,
     Interval,
@@ -669,6 +703,7 @@ enum EnforceKey {
 const ENFORCE_KEYS: &[(&str, EnforceKey)] = &[
     ("mode", EnforceKey::Mode),
     ("cgroups", EnforceKey::Cgroups),
+    ("units", EnforceKey::Units),
     ("cgroup_root", EnforceKey::CgroupRoot),
     ("idle_percent", EnforceKey::IdlePercent),
     ("interval", EnforceKey::Interval),
@@ -830,6 +865,7 @@ impl<'de> Deserialize<'de> for RawEnforce {
                 let mut table = RawEnforce {
                     mode: None,
                     cgroups: None,
+                    units: None,
                     cgroup_root: None,
                     idle_percent: None,
                     interval: None,
@@ -840,6 +876,7 @@ impl<'de> Deserialize<'de> for RawEnforce {
                     let slot = match key {
                         EnforceKey::Mode => &mut table.mode,
                         EnforceKey::Cgroups => &mut table.cgroups,
+                        EnforceKey::Units => &mut table.units,
                         EnforceKey::CgroupRoot => &mut table.cgroup_root,
                         EnforceKey::IdlePercent => &mut table.idle_percent,
                         EnforceKey::Interval => &mut table.interval,
@@ -1589,6 +1626,25 @@ idle_timeout = 0
     }
 
     #[test]
+    fn systemd_units_select_their_system_slice_cgroups() {
+        let parsed = PathConfig::parse(
+            "[enforce]\ncgroups = [\"/kubepods.slice\"]\nunits = [\"billing.service\", \"nginx\", \"batch.scope\"]\n",
+            "test.toml",
+        )
+        .expect("valid")
+        .enforce;
+        assert_eq!(
+            parsed.cgroups,
+            [
+                "/kubepods.slice",
+                "/system.slice/billing.service",
+                "/system.slice/nginx.service",
+                "/system.slice/batch.scope"
+            ]
+        );
+    }
+
+    #[test]
     fn enforce_table_errors_name_the_line() {
         for (text, line, wanted) in [
             (
@@ -1615,6 +1671,16 @@ idle_timeout = 0
                 "[enforce]\naccepted = 1\n",
                 2,
                 "accepted must be true or false, got 1",
+            ),
+            (
+                "[enforce]\nunits = [\"../x.service\"]\n",
+                2,
+                "units entry \"../x.service\" must be a systemd unit name",
+            ),
+            (
+                "[enforce]\nunits = \"billing.service\"\n",
+                2,
+                "units must be an array of systemd unit names",
             ),
             (
                 "[enforce]\ncgroups = [\"system.slice\"]\n",

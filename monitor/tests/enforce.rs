@@ -47,6 +47,8 @@ struct TestCgroup {
     /// From the cgroup root, as `[enforce] cgroups` takes it.
     name: String,
     path: PathBuf,
+    /// A parent directory the test made (and removes after it).
+    made_parent: Option<PathBuf>,
 }
 
 impl TestCgroup {
@@ -62,13 +64,39 @@ impl TestCgroup {
         let name = format!("/idlemon-test-{}-{tag}", std::process::id());
         let path = root.join(name.trim_start_matches('/'));
         std::fs::create_dir_all(&path).unwrap();
-        Self { name, path }
+        Self {
+            name,
+            path,
+            made_parent: None,
+        }
+    }
+
+    /// A systemd system unit's cgroup, `/system.slice/UNIT.service`, as
+    /// systemd makes it (the slice is made when the host has none).
+    fn unit(tag: &str) -> (Self, String) {
+        let plain = Self::new("probe");
+        let root = plain.path.parent().unwrap().to_owned();
+        drop(plain);
+        let slice = root.join("system.slice");
+        let made_parent = (!slice.exists()).then(|| slice.clone());
+        let unit = format!("idlemon-test-{}-{tag}.service", std::process::id());
+        let path = slice.join(&unit);
+        std::fs::create_dir_all(&path).unwrap();
+        let cgroup = Self {
+            name: format!("/system.slice/{unit}"),
+            path,
+            made_parent,
+        };
+        (cgroup, unit)
     }
 }
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.path);
+        if let Some(parent) = &self.made_parent {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
@@ -737,4 +765,52 @@ fn a_connection_opened_before_idlemon_started_is_enforced_at_start() {
         daemon.metric("idlemon_probe_info{hook=\"enforce_existing\",kind=\"iter\"}"),
         Some(1.0)
     );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn a_systemd_unit_is_selected_by_its_name() {
+    const PORT: u16 = 8307;
+    let (cgroup, unit) = TestCgroup::unit("unit");
+    // Selected by `units` alone (its name without .service): no cgroups.
+    let config = TempFile::new(
+        "enforce-unit.toml",
+        &format!(
+            "[[path]]\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\
+             [[path]]\ncidr = \"{SERVER_IP}/32\"\nidle_timeout = {NAT_TIMEOUT}\n\
+             [enforce]\nmode = \"on\"\nunits = [\"{}\"]\nidle_percent = 50\ninterval = 1\ncount = 3\n",
+            unit.trim_end_matches(".service")
+        ),
+    );
+    let daemon = start_daemon(&config);
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(PORT, 2);
+    let inside = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+            mapped: false,
+        },
+    );
+    let outside = run_client(
+        &path.client,
+        None,
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+            mapped: false,
+        },
+    );
+    let (inside, outside) = (finished(&inside), finished(&outside));
+    assert_eq!(
+        inside.keepalive_at_end,
+        [1, 2, 1, 3],
+        "the unit's client enforced"
+    );
+    assert_eq!(inside.result, "ok", "the unit's client survived");
+    assert_eq!(outside.keepalive_at_end[0], 0, "outside the unit untouched");
+    assert_ne!(outside.result, "ok", "outside the unit reset");
+    drop(daemon);
 }
