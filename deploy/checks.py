@@ -615,6 +615,8 @@ ALL_OPTIONS = {
         "maxSockets": 1048576, "maxAttributionSeries": 200, "destinationLabels": 20,
         "eventHistory": 1000000, "eventLog": "", "logFormat": "text", "logLevel": "idlemon=debug",
         "apiListen": "127.0.0.1:9782", "paths": PATHS_TOML,
+        "enforce": {"mode": "dry-run", "cgroups": ["/kubepods.slice/kubepods-burstable.slice"],
+                    "idlePercent": 40, "interval": 20, "count": 4, "accepted": True},
         "extraArgs": ["--disable-attach=fentry"],
         "extraEnv": [{"name": "IDLEMON_KERNEL_BTF", "value": "/sys/kernel/btf/vmlinux"}],
     },
@@ -663,6 +665,12 @@ BAD_VALUES = [
     ("a log format idlemon does not have", {"idlemon": {"logFormat": "xml"}}),
     ("an API address without a port", {"idlemon": {"apiListen": "127.0.0.1"}}),
     ("the path config as a map, not TOML text", {"idlemon": {"paths": {"cidr": "10.0.0.0/8"}}}),
+    ("an enforcement mode idlemon does not have", {"idlemon": {"enforce": {"mode": "yes"}}}),
+    ("enforcement mode off as a YAML boolean", {"idlemon": {"enforce": {"mode": False}}}),
+    ("an enforced cgroup not from the cgroup root", {"idlemon": {"enforce": {"cgroups": ["kubepods.slice"]}}}),
+    ("an enforced cgroup with ..", {"idlemon": {"enforce": {"cgroups": ["/kubepods.slice/../system.slice"]}}}),
+    ("an enforcement idle percent above idlemon's 80", {"idlemon": {"enforce": {"idlePercent": 90}}}),
+    ("a misspelt enforcement key", {"idlemon": {"enforce": {"idle_percent": 40}}}),
     ("extra args as one string", {"idlemon": {"extraArgs": "--disable-attach=fentry"}}),
     ("an extra env without a name", {"idlemon": {"extraEnv": [{"value": "1"}]}}),
     ("a port above 65535", {"metrics": {"port": 70000}}),
@@ -831,14 +839,27 @@ def helm_checks(out_dir, kustomize_rendered=None):
                 result.check(False, f"values.schema.json accepts {why}: {values}")
         print(f"  values.schema.json refused {refused} of {len(BAD_VALUES)} bad values")
 
-        # Pods roll when the path config changes.
+        # Pods roll when the path config or the enforcement changes.
         changed = dict(ALL_OPTIONS, idlemon=dict(ALL_OPTIONS["idlemon"], paths=PATHS_TOML.replace("6000", "4000")))
+        enforced = dict(ALL_OPTIONS, idlemon=dict(ALL_OPTIONS["idlemon"],
+                                                  enforce=dict(ALL_OPTIONS["idlemon"]["enforce"], mode="on")))
         checksums = []
-        for values in (ALL_OPTIONS, changed):
+        for values in (ALL_OPTIONS, changed, enforced):
             ds = by_kind(render(chart, values))["DaemonSet"][0]
             checksums.append(ds["spec"]["template"]["metadata"].get("annotations", {}).get("checksum/config"))
-        result.check(checksums[0] is not None and checksums[0] != checksums[1],
-                     f"the pod template's checksum/config does not change with idlemon.paths: {checksums}")
+        result.check(checksums[0] is not None and len(set(checksums)) == 3,
+                     f"the pod template's checksum/config does not change with idlemon.paths and idlemon.enforce: {checksums}")
+
+        # Enforcement alone: a config file with only the [enforce] table, mounted.
+        import tomllib
+
+        docs = render(chart, {"idlemon": {"enforce": {"mode": "on"}}})
+        kinds = by_kind(docs)
+        config = [c for c in kinds.get("ConfigMap", []) if "idlemon.toml" in c.get("data", {})]
+        env = {e["name"]: e.get("value") for e in kinds["DaemonSet"][0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+        result.check(len(config) == 1 and tomllib.loads(config[0]["data"]["idlemon.toml"]) == {"enforce": {"mode": "on"}}
+                     and env.get("IDLEMON_CONFIG") == "/etc/idlemon/idlemon.toml",
+                     f"idlemon.enforce.mode on alone does not render and mount [enforce] mode = \"on\": {config}")
 
     if "defaults" in renders:
         docs = renders["defaults"]
@@ -885,7 +906,11 @@ def helm_checks(out_dir, kustomize_rendered=None):
         if config:
             try:
                 parsed = tomllib.loads(config["data"]["idlemon.toml"])
-                result.check(parsed == tomllib.loads(PATHS_TOML), "the ConfigMap's TOML is not idlemon.paths")
+                expected = dict(tomllib.loads(PATHS_TOML), enforce={
+                    "mode": "dry-run", "cgroups": ["/kubepods.slice/kubepods-burstable.slice"],
+                    "idle_percent": 40, "interval": 20, "count": 4, "accepted": True})
+                result.check(parsed == expected,
+                             f"the ConfigMap's TOML is not idlemon.paths and idlemon.enforce's [enforce]: {parsed}")
             except tomllib.TOMLDecodeError as error:
                 result.check(False, f"the ConfigMap's idlemon.toml is not TOML: {error}")
         rule = kinds["PrometheusRule"][0]

@@ -62,8 +62,11 @@ pub mod counter {
     /// threshold, dropped while the ring buffer was three-quarters full so
     /// that its last quarter stays free for the ones that were.
     pub const EVENTS_SHED: u32 = 28;
+    /// Keepalive enforcement decisions: slot `ENFORCEMENTS + reason`, one
+    /// of `enforce::reason` (the mode is fixed for the daemon's lifetime).
+    pub const ENFORCEMENTS: u32 = 32;
     /// Number of slots in the array.
-    pub const SLOTS: u32 = 32;
+    pub const SLOTS: u32 = ENFORCEMENTS + super::enforce::reason::COUNT;
 }
 
 /// Slots of the `WALK_OPTIONS` array, which user space sets before it walks
@@ -233,6 +236,9 @@ pub mod event_kind {
     pub const SEND_AFTER_IDLE: u8 = 3;
     /// The kernel closed a connection after unanswered keepalive probes.
     pub const KEEPALIVE_TIMEOUT: u8 = 4;
+    /// The enforcement program decided about a new connection's keepalive
+    /// (`Event::enforcement` says what).
+    pub const KEEPALIVE_ENFORCED: u8 = 5;
 }
 
 /// A moment worth explaining later, sent through the `EVENTS` ring buffer
@@ -260,8 +266,134 @@ pub struct Event {
     /// Task name in whose context the event fired (see `current_tgid`).
     pub current_comm: [u8; COMM_LEN],
     pub socket: SocketRecord,
+    /// For `KEEPALIVE_ENFORCED` events: the decision. `socket` holds the
+    /// settings before it.
+    pub enforcement: KeepaliveDecision,
 }
-const _: () = assert!(size_of::<Event>() == 160);
+const _: () = assert!(size_of::<Event>() == 192);
+
+/// Keepalive enforcement (a `sock_ops` program on the cgroup v2 hierarchy).
+pub mod enforce {
+    /// `EnforceSettings::mode`: decide and count, change nothing.
+    pub const MODE_DRY_RUN: u32 = 1;
+    /// `EnforceSettings::mode`: decide, count and set.
+    pub const MODE_ON: u32 = 2;
+
+    /// Why the program did what it did with a new connection.
+    pub mod reason {
+        /// SO_KEEPALIVE was off: keepalive turned on with the target settings.
+        pub const NO_KEEPALIVE: u32 = 0;
+        /// SO_KEEPALIVE was on with an idle time or an interval not below
+        /// the path's timeout: whichever is slower than the target lowered
+        /// to it (after a probe, the next comes an interval later: an
+        /// interval at the timeout lets the middlebox forget the flow).
+        pub const KEEPALIVE_TOO_SLOW: u32 = 1;
+        /// The application's own keepalive already beats the path's
+        /// timeout: left as it is.
+        pub const KEEPALIVE_SUFFICIENT: u32 = 2;
+        /// A loopback connection: never touched.
+        pub const LOOPBACK: u32 = 3;
+        /// The path has no middlebox timeout (`idle_timeout = "none"`).
+        pub const NO_TIMEOUT: u32 = 4;
+        /// `bpf_setsockopt` refused one of the options.
+        pub const FAILED: u32 = 5;
+        /// The socket's keepalive state could not be read: left as it is.
+        pub const UNREADABLE: u32 = 6;
+        pub const COUNT: u32 = 8;
+    }
+
+    /// `KeepaliveDecision::passive` of a connection that existed before
+    /// idlemon started, fixed by the walk.
+    pub const EXISTING: u32 = 2;
+    /// Path rules the kernel can hold; the config file's rules beyond it
+    /// are refused when enforcement is on.
+    pub const MAX_PATHS: u32 = 128;
+    /// Port ranges per kernel path entry; a rule with more takes several
+    /// consecutive entries.
+    pub const PORT_RANGES: usize = 8;
+}
+
+/// What the enforcement program decided for one connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeepaliveDecision {
+    /// One of `enforce::reason`.
+    pub reason: u32,
+    /// One of `enforce::MODE_*`.
+    pub mode: u32,
+    /// Settings after the decision (dry run: what would have been set), in
+    /// seconds and probes: TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT. 0: left
+    /// as it was.
+    pub idle_seconds: u32,
+    pub interval_seconds: u32,
+    pub count: u32,
+    /// The path's idle timeout, in seconds.
+    pub path_timeout_seconds: u32,
+    /// 1: an accepted connection (PASSIVE_ESTABLISHED); 0: an outbound one;
+    /// `enforce::EXISTING`: one older than idlemon, fixed by the walk.
+    pub passive: u32,
+    /// The `bpf_setsockopt` error, for `reason::FAILED`.
+    pub error: i32,
+}
+const _: () = assert!(size_of::<KeepaliveDecision>() == 32);
+
+/// Enforcement settings handed to the program as a read-only global.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnforceSettings {
+    /// `enforce::MODE_*`; 0 (off): the program is not attached at all.
+    pub mode: u32,
+    /// 1: accepted connections too.
+    pub passive: u32,
+    /// Entries of `ENFORCE_PATHS` in use, in precedence order.
+    pub paths: u32,
+    /// The path where no entry matches (`--idle-timeout`).
+    pub default_timeout_seconds: u32,
+    pub default_timeout_jiffies: u32,
+    pub default_idle_seconds: u32,
+    pub default_idle_jiffies: u32,
+    /// TCP_KEEPINTVL and TCP_KEEPCNT set on sockets without keepalive;
+    /// TCP_KEEPINTVL also where the socket's is slower.
+    pub interval_seconds: u32,
+    pub interval_jiffies: u32,
+    pub count: u32,
+}
+const _: () = assert!(size_of::<EnforceSettings>() == 40);
+
+/// One path rule for the kernel: destinations `addr/mask` (IPv4 in the
+/// first word, network order), on the listed port ranges (none: every port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnforcePath {
+    pub addr: [u32; 4],
+    pub mask: [u32; 4],
+    /// Inclusive port ranges, host order.
+    pub ports: [[u16; 2]; enforce::PORT_RANGES],
+    /// The rule's timeout, in seconds and jiffies; 0: "none".
+    pub timeout_seconds: u32,
+    pub timeout_jiffies: u32,
+    /// TCP_KEEPIDLE to set on this path.
+    pub idle_seconds: u32,
+    pub idle_jiffies: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Entries of `ports` in use; 0: every port.
+    pub port_ranges: u16,
+}
+const _: () = assert!(size_of::<EnforcePath>() == 84);
+
+/// A socket user space selected for `enforce_existing`, as the walk reads
+/// it (ports in host order, addresses as in `SocketRecord`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExistingSocket {
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<ExistingSocket>() == 24);
 
 #[cfg(feature = "user")]
 mod user {
@@ -271,4 +403,7 @@ mod user {
     unsafe impl aya::Pod for super::SocketInfo {}
     unsafe impl aya::Pod for super::SocketRecord {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::EnforceSettings {}
+    unsafe impl aya::Pod for super::EnforcePath {}
+    unsafe impl aya::Pod for super::ExistingSocket {}
 }

@@ -43,6 +43,29 @@ const _: () = assert!(size_of::<OwnerSeen>() == 16);
 #[map]
 static POINTER_SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// A pointer the verifier types (a `sock_ops` context's `sk`), as a plain
+/// number for `bpf_probe_read_kernel` reads at offsets: the verifier allows
+/// no arithmetic on socket pointers, but a word read back from map memory
+/// is a number (storing a pointer in a map needs CAP_PERFMON).
+#[inline(always)]
+pub fn pointer_as_number<T>(pointer: *mut T) -> Option<u64> {
+    let word = POINTER_SCRATCH.get_ptr_mut(0)?;
+    // A program in an interrupt on this CPU may write the word between our
+    // store and load (as in `SeenSlot::of`): the second load catches that.
+    for _ in 0..2 {
+        // SAFETY: this CPU's word; volatile, so that the loads stay loads.
+        let number = unsafe {
+            core::ptr::write_volatile(word.cast::<*mut T>(), pointer);
+            core::ptr::read_volatile(word)
+        };
+        // SAFETY: as above.
+        if unsafe { core::ptr::read_volatile(word.cast::<*mut T>()) } == pointer {
+            return Some(number);
+        }
+    }
+    None
+}
+
 /// A socket's slot of `OWNERS_SEEN`.
 pub struct SeenSlot(*mut OwnerSeen);
 

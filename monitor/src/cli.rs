@@ -38,6 +38,9 @@ pub enum Command {
     Sockets(SocketsArgs),
     /// Print a running daemon's recent events as JSON lines.
     Events(EventsArgs),
+    /// Summarize a running daemon's at-risk sockets per workload, with the
+    /// one fix for each.
+    Advise(AdviseArgs),
 }
 
 /// `--socket-walk`.
@@ -169,9 +172,17 @@ pub struct DaemonArgs {
     pub kernel_btf: Option<PathBuf>,
 
     /// Attach kinds never to try, comma-separated (fentry, kprobe, tp_btf,
-    /// raw_tp, tracepoint): to work around a kernel bug, or to test fallbacks.
+    /// raw_tp, tracepoint; sock_ops: keepalive enforcement): to work around a
+    /// kernel bug, or to test fallbacks.
     #[arg(long, env = "IDLEMON_DISABLE_ATTACH", value_delimiter = ',')]
     pub disable_attach: Vec<crate::probes::AttachKind>,
+
+    /// Keepalive enforcement: `off`; `dry-run` decides and reports what it
+    /// would set on each new connection through a middlebox; `on` sets it
+    /// (SO_KEEPALIVE, TCP_KEEPIDLE below the path's timeout). Overrides the
+    /// config file's `[enforce] mode`, which also selects the workloads.
+    #[arg(long, env = "IDLEMON_ENFORCE_KEEPALIVE", value_enum)]
+    pub enforce_keepalive: Option<crate::config::EnforceMode>,
 }
 
 #[derive(Debug, Args)]
@@ -207,6 +218,17 @@ pub struct SocketsArgs {
     pub min_idle: Option<Duration>,
 
     /// Print the daemon's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AdviseArgs {
+    /// Base URL of the daemon's connection data API (its --api-listen address).
+    #[arg(long, env = "IDLEMON_URL", default_value_t = format!("http://127.0.0.1:{DEFAULT_API_PORT}"))]
+    pub url: String,
+
+    /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
 }

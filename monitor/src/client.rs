@@ -81,7 +81,7 @@ fn encode(value: &str) -> String {
         .collect()
 }
 
-fn get(url: &str) -> anyhow::Result<String> {
+pub(crate) fn get(url: &str) -> anyhow::Result<String> {
     get_events(url).map(|(body, _)| body)
 }
 
@@ -116,8 +116,9 @@ pub fn table(sockets: &[Value]) -> String {
         "Left",
         "Risk",
         "Process",
+        "Fix",
     ];
-    let rows: Vec<[String; 8]> = sockets.iter().map(row).collect();
+    let rows: Vec<[String; 9]> = sockets.iter().map(row).collect();
     let mut widths = header.map(str::len);
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -140,7 +141,7 @@ pub fn table(sockets: &[Value]) -> String {
     out
 }
 
-fn row(socket: &Value) -> [String; 8] {
+fn row(socket: &Value) -> [String; 9] {
     let text = |key: &str| socket[key].as_str().unwrap_or("-").to_owned();
     let seconds = |value: &Value| {
         value
@@ -175,7 +176,33 @@ fn row(socket: &Value) -> [String; 8] {
         seconds(&socket["time_left_seconds"]),
         socket["risk"].as_str().unwrap_or("-").to_owned(),
         process,
+        fix_cell(&socket["fix"]),
     ]
+}
+
+/// A socket's `fix` in a few words: the sysctls to set, or the keepalive
+/// the application must set (else enforcement). `/sockets` has the rest.
+pub fn fix_cell(fix: &Value) -> String {
+    match fix["kind"].as_str() {
+        Some("sysctl") => {
+            let settings: Vec<String> = fix["sysctls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|sysctl| {
+                    let name = sysctl["name"].as_str().unwrap_or("?");
+                    let name = name.rsplit('.').next().unwrap_or(name);
+                    format!("{name}={}", sysctl["value"])
+                })
+                .collect();
+            format!("sysctl {}", settings.join(","))
+        }
+        Some("application") => format!(
+            "app keepalive {}s, or [enforce]",
+            fix["idle_seconds"].as_u64().unwrap_or(0)
+        ),
+        _ => "-".to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -188,18 +215,33 @@ mod tests {
             r#"[{"local":"10.0.0.5:40000","remote":"52.1.2.3:443","idle_seconds":401.2,
                 "keepalive":{"enabled":true,"idle_seconds":7200.0,"idle_from":"namespace"},
                 "path_idle_timeout_seconds":350,"time_left_seconds":-51.2,
-                "risk":"keepalive_too_slow","comm":"python3","pid":4242},
+                "risk":"keepalive_too_slow","comm":"python3","pid":4242,
+                "fix":{"kind":"sysctl","sysctls":[{"name":"net.ipv4.tcp_keepalive_time","value":60},
+                                                  {"name":"net.ipv4.tcp_keepalive_intvl","value":30}]}},
+               {"local":"10.0.0.5:40002","remote":"52.1.2.4:443","idle_seconds":500.0,
+                "keepalive":{"enabled":false},"path_idle_timeout_seconds":350,
+                "time_left_seconds":-150.0,"risk":"no_keepalive","comm":"node","pid":77,
+                "fix":{"kind":"application","idle_seconds":60}},
                {"local":"10.0.0.5:40001","remote":"10.1.2.3:5432","idle_seconds":3.0,
                 "keepalive":{"enabled":false},"path_idle_timeout_seconds":null,
-                "time_left_seconds":null,"risk":null,"comm":null,"pid":null}]"#,
+                "time_left_seconds":null,"risk":null,"comm":null,"pid":null,"fix":null}]"#,
         )
         .expect("valid JSON");
         let table = table(&sockets);
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 3);
-        assert!(lines[0].starts_with("Local"));
+        assert_eq!(lines.len(), 4);
+        assert!(lines[0].starts_with("Local") && lines[0].ends_with("Fix"));
         assert!(lines[1].contains("7200s(ns)") && lines[1].contains("keepalive_too_slow"));
         assert!(lines[1].contains("python3/4242") && lines[1].contains("-51s"));
-        assert!(lines[2].contains("off") && lines[2].contains("none"));
+        assert!(
+            lines[1].ends_with("sysctl tcp_keepalive_time=60,tcp_keepalive_intvl=30"),
+            "{table}"
+        );
+        assert!(
+            lines[2].ends_with("app keepalive 60s, or [enforce]"),
+            "{table}"
+        );
+        assert!(lines[3].contains("off") && lines[3].contains("none"));
+        assert!(lines[3].ends_with(" -"), "{table}");
     }
 }

@@ -35,6 +35,23 @@
 //! - An empty file (or one with only comments) has no rules: `--idle-timeout` applies everywhere.
 //! - Every error names the file and the 1-based line of the offending key or value, e.g.
 //!   `idlemon.toml:7: idle_timeout must be a positive number of seconds or "none", got 0`.
+//!
+//! Keepalive enforcement (`--enforce-keepalive`) takes its settings from an `[enforce]` table:
+//!
+//! ```toml
+//! [enforce]
+//! mode = "dry-run"              # off, dry-run or on; --enforce-keepalive overrides it
+//! cgroups = ["/system.slice/billing.service", "/kubepods.slice/kubepods-burstable.slice"]
+//!                               # cgroup v2 directories whose processes' sockets are enforced
+//!                               # (and everything below them); absent: every workload
+//! units = ["billing.service"]   # systemd units on plain hosts: /system.slice/NAME
+//!                               # (".service" added to a name without a unit type)
+//! idle_percent = 50             # TCP_KEEPIDLE = this percentage of the path's idle timeout (1-80)
+//! interval = 30                 # TCP_KEEPINTVL, seconds (1-32767)
+//! count = 5                     # TCP_KEEPCNT (1-127)
+//! accepted = false              # also accepted connections, not only outbound ones
+//! cgroup_root = "/sys/fs/cgroup" # the cgroup v2 mount; absent: found in /proc/self/mounts
+//! ```
 
 use std::cmp::Reverse;
 use std::fmt;
@@ -92,6 +109,77 @@ pub struct PathConfig {
     /// Sorted by prefix length, longest first, and otherwise in file order (the sort is
     /// stable), so the first rule that matches is the one the precedence rules choose.
     rules: Vec<Rule>,
+    /// The `[enforce]` table.
+    pub enforce: EnforceConfig,
+}
+
+/// `--enforce-keepalive`: what the keepalive enforcement program does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum EnforceMode {
+    /// Not loaded.
+    #[default]
+    Off,
+    /// Decides, counts and reports; changes nothing.
+    DryRun,
+    /// Decides, counts, reports and sets the keepalive.
+    On,
+}
+
+impl EnforceMode {
+    /// The `mode` label and event field.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::DryRun => "dry_run",
+            Self::On => "on",
+        }
+    }
+}
+
+/// The `[enforce]` table (see the module docs); defaults where a key is absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnforceConfig {
+    /// None: not in the file (`--enforce-keepalive`, else off).
+    pub mode: Option<EnforceMode>,
+    /// cgroup v2 directories, relative to the cgroup root, each starting with `/`; empty: all.
+    pub cgroups: Vec<String>,
+    pub cgroup_root: Option<PathBuf>,
+    pub idle_percent: u32,
+    pub interval_seconds: u32,
+    pub count: u32,
+    pub accepted: bool,
+}
+
+impl Default for EnforceConfig {
+    fn default() -> Self {
+        Self {
+            mode: None,
+            cgroups: Vec::new(),
+            cgroup_root: None,
+            idle_percent: 50,
+            interval_seconds: 30,
+            count: 5,
+            accepted: false,
+        }
+    }
+}
+
+/// The keepalive idle time is at most this percentage of the path's timeout, so that the
+/// first probe goes out well before the middlebox forgets the flow.
+pub const MAX_IDLE_PERCENT: u32 = 80;
+/// The kernel's `MAX_TCP_KEEPIDLE` and `MAX_TCP_KEEPINTVL` (seconds) and `MAX_TCP_KEEPCNT`.
+pub const MAX_KEEPALIVE_SECONDS: u32 = 32_767;
+pub const MAX_KEEPALIVE_COUNT: u32 = 127;
+
+/// One rule as the kernel's enforcement program matches it.
+#[derive(Debug, Clone)]
+pub struct RuleView<'a> {
+    pub net: IpNet,
+    /// Inclusive port ranges; None: every port.
+    pub ports: Option<Vec<(u16, u16)>>,
+    pub timeout: IdleTimeout,
+    pub label: &'a str,
 }
 
 #[derive(Debug, Clone)]
@@ -144,7 +232,26 @@ impl PathConfig {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(e.span.start, e.message))?;
         rules.sort_by_key(|rule| Reverse(rule.net.prefix_len()));
-        Ok(Self { rules })
+        let enforce = match &file.enforce {
+            Some(raw) => {
+                EnforceConfig::from_raw(raw, text).map_err(|e| invalid(e.span.start, e.message))?
+            }
+            None => EnforceConfig::default(),
+        };
+        Ok(Self { rules, enforce })
+    }
+
+    /// Every rule in precedence order: the first that matches a destination applies.
+    pub fn rules_in_order(&self) -> impl Iterator<Item = RuleView<'_>> {
+        self.rules.iter().map(|rule| RuleView {
+            net: rule.net,
+            ports: rule
+                .ports
+                .as_deref()
+                .map(|ports| ports.iter().map(|r| (r.first, r.last)).collect()),
+            timeout: rule.timeout,
+            label: &rule.label,
+        })
     }
 
     /// How many rules.
@@ -245,6 +352,136 @@ impl Rule {
     }
 }
 
+impl EnforceConfig {
+    fn from_raw(raw: &Spanned<RawEnforce>, text: &str) -> Result<Self, Invalid> {
+        let table = raw.get_ref();
+        let mut config = Self::default();
+        if let Some(mode) = &table.mode {
+            let name = expect_str(mode, text, "mode must be \"off\", \"dry-run\" or \"on\"")?;
+            config.mode = Some(match name {
+                "off" => EnforceMode::Off,
+                "dry-run" => EnforceMode::DryRun,
+                "on" => EnforceMode::On,
+                _ => {
+                    return Err(Invalid::new(
+                        mode.span(),
+                        format!(
+                            "mode must be \"off\", \"dry-run\" or \"on\", got {}",
+                            written(mode, text)
+                        ),
+                    ));
+                }
+            });
+        }
+        if let Some(cgroups) = &table.cgroups {
+            let Raw::Array(entries) = cgroups.get_ref() else {
+                return Err(Invalid::new(
+                    cgroups.span(),
+                    format!(
+                        "cgroups must be an array of cgroup paths such as \"/system.slice/app.service\", got {}",
+                        written(cgroups, text)
+                    ),
+                ));
+            };
+            for entry in entries {
+                let path = expect_str(entry, text, "cgroups entries must be strings")?;
+                if !path.starts_with('/') || path.split('/').any(|part| part == "..") {
+                    return Err(Invalid::new(
+                        entry.span(),
+                        format!(
+                            "cgroups entry {} must be a path from the cgroup root, starting with / and without ..",
+                            written(entry, text)
+                        ),
+                    ));
+                }
+                config.cgroups.push(path.to_owned());
+            }
+        }
+        if let Some(units) = &table.units {
+            let Raw::Array(entries) = units.get_ref() else {
+                return Err(Invalid::new(
+                    units.span(),
+                    format!(
+                        "units must be an array of systemd unit names such as \"billing.service\", got {}",
+                        written(units, text)
+                    ),
+                ));
+            };
+            for entry in entries {
+                let name = expect_str(entry, text, "units entries must be strings")?;
+                if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                    return Err(Invalid::new(
+                        entry.span(),
+                        format!(
+                            "units entry {} must be a systemd unit name such as \"billing.service\"",
+                            written(entry, text)
+                        ),
+                    ));
+                }
+                // A system unit's cgroup (systemd's default Slice=system.slice).
+                let unit = if name.contains('.') {
+                    name.to_owned()
+                } else {
+                    format!("{name}.service")
+                };
+                config.cgroups.push(format!("/system.slice/{unit}"));
+            }
+        }
+        if let Some(root) = &table.cgroup_root {
+            let path = expect_str(root, text, "cgroup_root must be a path")?;
+            config.cgroup_root = Some(PathBuf::from(path));
+        }
+        let number = |value: &Option<Spanned<Raw>>,
+                      name: &str,
+                      range: std::ops::RangeInclusive<u32>,
+                      default: u32| {
+            let Some(value) = value else {
+                return Ok(default);
+            };
+            match value.get_ref() {
+                Raw::Int(n) if u32::try_from(*n).is_ok_and(|n| range.contains(&n)) => Ok(*n as u32),
+                _ => Err(Invalid::new(
+                    value.span(),
+                    format!(
+                        "{name} must be a whole number from {} to {}, got {}",
+                        range.start(),
+                        range.end(),
+                        written(value, text)
+                    ),
+                )),
+            }
+        };
+        config.idle_percent = number(
+            &table.idle_percent,
+            "idle_percent",
+            1..=MAX_IDLE_PERCENT,
+            config.idle_percent,
+        )?;
+        config.interval_seconds = number(
+            &table.interval,
+            "interval",
+            1..=MAX_KEEPALIVE_SECONDS,
+            config.interval_seconds,
+        )?;
+        config.count = number(&table.count, "count", 1..=MAX_KEEPALIVE_COUNT, config.count)?;
+        if let Some(accepted) = &table.accepted {
+            config.accepted = match accepted.get_ref() {
+                Raw::Bool(value) => *value,
+                _ => {
+                    return Err(Invalid::new(
+                        accepted.span(),
+                        format!(
+                            "accepted must be true or false, got {}",
+                            written(accepted, text)
+                        ),
+                    ));
+                }
+            };
+        }
+        Ok(config)
+    }
+}
+
 /// A semantic error, before its byte offset is turned into a line.
 struct Invalid {
     span: Range<usize>,
@@ -268,7 +505,7 @@ fn written(value: &Spanned<Raw>, text: &str) -> String {
         Raw::Array(_) => "an array",
         Raw::Str(_) => "a multi-line string",
         Raw::Map => "a table",
-        Raw::Int(_) | Raw::Other => "a value",
+        Raw::Int(_) | Raw::Bool(_) | Raw::Other => "a value",
     };
     // A table's span may be its `[header]` or a dotted key's name, which would read as some
     // other value. Inline tables start with `{`; datetimes arrive as maps but start with a digit.
@@ -410,6 +647,18 @@ fn parse_port_entry(entry: &Spanned<Raw>, text: &str) -> Result<PortRange, Inval
 
 struct RawFile {
     path: Vec<Spanned<RawRule>>,
+    enforce: Option<Spanned<RawEnforce>>,
+}
+
+struct RawEnforce {
+    mode: Option<Spanned<Raw>>,
+    cgroups: Option<Spanned<Raw>>,
+    units: Option<Spanned<Raw>>,
+    cgroup_root: Option<Spanned<Raw>>,
+    idle_percent: Option<Spanned<Raw>>,
+    interval: Option<Spanned<Raw>>,
+    count: Option<Spanned<Raw>>,
+    accepted: Option<Spanned<Raw>>,
 }
 
 struct RawRule {
@@ -423,19 +672,44 @@ struct RawRule {
 enum Raw {
     Int(i64),
     Str(String),
+    Bool(bool),
     Array(Vec<Spanned<Raw>>),
     /// Tables, and datetimes, which the toml deserializer also hands over as maps.
     Map,
-    /// Floats and booleans: never valid here.
+    /// Floats: never valid here.
     Other,
 }
 
 #[derive(Clone, Copy)]
 enum FileKey {
     Path,
+    Enforce,
 }
 
-const FILE_KEYS: &[(&str, FileKey)] = &[("path", FileKey::Path)];
+const FILE_KEYS: &[(&str, FileKey)] = &[("path", FileKey::Path), ("enforce", FileKey::Enforce)];
+
+#[derive(Clone, Copy)]
+enum EnforceKey {
+    Mode,
+    Cgroups,
+    Units,
+    CgroupRoot,
+    IdlePercent,
+    Interval,
+    Count,
+    Accepted,
+}
+
+const ENFORCE_KEYS: &[(&str, EnforceKey)] = &[
+    ("mode", EnforceKey::Mode),
+    ("cgroups", EnforceKey::Cgroups),
+    ("units", EnforceKey::Units),
+    ("cgroup_root", EnforceKey::CgroupRoot),
+    ("idle_percent", EnforceKey::IdlePercent),
+    ("interval", EnforceKey::Interval),
+    ("count", EnforceKey::Count),
+    ("accepted", EnforceKey::Accepted),
+];
 
 #[derive(Clone, Copy)]
 enum RuleKey {
@@ -498,12 +772,14 @@ impl<'de> Deserialize<'de> for RawFile {
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawFile, A::Error> {
                 let mut path = Vec::new();
+                let mut enforce = None;
                 while let Some(key) = map.next_key_seed(KeySeed(FILE_KEYS))? {
                     match key {
                         FileKey::Path => path = map.next_value::<RuleList>()?.0,
+                        FileKey::Enforce => enforce = Some(map.next_value()?),
                     }
                 }
-                Ok(RawFile { path })
+                Ok(RawFile { path, enforce })
             }
         }
 
@@ -574,6 +850,49 @@ impl<'de> Deserialize<'de> for RawRule {
     }
 }
 
+impl<'de> Deserialize<'de> for RawEnforce {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EnforceVisitor;
+
+        impl<'de> Visitor<'de> for EnforceVisitor {
+            type Value = RawEnforce;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an [enforce] table")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEnforce, A::Error> {
+                let mut table = RawEnforce {
+                    mode: None,
+                    cgroups: None,
+                    units: None,
+                    cgroup_root: None,
+                    idle_percent: None,
+                    interval: None,
+                    count: None,
+                    accepted: None,
+                };
+                while let Some(key) = map.next_key_seed(KeySeed(ENFORCE_KEYS))? {
+                    let slot = match key {
+                        EnforceKey::Mode => &mut table.mode,
+                        EnforceKey::Cgroups => &mut table.cgroups,
+                        EnforceKey::Units => &mut table.units,
+                        EnforceKey::CgroupRoot => &mut table.cgroup_root,
+                        EnforceKey::IdlePercent => &mut table.idle_percent,
+                        EnforceKey::Interval => &mut table.interval,
+                        EnforceKey::Count => &mut table.count,
+                        EnforceKey::Accepted => &mut table.accepted,
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(table)
+            }
+        }
+
+        deserializer.deserialize_map(EnforceVisitor)
+    }
+}
+
 impl<'de> Deserialize<'de> for Raw {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct RawVisitor;
@@ -611,8 +930,8 @@ impl<'de> Deserialize<'de> for Raw {
                 Ok(Raw::Other)
             }
 
-            fn visit_bool<E>(self, _: bool) -> Result<Raw, E> {
-                Ok(Raw::Other)
+            fn visit_bool<E>(self, v: bool) -> Result<Raw, E> {
+                Ok(Raw::Bool(v))
             }
 
             fn visit_str<E>(self, v: &str) -> Result<Raw, E> {
@@ -1065,12 +1384,18 @@ idle_timeout = 0
     fn unknown_top_level_key() {
         let (line, message) = error("\n\nidle_timeout = 5\n");
         assert_eq!(line, 3);
-        assert_eq!(message, "unknown key `idle_timeout` (expected path)");
+        assert_eq!(
+            message,
+            "unknown key `idle_timeout` (expected one of path, enforce)"
+        );
 
         let (line, message) =
             error("[[path]]\ncidr = \"10.0.0.0/8\"\nidle_timeout = 5\n[[paths]]\n");
         assert_eq!(line, 4);
-        assert_eq!(message, "unknown key `paths` (expected path)");
+        assert_eq!(
+            message,
+            "unknown key `paths` (expected one of path, enforce)"
+        );
     }
 
     #[test]
@@ -1282,5 +1607,96 @@ idle_timeout = 0
         assert!(std::error::Error::source(&e).is_none());
 
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn enforce_table_defaults_and_values() {
+        assert_eq!(config("").enforce, EnforceConfig::default());
+        let parsed = config(
+            "[enforce]\nmode = \"dry-run\"\ncgroups = [\"/system.slice/app.service\"]\nidle_percent = 40\ninterval = 2\ncount = 3\naccepted = true\n",
+        )
+        .enforce;
+        assert_eq!(parsed.mode, Some(EnforceMode::DryRun));
+        assert_eq!(parsed.cgroups, ["/system.slice/app.service"]);
+        assert_eq!(
+            (parsed.idle_percent, parsed.interval_seconds, parsed.count),
+            (40, 2, 3)
+        );
+        assert!(parsed.accepted);
+    }
+
+    #[test]
+    fn systemd_units_select_their_system_slice_cgroups() {
+        let parsed = PathConfig::parse(
+            "[enforce]\ncgroups = [\"/kubepods.slice\"]\nunits = [\"billing.service\", \"nginx\", \"batch.scope\"]\n",
+            "test.toml",
+        )
+        .expect("valid")
+        .enforce;
+        assert_eq!(
+            parsed.cgroups,
+            [
+                "/kubepods.slice",
+                "/system.slice/billing.service",
+                "/system.slice/nginx.service",
+                "/system.slice/batch.scope"
+            ]
+        );
+    }
+
+    #[test]
+    fn enforce_table_errors_name_the_line() {
+        for (text, line, wanted) in [
+            (
+                "[enforce]\nmode = \"yes\"\n",
+                2,
+                "mode must be \"off\", \"dry-run\" or \"on\", got \"yes\"",
+            ),
+            (
+                "[enforce]\n\nidle_percent = 95\n",
+                3,
+                "idle_percent must be a whole number from 1 to 80, got 95",
+            ),
+            (
+                "[enforce]\ncount = 0\n",
+                2,
+                "count must be a whole number from 1 to 127, got 0",
+            ),
+            (
+                "[enforce]\ninterval = 1.5\n",
+                2,
+                "interval must be a whole number from 1 to 32767, got 1.5",
+            ),
+            (
+                "[enforce]\naccepted = 1\n",
+                2,
+                "accepted must be true or false, got 1",
+            ),
+            (
+                "[enforce]\nunits = [\"../x.service\"]\n",
+                2,
+                "units entry \"../x.service\" must be a systemd unit name",
+            ),
+            (
+                "[enforce]\nunits = \"billing.service\"\n",
+                2,
+                "units must be an array of systemd unit names",
+            ),
+            (
+                "[enforce]\ncgroups = [\"system.slice\"]\n",
+                2,
+                "must be a path from the cgroup root",
+            ),
+            (
+                "[enforce]\ncgroups = [\"/a/../b\"]\n",
+                2,
+                "must be a path from the cgroup root",
+            ),
+            ("[enforce]\nidle = 5\n", 2, "unknown key `idle`"),
+        ] {
+            let (at, message) = error(text);
+            assert_eq!(at, line, "{text}: {message}");
+            assert!(message.contains(wanted), "{text}: {message}");
+        }
     }
 }

@@ -29,7 +29,8 @@ use crate::{
         pods::{self, ApiConfig, PodCache, WatchMetrics},
     },
     cli::DaemonArgs,
-    config::{IdleTimeout, PathConfig},
+    config::{EnforceMode, IdleTimeout, PathConfig},
+    enforce,
     eventlog::EventLog,
     events::{Explainer, History},
     http::{self, Refusals},
@@ -86,6 +87,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     raise_open_files_limit();
     map_large_buffers();
     let hz = kernel::jiffies_per_second().context("cannot determine the kernel tick rate")?;
+    let enforce_plan = enforce::Plan::new(args.enforce_keepalive, &paths, idle_timeout, hz)
+        .context("invalid keepalive enforcement settings ([enforce] in --config)")?;
     let btf_path = args
         .kernel_btf
         .clone()
@@ -117,6 +120,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             idle_threshold_jiffies: threshold_jiffies as u32,
             max_sockets: args.max_sockets,
             disabled: args.disable_attach.clone(),
+            enforce: enforce_plan.settings,
         },
         &btf,
         &kernel_btf,
@@ -128,6 +132,16 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         path_rules = paths.rules(),
         "programs loaded"
     );
+    if enforce_plan.mode != EnforceMode::Off {
+        let (status, attached) =
+            enforce::start(&mut loaded.ebpf, &enforce_plan, &args.disable_attach);
+        loaded.hooks.push(status);
+        if !attached.is_empty() {
+            let existing =
+                enforce::fix_existing(&mut loaded.ebpf, &btf, &attached, &args.proc_root);
+            loaded.hooks.push(existing);
+        }
+    }
     // Parsing the kernel's BTF and loading took tens of MB that are free now.
     // SAFETY: only asks malloc to return free memory to the system.
     unsafe { libc::malloc_trim(0) };
@@ -143,6 +157,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             owner_labels: crate::metrics::OwnerLabels::of(&args.owner_labels),
         },
     )?);
+    if enforce_plan.mode != EnforceMode::Off {
+        metrics.enable_enforcement(enforce_plan.mode.as_str());
+    }
     let node = crate::events::node_name(args.node_name.as_deref());
     metrics.node_info(&node, &crate::metrics::kernel_release());
     let pods = Arc::new(PodCache::default());

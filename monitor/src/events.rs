@@ -26,14 +26,16 @@ pub enum Kind {
     ResetSent,
     SendAfterIdle,
     KeepaliveTimeout,
+    KeepaliveEnforced,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::ResetReceived,
         Kind::ResetSent,
         Kind::SendAfterIdle,
         Kind::KeepaliveTimeout,
+        Kind::KeepaliveEnforced,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +44,7 @@ impl Kind {
             Self::ResetSent => "reset_sent",
             Self::SendAfterIdle => "send_after_idle",
             Self::KeepaliveTimeout => "keepalive_timeout",
+            Self::KeepaliveEnforced => "keepalive_enforced",
         }
     }
 }
@@ -123,6 +126,111 @@ pub struct EventRecord {
     /// (see `is_evidence`): such events are kept ahead of the rest.
     #[serde(skip)]
     pub evidence: bool,
+    /// For `keepalive_enforced`: the decision, with the settings before and after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
+}
+
+/// A keepalive enforcement decision about one new connection.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Enforcement {
+    /// `dry_run` or `on`.
+    pub mode: &'static str,
+    /// `no_keepalive`, `keepalive_too_slow`, `keepalive_sufficient`,
+    /// `failed` or `unreadable` (the label of
+    /// `idlemon_keepalive_enforcements_total`).
+    pub reason: &'static str,
+    /// `outbound` (connect), `accepted`, or `existing` (a connection older
+    /// than idlemon, fixed by the walk at start).
+    pub direction: &'static str,
+    /// Whether the socket was changed (never in dry-run).
+    pub applied: bool,
+    pub path_idle_timeout_seconds: u32,
+    /// The effective keepalive before (null when it could not be read) and
+    /// after the decision (in dry-run: what `on` would have set).
+    pub old: Option<KeepaliveSettings>,
+    pub new: Option<KeepaliveSettings>,
+    /// The `bpf_setsockopt` error, for `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KeepaliveSettings {
+    pub enabled: bool,
+    pub idle_seconds: f64,
+    pub interval_seconds: f64,
+    pub count: u8,
+}
+
+/// The `reason` label of an `enforce::reason` value.
+pub fn enforcement_reason(reason: u32) -> &'static str {
+    use monitor_common::enforce::reason;
+    match reason {
+        reason::NO_KEEPALIVE => "no_keepalive",
+        reason::KEEPALIVE_TOO_SLOW => "keepalive_too_slow",
+        reason::KEEPALIVE_SUFFICIENT => "keepalive_sufficient",
+        reason::LOOPBACK => "loopback",
+        reason::NO_TIMEOUT => "no_timeout",
+        reason::FAILED => "failed",
+        _ => "unreadable",
+    }
+}
+
+fn enforcement(event: &Event, socket: Option<&TrackedSocket>) -> Enforcement {
+    use monitor_common::enforce::{MODE_ON, reason};
+    let decision = &event.enforcement;
+    let old = socket.map(|socket| KeepaliveSettings {
+        enabled: socket.keepalive.enabled,
+        idle_seconds: socket.keepalive.idle_seconds,
+        interval_seconds: socket.keepalive.interval_seconds,
+        count: socket.keepalive.count,
+    });
+    let new = old.as_ref().map(|old| {
+        let changes = decision.reason == reason::NO_KEEPALIVE
+            || decision.reason == reason::KEEPALIVE_TOO_SLOW;
+        if !changes {
+            return old.clone();
+        }
+        let or_old = |value: u32, old: f64| if value == 0 { old } else { f64::from(value) };
+        KeepaliveSettings {
+            enabled: true,
+            idle_seconds: or_old(decision.idle_seconds, old.idle_seconds),
+            interval_seconds: or_old(decision.interval_seconds, old.interval_seconds),
+            count: if decision.count == 0 {
+                old.count
+            } else {
+                decision.count.min(u32::from(u8::MAX)) as u8
+            },
+        }
+    });
+    let applied = decision.mode == MODE_ON
+        && (decision.reason == reason::NO_KEEPALIVE
+            || decision.reason == reason::KEEPALIVE_TOO_SLOW);
+    Enforcement {
+        mode: if decision.mode == MODE_ON {
+            "on"
+        } else {
+            "dry_run"
+        },
+        reason: enforcement_reason(decision.reason),
+        direction: match decision.passive {
+            0 => "outbound",
+            monitor_common::enforce::EXISTING => "existing",
+            _ => "accepted",
+        },
+        applied,
+        path_idle_timeout_seconds: decision.path_timeout_seconds,
+        // A failed change leaves the socket as it was.
+        new: if decision.reason == reason::FAILED {
+            old.clone()
+        } else {
+            new
+        },
+        old,
+        error: (decision.reason == reason::FAILED)
+            .then(|| errno_name((-decision.error).max(0) as u32)),
+    }
 }
 
 impl EventRecord {
@@ -187,6 +295,7 @@ impl Explainer {
             event_kind::RESET_SENT => Kind::ResetSent,
             event_kind::SEND_AFTER_IDLE => Kind::SendAfterIdle,
             event_kind::KEEPALIVE_TIMEOUT => Kind::KeepaliveTimeout,
+            event_kind::KEEPALIVE_ENFORCED => Kind::KeepaliveEnforced,
             _ => return None,
         };
         let id = self.next_id;
@@ -230,6 +339,7 @@ impl Explainer {
             attribution: Arc::default(),
             socket: None,
             evidence: false,
+            enforcement: None,
         };
         let info = &event.socket.info;
         match kind {
@@ -271,6 +381,9 @@ impl Explainer {
             }
             Kind::KeepaliveTimeout => {
                 record.error = Some(errno_name(event.error));
+            }
+            Kind::KeepaliveEnforced => {
+                record.enforcement = Some(enforcement(event, socket.as_ref()));
             }
         }
         record.socket = socket;
@@ -501,7 +614,59 @@ mod tests {
             error: 0,
             current_comm: [0; 16],
             socket,
+            enforcement: monitor_common::KeepaliveDecision::default(),
         }
+    }
+
+    #[test]
+    fn an_enforcement_reports_the_settings_before_and_after() {
+        use monitor_common::{KeepaliveDecision, enforce};
+        let mut explainer = explainer();
+        let mut decided = event(event_kind::KEEPALIVE_ENFORCED, 0, 0);
+        decided.enforcement = KeepaliveDecision {
+            reason: enforce::reason::NO_KEEPALIVE,
+            mode: enforce::MODE_ON,
+            idle_seconds: 175,
+            interval_seconds: 30,
+            count: 5,
+            path_timeout_seconds: 350,
+            ..KeepaliveDecision::default()
+        };
+        let record = explainer.explain(&decided, 1_000.0).expect("known kind");
+        assert_eq!(record.kind, Kind::KeepaliveEnforced);
+        let enforcement = record.enforcement.expect("an enforcement");
+        assert_eq!(
+            (enforcement.mode, enforcement.reason),
+            ("on", "no_keepalive")
+        );
+        assert!(enforcement.applied);
+        assert_eq!(enforcement.direction, "outbound");
+        let (old, new) = (enforcement.old.unwrap(), enforcement.new.unwrap());
+        assert!(!old.enabled);
+        assert_eq!(old.idle_seconds, 7200.0);
+        assert!(new.enabled);
+        assert_eq!(
+            (new.idle_seconds, new.interval_seconds, new.count),
+            (175.0, 30.0, 5)
+        );
+
+        // A dry run decides the same and applies nothing; a sufficient
+        // keepalive stays as it was.
+        decided.enforcement.mode = enforce::MODE_DRY_RUN;
+        let dry = explainer
+            .explain(&decided, 1_000.0)
+            .unwrap()
+            .enforcement
+            .unwrap();
+        assert_eq!((dry.mode, dry.applied), ("dry_run", false));
+        assert_eq!(dry.new.unwrap().idle_seconds, 175.0);
+        decided.enforcement.reason = enforce::reason::KEEPALIVE_SUFFICIENT;
+        let kept = explainer
+            .explain(&decided, 1_000.0)
+            .unwrap()
+            .enforcement
+            .unwrap();
+        assert_eq!(kept.old, kept.new);
     }
 
     #[test]

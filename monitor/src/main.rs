@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use monitor::{
+    advise,
     cli::{Cli, Command},
     client, daemon, logging,
 };
@@ -17,6 +18,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Some(Command::Sockets(args)) => client::sockets(&args),
         Some(Command::Events(args)) => client::events(&args),
+        Some(Command::Advise(args)) => advise::run(&args),
         None => logging::init(&cli.log).and_then(|()| {
             abort_on_panic();
             tokio::runtime::Builder::new_multi_thread()

@@ -196,6 +196,10 @@ pub struct Metrics {
     /// Owner label sets of idlemon_idle_timeout_resets_total so far, capped
     /// at `LabelLimits::owners`.
     reset_owners: std::sync::Mutex<std::collections::HashSet<Vec<String>>>,
+    /// net.ipv4.tcp_keepalive_time per network namespace, and the label
+    /// sets the last walk set.
+    namespace_keepalive: IntGaugeVec,
+    namespace_keepalive_published: std::sync::Mutex<Vec<Vec<String>>>,
     pub shared_table_walks: IntGauge,
     pub namespace_walks: IntGauge,
     pub file_walk_available: IntGauge,
@@ -209,6 +213,10 @@ pub struct Metrics {
     pub http_refusals: IntCounterVec,
     pub last_scan_timestamp: Gauge,
     pub api_walks: IntCounter,
+    /// Keepalive enforcement decisions, by mode and reason (kernel-fed);
+    /// the mode is set once enforcement is on (`enforce_mode`).
+    keepalive_enforcements: IntCounterVec,
+    enforce_mode: std::sync::OnceLock<&'static str>,
 }
 
 /// The running kernel's release (`uname -r`), for idlemon_node_info.
@@ -371,6 +379,17 @@ impl Metrics {
              per scan for idlemon_at_risk_sockets, per reset for idlemon_idle_timeout_resets_total.",
         )?;
         register(Box::new(attribution_dropped.clone()))?;
+        let namespace_keepalive = IntGaugeVec::new(
+            Opts::new(
+                "idlemon_namespace_keepalive_time_seconds",
+                "Effective net.ipv4.tcp_keepalive_time of each network namespace with ESTABLISHED \
+                 sockets, by namespace inode and pod (empty outside pods): sockets with SO_KEEPALIVE \
+                 and no TCP_KEEPIDLE of their own send their first probe after it. At most \
+                 --max-attribution-series namespaces, pods first.",
+            ),
+            &["netns", "namespace", "pod"],
+        )?;
+        register(Box::new(namespace_keepalive.clone()))?;
         let table_entries = IntGauge::new(
             "idlemon_socket_table_entries",
             "Entries in the kernel socket table (owner, keepalive and reuse state).",
@@ -549,6 +568,17 @@ impl Metrics {
             scan_errors.with_label_values(&[reason]);
         }
 
+        let keepalive_enforcements = IntCounterVec::new(
+            Opts::new(
+                "idlemon_keepalive_enforcements_total",
+                "Keepalive enforcement decisions on new connections, by mode (dry_run, on) and \
+                 reason (no_keepalive, keepalive_too_slow: set or would set; keepalive_sufficient, \
+                 loopback, no_timeout: left alone; failed; unreadable).",
+            ),
+            &["mode", "reason"],
+        )?;
+        register(Box::new(keepalive_enforcements.clone()))?;
+
         Ok(Self {
             registry,
             limits,
@@ -586,7 +616,52 @@ impl Metrics {
             http_refusals,
             last_scan_timestamp,
             api_walks,
+            keepalive_enforcements,
+            namespace_keepalive,
+            namespace_keepalive_published: std::sync::Mutex::default(),
+            enforce_mode: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Exports `idlemon_keepalive_enforcements_total` for `mode` (`dry_run`
+    /// or `on`), every reason from zero.
+    pub fn enable_enforcement(&self, mode: &'static str) {
+        if self.enforce_mode.set(mode).is_ok() {
+            for reason in 0..monitor_common::enforce::reason::COUNT - 1 {
+                self.keepalive_enforcements
+                    .with_label_values(&[mode, crate::events::enforcement_reason(reason)]);
+            }
+        }
+    }
+
+    /// One series per network namespace with sockets (pods first, up to
+    /// the series cap; the rest counted as dropped), stale ones removed.
+    fn observe_namespace_keepalive(&self, summary: &Summary) {
+        let mut current = Vec::new();
+        for (rank, row) in summary.namespace_keepalive.iter().enumerate() {
+            if rank >= self.limits.owners {
+                self.attribution_dropped.inc();
+                continue;
+            }
+            let labels = vec![
+                row.netns.to_string(),
+                row.namespace.clone(),
+                row.pod.clone(),
+            ];
+            let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+            self.namespace_keepalive
+                .with_label_values(&values)
+                .set(i64::try_from(row.keepalive_time_seconds).unwrap_or(i64::MAX));
+            current.push(labels);
+        }
+        let Ok(mut published) = self.namespace_keepalive_published.lock() else {
+            return;
+        };
+        for labels in published.iter().filter(|labels| !current.contains(labels)) {
+            let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+            let _ = self.namespace_keepalive.remove_label_values(&values);
+        }
+        *published = current;
     }
 
     /// Sets the socket gauges from one walk.
@@ -632,6 +707,7 @@ impl Metrics {
             *series.entry(labels).or_default() += *count as i64;
         }
         self.attribution_dropped.inc_by(dropped);
+        self.observe_namespace_keepalive(summary);
 
         let mut destinations: Vec<(&std::net::IpAddr, &usize)> =
             summary.at_risk_destinations.iter().collect();
@@ -706,6 +782,20 @@ impl Metrics {
         ) {
             self.table_entries
                 .set(inserts.saturating_sub(removes) as i64);
+        }
+        if let Some(mode) = self.enforce_mode.get() {
+            for reason in 0..monitor_common::enforce::reason::COUNT {
+                if let Some(&total) = totals.get((counter::ENFORCEMENTS + reason) as usize)
+                    && total > 0
+                {
+                    advance(
+                        &self
+                            .keepalive_enforcements
+                            .with_label_values(&[mode, crate::events::enforcement_reason(reason)]),
+                        total,
+                    );
+                }
+            }
         }
         if let Some(&lost) = totals.get(counter::RESET_EVENTS_LOST as usize) {
             advance(
@@ -962,6 +1052,55 @@ mod tests {
     }
 
     #[test]
+    fn namespace_keepalive_times_are_capped_pods_first_and_stale_series_removed() {
+        use crate::sockets::NamespaceKeepalive;
+        let row = |netns: u32, namespace: &str, pod: &str, seconds: u64| NamespaceKeepalive {
+            pod: pod.to_owned(),
+            namespace: namespace.to_owned(),
+            netns,
+            keepalive_time_seconds: seconds,
+        };
+        let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
+        let series = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|line| line.starts_with("idlemon_namespace_keepalive_time_seconds{"))
+                .map(str::to_owned)
+                .collect()
+        };
+        // As Summary::of orders them: pods first. The cap (2) drops the third.
+        let mut summary = Summary {
+            namespace_keepalive: vec![
+                row(7, "shop", "cart-1", 60),
+                row(8, "shop", "api-1", 7200),
+                row(1, "", "", 7200),
+            ],
+            ..Summary::default()
+        };
+        metrics.observe(&summary);
+        let text = metrics.render().expect("render");
+        assert_eq!(
+            series(&text),
+            [
+                "idlemon_namespace_keepalive_time_seconds{namespace=\"shop\",netns=\"7\",pod=\"cart-1\"} 60",
+                "idlemon_namespace_keepalive_time_seconds{namespace=\"shop\",netns=\"8\",pod=\"api-1\"} 7200",
+            ]
+        );
+        assert!(
+            text.contains("idlemon_attribution_series_dropped_total 1"),
+            "{text}"
+        );
+        // The api pod went away.
+        summary.namespace_keepalive = vec![row(7, "shop", "cart-1", 30)];
+        metrics.observe(&summary);
+        assert_eq!(
+            series(&metrics.render().expect("render")),
+            [
+                "idlemon_namespace_keepalive_time_seconds{namespace=\"shop\",netns=\"7\",pod=\"cart-1\"} 30"
+            ]
+        );
+    }
+
+    #[test]
     fn owner_labels_are_capped_and_stale_series_removed() {
         let metrics = Metrics::new(300.0, 350.0, &[], LIMITS_WITH_POD).expect("metrics");
         let mut summary = Summary::default();
@@ -1102,6 +1241,7 @@ mod tests {
             }),
             socket: None,
             evidence: true,
+            enforcement: None,
         }
     }
 

@@ -31,6 +31,11 @@ pub enum AttachKind {
     #[value(name = "raw_tp")]
     RawTp,
     Tracepoint,
+    /// A cgroup `sock_ops` program (keepalive enforcement).
+    #[value(name = "sock_ops")]
+    SockOps,
+    /// An iterator (keepalive enforcement of existing connections).
+    Iter,
 }
 
 impl AttachKind {
@@ -41,6 +46,8 @@ impl AttachKind {
             Self::TpBtf => "tp_btf",
             Self::RawTp => "raw_tp",
             Self::Tracepoint => "tracepoint",
+            Self::SockOps => "sock_ops",
+            Self::Iter => "iter",
         }
     }
 }
@@ -206,6 +213,8 @@ pub struct LoadSettings {
     pub idle_threshold_jiffies: u32,
     pub max_sockets: u32,
     pub disabled: Vec<AttachKind>,
+    /// Keepalive enforcement's mode and targets (mode 0: not attached).
+    pub enforce: monitor_common::EnforceSettings,
 }
 
 /// The kernel programs, built by `build.rs` from monitor-ebpf.
@@ -220,6 +229,7 @@ pub fn load(settings: &LoadSettings, btf: &Btf, kernel_btf: &KernelBtf) -> anyho
             &settings.idle_threshold_jiffies,
             true,
         )
+        .override_global("ENFORCE_SETTINGS", &settings.enforce, true)
         .map_max_entries("SOCKETS", settings.max_sockets)
         .load(EBPF_OBJECT)
         .map_err(|error| explain_permission(anyhow::Error::new(error)))
@@ -378,6 +388,12 @@ fn attach(ebpf: &mut Ebpf, candidate: &Candidate, btf: &Btf) -> anyhow::Result<(
             let program: &mut TracePoint = program.try_into()?;
             program.load()?;
             program.attach(category, name)?;
+        }
+        AttachKind::SockOps | AttachKind::Iter => {
+            return Err(anyhow!(
+                "{} programs are attached by monitor/src/enforce.rs",
+                candidate.kind
+            ));
         }
     }
     Ok(())

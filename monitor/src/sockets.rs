@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::{
     attribution::Attribution,
     config::{IdleTimeout, PathConfig},
+    fix::{self, Fix},
 };
 
 /// The maps a walk updates once per socket: foldhash, randomly seeded per
@@ -102,6 +103,9 @@ pub struct TrackedSocket {
     pub keepalive: Keepalive,
     pub at_risk: bool,
     pub risk: Option<Risk>,
+    /// At-risk sockets only: the one change that keeps the path alive
+    /// (`fix::Fix`); null otherwise.
+    pub fix: Option<Fix>,
     /// The process that connected or last sent, where the hooks saw it.
     pub pid: Option<u32>,
     pub comm: Option<String>,
@@ -245,6 +249,23 @@ impl Classifier {
                 Source::Namespace
             }
         };
+        let keepalive = Keepalive {
+            enabled: socket.keepalive_enabled,
+            idle_seconds: self.seconds(socket.keepalive_idle),
+            idle_from: source(1),
+            interval_seconds: self.seconds(socket.keepalive_interval),
+            interval_from: source(2),
+            count: socket.keepalive_count,
+            count_from: source(4),
+            probes_answered: socket.probes_answered,
+            probes_unanswered: socket.probes_unanswered,
+            timer_runs: self.keepalive_timer_seen.then_some(socket.timer_runs),
+        };
+        let attribution = owner.map_or_else(Arc::default, |owner| Arc::clone(&owner.attribution));
+        let fix = socket
+            .risk
+            .zip(path_timeout)
+            .map(|(risk, timeout)| fix::for_socket(risk, timeout, &keepalive, &attribution));
         TrackedSocket {
             sock: socket.sock,
             family: if socket.is_ipv6 { "ipv6" } else { "ipv4" },
@@ -263,24 +284,14 @@ impl Classifier {
                 PathRule::Default => None,
             },
             time_left_seconds: path_timeout.map(|timeout| f64::from(timeout) - path_idle),
-            keepalive: Keepalive {
-                enabled: socket.keepalive_enabled,
-                idle_seconds: self.seconds(socket.keepalive_idle),
-                idle_from: source(1),
-                interval_seconds: self.seconds(socket.keepalive_interval),
-                interval_from: source(2),
-                count: socket.keepalive_count,
-                count_from: source(4),
-                probes_answered: socket.probes_answered,
-                probes_unanswered: socket.probes_unanswered,
-                timer_runs: self.keepalive_timer_seen.then_some(socket.timer_runs),
-            },
+            keepalive,
             at_risk: socket.risk.is_some(),
             risk: socket.risk,
+            fix,
             pid: owner.map(|owner| owner.pid),
             comm: owner.and_then(|owner| owner.comm.clone()),
             cgroup_id: owner.and_then(|owner| owner.cgroup_id),
-            attribution: owner.map_or_else(Arc::default, |owner| Arc::clone(&owner.attribution)),
+            attribution,
         }
     }
 
@@ -403,6 +414,10 @@ pub struct Snapshot {
     /// threshold (carried over from the previous walk where unchanged),
     /// per-socket keepalive settings only where SO_KEEPALIVE is on.
     pub complete: bool,
+    /// Each network namespace the walk found sockets in (by inode): its
+    /// `net.ipv4.tcp_keepalive_time`, in jiffies, and the owner of one of
+    /// its sockets, which names its pod (NO_OWNER when none was attributed).
+    pub namespaces: WalkMap<u32, (u32, u32)>,
 }
 
 impl Snapshot {
@@ -413,6 +428,7 @@ impl Snapshot {
             sockets: Vec::new(),
             owners: Vec::new(),
             complete: false,
+            namespaces: WalkMap::default(),
         }
     }
 
@@ -438,6 +454,10 @@ impl Snapshot {
 pub struct SnapshotBuilder {
     snapshot: Snapshot,
     owner_index: WalkMap<(u32, u64), u32>,
+    /// The namespace of the last record, while it has an owner: records
+    /// come namespace by namespace, so the map is touched once per
+    /// namespace rather than once per socket.
+    namespace_done: Option<u32>,
 }
 
 impl SnapshotBuilder {
@@ -450,6 +470,7 @@ impl SnapshotBuilder {
         Self {
             snapshot,
             owner_index: WalkMap::default(),
+            namespace_done: None,
         }
     }
 
@@ -472,6 +493,17 @@ impl SnapshotBuilder {
                 None => NO_OWNER,
             },
         };
+        if self.namespace_done != Some(record.netns) {
+            let entry = self
+                .snapshot
+                .namespaces
+                .entry(record.netns)
+                .or_insert((record.ns_keepalive_time, NO_OWNER));
+            if entry.1 == NO_OWNER {
+                entry.1 = owner;
+            }
+            self.namespace_done = (entry.1 != NO_OWNER).then_some(record.netns);
+        }
         let socket = self.snapshot.classifier.compact(record, owner);
         self.snapshot.sockets.push(socket);
     }
@@ -597,6 +629,20 @@ pub struct Summary {
     /// Sockets idle at least the threshold on a path with a timeout, by
     /// keepalive coverage (indexed like `Coverage::ALL`).
     pub long_idle: [usize; Coverage::ALL.len()],
+    /// Each network namespace with ESTABLISHED sockets: its inode, its
+    /// pod's namespace and name (empty when none of its sockets was
+    /// attributed to a pod: the host's, or not yet), and its effective
+    /// `net.ipv4.tcp_keepalive_time` in seconds; pods first.
+    pub namespace_keepalive: Vec<NamespaceKeepalive>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NamespaceKeepalive {
+    /// Empty outside pods; first, so that pods sort ahead.
+    pub pod: String,
+    pub namespace: String,
+    pub netns: u32,
+    pub keepalive_time_seconds: u64,
 }
 
 impl Summary {
@@ -627,6 +673,25 @@ impl Summary {
             };
             *summary.at_risk.entry((risk, labels)).or_default() += count;
         }
+        let classifier = &snapshot.classifier;
+        summary.namespace_keepalive = snapshot
+            .namespaces
+            .iter()
+            .map(|(&netns, &(keepalive_time, owner))| {
+                let owner = snapshot.owners.get(owner as usize);
+                let attribution = owner.map(|owner| &*owner.attribution);
+                let text = |value: Option<&String>| value.cloned().unwrap_or_default();
+                NamespaceKeepalive {
+                    pod: text(attribution.and_then(|a| a.pod.as_ref().or(a.pod_uid.as_ref()))),
+                    namespace: text(attribution.and_then(|a| a.namespace.as_ref())),
+                    netns,
+                    keepalive_time_seconds: classifier.seconds(keepalive_time).round() as u64,
+                }
+            })
+            .collect();
+        summary
+            .namespace_keepalive
+            .sort_by(|a, b| (a.pod.is_empty(), a).cmp(&(b.pod.is_empty(), b)));
         summary
     }
 
@@ -910,6 +975,59 @@ mod tests {
     }
 
     #[test]
+    fn each_namespace_reports_its_keepalive_time_and_its_pod() {
+        let in_netns = |netns: u32, keepalive_time: u32, owner: Option<u32>| {
+            let mut record = record(400, false);
+            record.netns = netns;
+            record.ns_keepalive_time = keepalive_time * HZ;
+            match owner {
+                Some(pid) => owned(record, pid),
+                None => record,
+            }
+        };
+        // The pod's namespace: its first socket unattributed, the next one
+        // the pod's. The host's: nobody's pod. A third: no owner at all.
+        let records = [
+            in_netns(7, 60, None),
+            in_netns(7, 60, Some(10)),
+            in_netns(7, 60, None),
+            in_netns(1, 7200, Some(11)),
+            in_netns(9, 7200, None),
+        ];
+        let mut builder = SnapshotBuilder::new(Arc::new(classifier("")), 0, true);
+        for record in &records {
+            builder.add(record, |pid, _| {
+                Arc::new(Attribution {
+                    namespace: (pid == Some(10)).then(|| "shop".to_owned()),
+                    pod: (pid == Some(10)).then(|| "cart-1".to_owned()),
+                    ..Attribution::default()
+                })
+            });
+        }
+        let summary = Summary::of(&builder.finish(Instant::now()));
+        let rows: Vec<(&str, &str, u32, u64)> = summary
+            .namespace_keepalive
+            .iter()
+            .map(|row| {
+                (
+                    row.namespace.as_str(),
+                    row.pod.as_str(),
+                    row.netns,
+                    row.keepalive_time_seconds,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("shop", "cart-1", 7, 60),
+                ("", "", 1, 7200),
+                ("", "", 9, 7200)
+            ]
+        );
+    }
+
+    #[test]
     fn owners_are_attributed_once_and_label_their_sockets() {
         let records = [
             owned(record(400, false), 10),
@@ -976,6 +1094,12 @@ mod tests {
         assert_eq!(view.keepalive.probes_unanswered, 2);
         assert_eq!(view.keepalive.probes_answered, 5);
         assert_eq!(view.risk, Some(Risk::KeepaliveTooSlow));
+        // Keepalive on, its idle time from the namespace: the sysctl fixes it.
+        assert!(
+            matches!(&view.fix, Some(Fix::Sysctl { sysctls, .. }) if sysctls[0].name == "net.ipv4.tcp_keepalive_time"),
+            "{:?}",
+            view.fix
+        );
         assert_eq!(view.pid, None);
         assert_eq!(whole.pid, Some(7));
         assert_eq!(

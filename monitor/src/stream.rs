@@ -76,20 +76,9 @@ pub fn spawn(
         // tell a quiet ring from a stuck reader.
         let mut heartbeat = tokio::time::interval(liveness.heartbeat());
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            liveness.reader_turned();
-            let mut guard = tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => break,
-                _ = heartbeat.tick() => continue,
-                guard = ring.readable_mut() => match guard {
-                    Ok(guard) => guard,
-                    Err(error) => {
-                        warn!(%error, "event ring buffer failed: events stop");
-                        break;
-                    }
-                },
-            };
-            let buffer = guard.get_inner_mut();
+        // Drains every event in the ring: on a wakeup, and at each heartbeat
+        // for events submitted without one (keepalive enforcement's audit).
+        let mut drain = |buffer: &mut RingBuf<MapData>| {
             while let Some(item) = buffer.next() {
                 let Some(event) = decode(&item) else {
                     metrics.malformed_events.inc();
@@ -107,6 +96,24 @@ pub fn spawn(
                     metrics.event_log_dropped(dropped.kind);
                 }
             }
+        };
+        loop {
+            liveness.reader_turned();
+            let mut guard = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                _ = heartbeat.tick() => {
+                    drain(ring.get_mut());
+                    continue;
+                }
+                guard = ring.readable_mut() => match guard {
+                    Ok(guard) => guard,
+                    Err(error) => {
+                        warn!(%error, "event ring buffer failed: events stop");
+                        break;
+                    }
+                },
+            };
+            drain(guard.get_inner_mut());
             guard.clear_ready();
         }
         queue.close();

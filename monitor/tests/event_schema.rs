@@ -18,7 +18,9 @@ use monitor::{
     events::{Explainer, Kind},
     sockets::Classifier,
 };
-use monitor_common::{AF_INET, AF_INET6, Event, SocketRecord, event_kind};
+use monitor_common::{
+    AF_INET, AF_INET6, Event, KeepaliveDecision, SocketRecord, enforce, event_kind,
+};
 use serde_json::Value;
 
 const HZ: u32 = 100;
@@ -74,6 +76,7 @@ fn event(kind: u8, idle: u32, family: u16) -> Event {
         error: 0,
         current_comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
         socket,
+        enforcement: KeepaliveDecision::default(),
     }
 }
 
@@ -99,11 +102,33 @@ fn explained_events_of_every_kind_match_the_schema() {
         event_kind::RESET_RECEIVED,
         event_kind::RESET_SENT,
         event_kind::KEEPALIVE_TIMEOUT,
+        event_kind::KEEPALIVE_ENFORCED,
     ] {
         for (known, family) in [(1, AF_INET), (0, AF_INET), (1, AF_INET6)] {
             let mut kernel = event(kind, 8, family);
             kernel.socket_known = known;
             kernel.error = libc::ETIMEDOUT as u32;
+            if kind == event_kind::KEEPALIVE_ENFORCED {
+                // Set when known, unreadable in dry-run otherwise, failed over IPv6.
+                kernel.enforcement = KeepaliveDecision {
+                    mode: if known == 1 {
+                        enforce::MODE_ON
+                    } else {
+                        enforce::MODE_DRY_RUN
+                    },
+                    reason: match (known, family) {
+                        (0, _) => enforce::reason::UNREADABLE,
+                        (_, AF_INET6) => enforce::reason::FAILED,
+                        _ => enforce::reason::NO_KEEPALIVE,
+                    },
+                    idle_seconds: 2,
+                    interval_seconds: 1,
+                    count: 3,
+                    path_timeout_seconds: 5,
+                    passive: 0,
+                    error: -libc::EINVAL,
+                };
+            }
             let record = explainer.explain(&kernel, 1_764_750_000.25).unwrap();
             let json = serde_json::to_value(&record).unwrap();
             if std::env::var_os("IDLEMON_PRINT_EVENTS").is_some() {

@@ -101,6 +101,11 @@ fn survives_unflagged(daemon: &Daemon, path: &NatPath, stream: &mut TcpStream) -
     while started.elapsed() < IDLE_PAST_TIMEOUT {
         let socket = client_socket(daemon, path, local).expect("client socket still tracked");
         assert_eq!(socket["at_risk"], false, "flagged: {socket:#}");
+        assert_eq!(
+            socket["fix"],
+            Value::Null,
+            "a fix for a safe socket: {socket:#}"
+        );
         last = Some(socket);
         let effective = daemon.metric("idlemon_long_idle_sockets{keepalive=\"effective\"}");
         covered = covered.max(effective.expect("coverage gauge exported"));
@@ -149,6 +154,57 @@ fn idle_client_without_keepalive_is_flagged_then_reset() {
         .expect("a cgroup v2 or name=systemd line");
     assert_eq!(flagged["cgroup_path"], expected, "{flagged:#}");
     assert!(flagged["cgroup_id"].as_u64().is_some(), "{flagged:#}");
+    // No keepalive: the application's to set (2 s idle, 1 s apart, for the
+    // 5 s NAT), or enforcement of the cgroup this test runs in.
+    let fix = &flagged["fix"];
+    assert_eq!(fix["kind"], "application", "{flagged:#}");
+    assert_eq!(
+        (
+            &fix["idle_seconds"],
+            &fix["interval_seconds"],
+            &fix["count"]
+        ),
+        (&Value::from(2), &Value::from(1), &Value::from(5))
+    );
+    assert!(
+        fix["snippets"]["python"]
+            .as_str()
+            .unwrap()
+            .contains("socket.TCP_KEEPIDLE, 2)"),
+        "{fix:#}"
+    );
+    assert!(
+        fix["enforce"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("cgroups = [\"{expected}\"]")),
+        "{fix:#}"
+    );
+    // idlemon advise: this test process's workload, its one socket, that fix.
+    let advice = daemon.netns.exec(IDLEMON, &["advise", "--json"]);
+    assert!(advice.status.success(), "{advice:?}");
+    let advice: Value = serde_json::from_slice(&advice.stdout).unwrap();
+    let ours = advice
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|item| item["workload"] == common::own_comm().as_str())
+        .unwrap_or_else(|| panic!("no advice for this test: {advice:#}"));
+    assert_eq!(ours["sockets"], 1, "{advice:#}");
+    assert_eq!(ours["risks"]["no_keepalive"], 1);
+    assert_eq!(
+        ours["destinations"][0],
+        format!("{}:8001", common::SERVER_IP)
+    );
+    assert_eq!(ours["fix"]["kind"], "application");
+    assert_eq!(ours["fix"]["enforce"], fix["enforce"]);
+    let text = daemon.netns.exec(IDLEMON, &["advise"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Fix: in the application, turn SO_KEEPALIVE on")
+            && text.contains("[enforce]"),
+        "{text}"
+    );
     assert_eq!(
         Some(daemon.metric_sum("idlemon_at_risk_sockets", "reason=\"no_keepalive\"")),
         Some(1.0)
@@ -175,6 +231,28 @@ fn default_keepalive_is_flagged_too_slow() {
     assert_eq!(flagged["keepalive"]["enabled"], true);
     assert_eq!(flagged["keepalive"]["idle_seconds"], 7200.0);
     assert_eq!(flagged["keepalive"]["idle_from"], "namespace");
+    // Keepalive on at the namespace's 7200 s: its sysctl, below the 5 s NAT;
+    // outside pods as sysctl -w (the 75 s interval needs lowering too).
+    let fix = &flagged["fix"];
+    assert_eq!(fix["kind"], "sysctl", "{flagged:#}");
+    assert_eq!(fix["sysctls"][0]["name"], "net.ipv4.tcp_keepalive_time");
+    assert_eq!(fix["sysctls"][0]["value"], 2);
+    assert_eq!(fix["sysctls"][1]["name"], "net.ipv4.tcp_keepalive_intvl");
+    assert_eq!(fix["sysctls"][1]["value"], 1);
+    assert_eq!(
+        fix["snippet"],
+        "sysctl -w net.ipv4.tcp_keepalive_time=2\nsysctl -w net.ipv4.tcp_keepalive_intvl=1\n"
+    );
+    let text = daemon.netns.exec(IDLEMON, &["advise"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!(
+            "{}: 1 at-risk socket (1 keepalive_too_slow) to {}:8002\n  Fix: set the keepalive sysctls",
+            common::own_comm(),
+            common::SERVER_IP
+        )) && text.contains("    sysctl -w net.ipv4.tcp_keepalive_time=2\n"),
+        "{text}"
+    );
     assert_eq!(
         Some(daemon.metric_sum("idlemon_at_risk_sockets", "reason=\"keepalive_too_slow\"")),
         Some(1.0)
@@ -229,6 +307,15 @@ fn namespace_keepalive_sysctl_below_the_timeout_is_not_flagged() {
     assert_eq!(socket["keepalive"]["idle_seconds"], 1.0);
     assert_eq!(socket["keepalive"]["idle_from"], "namespace");
     assert_eq!(socket["keepalive"]["interval_seconds"], 1.0);
+    // The gauge of each namespace's tcp_keepalive_time: the client's 1 s,
+    // the server's (its accepted socket) at the kernel's 7200 s; no pods.
+    let gauge = |inode: u64| {
+        daemon.metric(&format!(
+            "idlemon_namespace_keepalive_time_seconds{{namespace=\"\",netns=\"{inode}\",pod=\"\"}}"
+        ))
+    };
+    assert_eq!(gauge(path.client.inode()), Some(1.0));
+    assert_eq!(gauge(path.server.inode()), Some(7200.0));
 }
 
 #[test]

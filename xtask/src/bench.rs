@@ -3,8 +3,8 @@
 //! ## How to read the bench output
 //!
 //! `cargo xtask bench` (as root, about 20 minutes; `--quick` for a 3-minute
-//! smoke run, `--only overhead|scale|churn|idle|pods|vm` for one part) prints
-//! six parts, then a table of targets, each `met`, `MISSED`,
+//! smoke run, `--only overhead|scale|churn|idle|pods|enforce|vm` for one part) prints
+//! seven parts, then a table of targets, each `met`, `MISSED`,
 //! `inconclusive` or `reported`. Each part makes its own network namespace
 //! (`idlemon-bench-PID-PART`; the vm part, its own VMs), so that no other
 //! traffic mixes in, and starts
@@ -93,10 +93,23 @@
 //! what they cost on real hardware (cache misses, a kprobe's trap). idlemon's
 //! walks are an hour apart there: on one vCPU each walk's pause left the
 //! connection about 10% slower for seconds, which is no cost of the hooks.
+//!
+//! **Enforce** runs one idlemon with `--enforce-keepalive on` for a
+//! cgroup of the bench's own and connects to an address of a veth interface
+//! in the part's namespace (not loopback, which enforcement skips at once, so
+//! every connection takes the whole decision: path lookup, four
+//! `bpf_setsockopt` calls and an audit event) and closes with a RST, as fast
+//! as one thread can, in ABBA windows: A with the bench process outside that
+//! cgroup (the program does not run), B inside it. It prints connections/s
+//! of both, B/A per pair (which includes the daemon's user-space handling of
+//! one `keepalive_enforced` event per connection, on the same CPUs), the
+//! decisions counted, and from one more B window with the BPF run-time stats
+//! on, `enforce_keepalive`'s ns per connection.
 
 mod bpf;
 mod churn;
 mod daemon;
+mod enforce;
 mod host;
 mod idle;
 mod load;
@@ -171,6 +184,8 @@ pub enum Part {
     Soak,
     /// fentry and kprobe overhead on 6.1 and 6.12 under qemu, as ratios.
     Vm,
+    /// Connections per second with and without keepalive enforcement.
+    Enforce,
 }
 
 #[derive(Debug, Clone)]
@@ -313,6 +328,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             Part::Churn,
             Part::Idle,
             Part::Pods,
+            Part::Enforce,
             Part::Vm,
         ],
     };
@@ -341,6 +357,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             Part::Pods => pods::run(&mut bench),
             Part::Soak => soak::run(&mut bench),
             Part::Vm => vm::run(&mut bench),
+            Part::Enforce => enforce::run(&mut bench),
         };
         if let Err(error) = result {
             println!("{part:?} FAILED: {error:#}");

@@ -49,3 +49,30 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- . -}}
 {{- end -}}
 {{- end -}}
+
+{{/* idlemon's config file: idlemon.paths, then the [enforce] table when
+     idlemon.enforce.mode is not off. Empty: no ConfigMap, no file. */}}
+{{- define "idlemon.configToml" -}}
+{{- $enforce := .Values.idlemon.enforce -}}
+{{- with .Values.idlemon.paths }}{{ . | trimSuffix "\n" }}
+{{ end -}}
+{{- if and $enforce (ne (toString $enforce.mode) "off") }}
+[enforce]
+mode = {{ $enforce.mode | quote }}
+{{- with $enforce.cgroups }}
+cgroups = [{{ range $index, $cgroup := . }}{{ if $index }}, {{ end }}{{ $cgroup | quote }}{{ end }}]
+{{- end }}
+{{- if not (kindIs "invalid" $enforce.idlePercent) }}
+idle_percent = {{ include "idlemon.number" $enforce.idlePercent }}
+{{- end }}
+{{- if not (kindIs "invalid" $enforce.interval) }}
+interval = {{ include "idlemon.number" $enforce.interval }}
+{{- end }}
+{{- if not (kindIs "invalid" $enforce.count) }}
+count = {{ include "idlemon.number" $enforce.count }}
+{{- end }}
+{{- if not (kindIs "invalid" $enforce.accepted) }}
+accepted = {{ $enforce.accepted }}
+{{- end }}
+{{ end -}}
+{{- end -}}

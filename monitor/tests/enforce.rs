@@ -1,0 +1,816 @@
+//! Keepalive enforcement through a NAT gateway that forgets idle flows: a
+//! client without keepalive, idle three times the NAT's timeout, is reset
+//! unless idlemon enforces keepalive on its cgroup; an application's own
+//! faster keepalive and loopback connections are left alone; dry-run
+//! changes nothing; the audit events and counters match the decisions.
+//!
+//! Each client is a process of its own (this test binary, run again as
+//! `zz_client_process`), put into a test cgroup under the cgroup v2 mount
+//! before it enters the client namespace and connects: the `sock_ops`
+//! program runs for sockets of the cgroups it is attached to, and a
+//! socket belongs to the cgroup of the process that created it.
+//! Needs root and a BPF-capable kernel: run with `cargo xtask test`.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
+
+mod common;
+
+use std::{
+    ffi::CString,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _},
+        unix::process::CommandExt as _,
+    },
+    path::PathBuf,
+    process::Stdio,
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use common::{Daemon, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, wait_for};
+use serde_json::Value;
+
+const NAT_TIMEOUT: u32 = 4;
+/// Three times the NAT's timeout.
+const IDLE_SECONDS: u64 = 12;
+const CLIENT_ENV: &str = "IDLEMON_ENFORCE_CLIENT";
+
+/// A cgroup v2 directory of this test, removed on drop (its processes have
+/// exited by then).
+struct TestCgroup {
+    /// From the cgroup root, as `[enforce] cgroups` takes it.
+    name: String,
+    path: PathBuf,
+    /// A parent directory the test made (and removes after it).
+    made_parent: Option<PathBuf>,
+}
+
+impl TestCgroup {
+    fn new(tag: &str) -> Self {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let root = mounts
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
+            })
+            .expect("a cgroup v2 mount: keepalive enforcement needs cgroup v2");
+        let name = format!("/idlemon-test-{}-{tag}", std::process::id());
+        let path = root.join(name.trim_start_matches('/'));
+        std::fs::create_dir_all(&path).unwrap();
+        Self {
+            name,
+            path,
+            made_parent: None,
+        }
+    }
+
+    /// A systemd system unit's cgroup, `/system.slice/UNIT.service`, as
+    /// systemd makes it (the slice is made when the host has none).
+    fn unit(tag: &str) -> (Self, String) {
+        let plain = Self::new("probe");
+        let root = plain.path.parent().unwrap().to_owned();
+        drop(plain);
+        let slice = root.join("system.slice");
+        let made_parent = (!slice.exists()).then(|| slice.clone());
+        let unit = format!("idlemon-test-{}-{tag}.service", std::process::id());
+        let path = slice.join(&unit);
+        std::fs::create_dir_all(&path).unwrap();
+        let cgroup = Self {
+            name: format!("/system.slice/{unit}"),
+            path,
+            made_parent,
+        };
+        (cgroup, unit)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+        if let Some(parent) = &self.made_parent {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+/// Paths: the test NAT's server port has a 4 s timeout; everything else has
+/// none. The port in the rule also checks the kernel's port decoding: on a
+/// mismatch the catch-all rule would apply and nothing be enforced.
+fn config(cgroup: &TestCgroup, port: u16, mode: &str) -> TempFile {
+    TempFile::new(
+        "enforce.toml",
+        &format!(
+            "[[path]]\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\
+             [[path]]\nname = \"test-nat\"\ncidr = \"{SERVER_IP}/32\"\nports = [{port}]\nidle_timeout = {NAT_TIMEOUT}\n\
+             [enforce]\nmode = \"{mode}\"\ncgroups = [\"{}\"]\nidle_percent = 50\ninterval = 1\ncount = 3\n",
+            cgroup.name
+        ),
+    )
+}
+
+fn start_daemon(config: &TempFile) -> Daemon {
+    Daemon::start(&[
+        "--idle-threshold",
+        "2",
+        "--scan-interval",
+        "0.5",
+        "--config",
+        config.path(),
+    ])
+}
+
+/// What a client process reported.
+#[derive(Debug)]
+struct Client {
+    pid: u32,
+    local: String,
+    /// SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT once connected.
+    keepalive: [i32; 4],
+    /// The same at the end, after the idle period.
+    keepalive_at_end: [i32; 4],
+    /// `ok`, or the error of the request after the idle period.
+    result: String,
+}
+
+/// What a client does.
+#[derive(Clone, Copy)]
+enum Plan {
+    /// Connects to the echo server (setting its own keepalive before
+    /// connect, when given: SO_KEEPALIVE with TCP_KEEPIDLE and
+    /// TCP_KEEPINTVL of this many seconds, or with -1 SO_KEEPALIVE alone,
+    /// which leaves the namespace's 7200 s), idles, then sends again.
+    Idle {
+        port: u16,
+        own_keepalive: Option<i32>,
+        /// Connect through an IPv4-mapped IPv6 address (a dual-stack socket).
+        mapped: bool,
+    },
+    /// Connects to a listener of its own on this loopback address and port 0.
+    Loopback(&'static str),
+    /// Listens on SERVER_IP:port and reports the one connection it accepts.
+    Serve { port: u16 },
+    /// As `Idle` without keepalive, idle this many seconds.
+    IdleFor { port: u16, seconds: u64 },
+}
+
+/// Runs a client process in `netns`, moved into `cgroup` first (when given).
+fn run_client(netns: &Netns, cgroup: Option<&TestCgroup>, plan: Plan) -> mpsc::Receiver<Client> {
+    let spec = match plan {
+        Plan::Idle {
+            port,
+            own_keepalive,
+            mapped,
+        } => {
+            let server = if mapped {
+                format!("[::ffff:{SERVER_IP}]")
+            } else {
+                SERVER_IP.to_owned()
+            };
+            format!(
+                "{server}:{port} {} {IDLE_SECONDS}",
+                own_keepalive.unwrap_or(0)
+            )
+        }
+        Plan::Loopback(address) => format!("loopback:{address}"),
+        Plan::Serve { port } => format!("serve {SERVER_IP}:{port}"),
+        Plan::IdleFor { port, seconds } => format!("{SERVER_IP}:{port} 0 {seconds}"),
+    };
+    let mut command = netns.command(std::env::current_exe().unwrap().to_str().unwrap());
+    command
+        .args([
+            "--exact",
+            "zz_client_process",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env(CLIENT_ENV, spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(cgroup) = cgroup {
+        let procs = CString::new(cgroup.path.join("cgroup.procs").to_str().unwrap()).unwrap();
+        // SAFETY: open, write and close are async-signal-safe; "0" moves the
+        // writing process, the child, before it connects.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
+    }
+    let child = command.spawn().unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let output = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("CLIENT "))
+            .unwrap_or_else(|| panic!("client said nothing: {stdout}"));
+        let fields: Vec<&str> = line.split(' ').collect();
+        let numbers = |field: &str| -> [i32; 4] {
+            let numbers: Vec<i32> = field.split(',').map(|n| n.parse().unwrap()).collect();
+            numbers.try_into().unwrap()
+        };
+        let _ = tx.send(Client {
+            pid,
+            local: fields[0].to_owned(),
+            keepalive: numbers(fields[1]),
+            keepalive_at_end: numbers(fields[2]),
+            result: fields[3].to_owned(),
+        });
+    });
+    rx
+}
+
+fn finished(client: &mpsc::Receiver<Client>) -> Client {
+    client
+        .recv_timeout(Duration::from_secs(IDLE_SECONDS + 30))
+        .expect("the client process finished")
+}
+
+/// The client process: not a test of its own (without the environment
+/// variable it returns at once), but the body of the processes above.
+#[test]
+#[ignore = "the client process of the enforcement tests; does nothing alone"]
+fn zz_client_process() {
+    let Ok(spec) = std::env::var(CLIENT_ENV) else {
+        return;
+    };
+    let fields: Vec<&str> = spec.split(' ').collect();
+    let (stream, target_idle) = if fields[0] == "serve" {
+        let listener = TcpListener::bind(fields[1]).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        (stream, None)
+    } else if let Some(address) = fields[0].strip_prefix("loopback:") {
+        let listener = TcpListener::bind(address).unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        // Keep the accepted end open while the options are read.
+        std::mem::forget(listener.accept().unwrap());
+        (stream, None)
+    } else {
+        let target: SocketAddr = fields[0].parse().unwrap();
+        let own: i32 = fields[1].parse().unwrap();
+        (
+            connect_with(target, own),
+            Some(fields[2].parse::<u64>().unwrap()),
+        )
+    };
+    let option = |stream: &TcpStream, level, name| {
+        let mut value = 0i32;
+        let mut length = size_of::<i32>() as libc::socklen_t;
+        // SAFETY: a valid socket and buffer.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                level,
+                name,
+                (&raw mut value).cast(),
+                &mut length,
+            )
+        };
+        assert_eq!(rc, 0);
+        value
+    };
+    let keepalive = |stream: &TcpStream| {
+        [
+            option(stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+            option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+        ]
+    };
+    let at_connect = keepalive(&stream);
+    let mut stream = stream;
+    let result = match target_idle {
+        None => "ok".to_owned(),
+        Some(idle) => {
+            echo(&mut stream).unwrap();
+            thread::sleep(Duration::from_secs(idle));
+            match echo(&mut stream) {
+                Ok(()) => "ok".to_owned(),
+                Err(error) => format!("{:?}", error.kind()),
+            }
+        }
+    };
+    let [a, b, c, d] = at_connect;
+    let [e, f, g, h] = keepalive(&stream);
+    println!(
+        "CLIENT {} {a},{b},{c},{d} {e},{f},{g},{h} {result}",
+        stream.local_addr().unwrap()
+    );
+}
+
+/// Connects with SO_KEEPALIVE and TCP_KEEPIDLE/TCP_KEEPINTVL of `own`
+/// seconds set before connect (0: no keepalive), as applications that set
+/// their own keepalive do.
+fn connect_with(target: SocketAddr, own: i32) -> TcpStream {
+    if target.is_ipv6() {
+        // An IPv4-mapped address: a dual-stack socket reaching an IPv4 peer.
+        assert_eq!(own, 0, "own keepalive only on IPv4 sockets");
+        return TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+    }
+    // SAFETY: plain socket calls on a socket this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let set = |level, name, value: i32| {
+            let rc = libc::setsockopt(fd, level, name, (&raw const value).cast(), 4);
+            assert_eq!(rc, 0);
+        };
+        if own != 0 {
+            set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        }
+        if own > 0 {
+            set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, own);
+            set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, own);
+        }
+        let SocketAddr::V4(v4) = target else {
+            panic!("IPv4 target")
+        };
+        let address = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&raw const address).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+fn echo(stream: &mut TcpStream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"ping")?;
+    let mut reply = [0u8; 4];
+    stream.read_exact(&mut reply)?;
+    Ok(())
+}
+
+fn enforcement_events(daemon: &Daemon, wanted: usize) -> Vec<Value> {
+    let found = wait_for(Duration::from_secs(20), || {
+        let (_, body) = daemon.get("/events?limit=10000");
+        let events: Vec<Value> = serde_json::from_str(&body).unwrap();
+        let enforced: Vec<Value> = events
+            .into_iter()
+            .filter(|event| event["kind"] == "keepalive_enforced")
+            .collect();
+        (enforced.len() >= wanted).then_some(enforced)
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no {wanted} keepalive_enforced events; log:\n{}",
+            daemon.log()
+        )
+    })
+}
+
+fn event_for<'a>(events: &'a [Value], client: &Client) -> &'a Value {
+    events
+        .iter()
+        .find(|event| {
+            // Ports are unique in the client's namespace; the address may be
+            // written IPv4 or IPv4-mapped.
+            let port = client.local.rsplit(':').next().unwrap();
+            event["local"]
+                .as_str()
+                .is_some_and(|local| local.ends_with(&format!(":{port}")))
+        })
+        .unwrap_or_else(|| panic!("no event for {client:?}: {events:#?}"))
+}
+
+fn decisions(daemon: &Daemon, mode: &str, reason: &str) -> f64 {
+    daemon
+        .metric(&format!(
+            "idlemon_keepalive_enforcements_total{{mode=\"{mode}\",reason=\"{reason}\"}}"
+        ))
+        .unwrap_or_else(|| panic!("no {mode}/{reason} counter"))
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
+    const PORT: u16 = 8301;
+    let cgroup = TestCgroup::new("on");
+    let config = config(&cgroup, PORT, "on");
+    let daemon = start_daemon(&config);
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(PORT, 5);
+
+    let bare = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+            mapped: false,
+        },
+    );
+    let own = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: Some(1),
+            mapped: false,
+        },
+    );
+    let slow = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: Some(-1),
+            mapped: false,
+        },
+    );
+    // The same client outside the selected cgroup: what enforcement off means.
+    let outside = run_client(
+        &path.client,
+        None,
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+            mapped: false,
+        },
+    );
+    // A dual-stack socket to the same server, through its IPv4-mapped address.
+    let mapped = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+            mapped: true,
+        },
+    );
+    let loopback = finished(&run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Loopback("127.0.0.1:0"),
+    ));
+    let loopback6 = finished(&run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Loopback("[::1]:0"),
+    ));
+    let mapped = finished(&mapped);
+    assert_eq!(
+        mapped.keepalive,
+        [1, 2, 1, 3],
+        "IPv4-mapped: the IPv4 rule applies"
+    );
+    assert_eq!(mapped.result, "ok");
+    assert_eq!(loopback6.keepalive[0], 0, "IPv6 loopback untouched");
+    let (bare, own, slow, outside) = (
+        finished(&bare),
+        finished(&own),
+        finished(&slow),
+        finished(&outside),
+    );
+
+    assert_eq!(
+        bare.keepalive,
+        [1, 2, 1, 3],
+        "enforced: on, half the 4 s timeout"
+    );
+    assert_eq!(
+        bare.result, "ok",
+        "the enforced client survived {IDLE_SECONDS} s idle"
+    );
+    assert_eq!(
+        own.keepalive,
+        [1, 1, 1, 9],
+        "the application's own keepalive, unchanged"
+    );
+    assert_eq!(own.result, "ok");
+    assert_eq!(
+        slow.keepalive,
+        [1, 2, 1, 9],
+        "keepalive on but 7200 s idle and 75 s apart: both lowered, the count kept"
+    );
+    assert_eq!(slow.result, "ok");
+    assert_eq!(outside.keepalive[0], 0);
+    assert_eq!(
+        outside.result, "ConnectionReset",
+        "the NAT forgot the unenforced flow"
+    );
+    assert_eq!(loopback.keepalive[0], 0, "loopback untouched");
+
+    let events = enforcement_events(&daemon, 4);
+    assert_eq!(
+        events.len(),
+        4,
+        "one event per decision on the NAT path: {events:#?}"
+    );
+    let fixed = event_for(&events, &bare);
+    let enforcement = &fixed["enforcement"];
+    assert_eq!(enforcement["mode"], "on");
+    assert_eq!(enforcement["reason"], "no_keepalive");
+    assert_eq!(enforcement["applied"], true);
+    assert_eq!(enforcement["direction"], "outbound");
+    assert_eq!(enforcement["path_idle_timeout_seconds"], NAT_TIMEOUT);
+    assert_eq!(enforcement["old"]["enabled"], false);
+    assert_eq!(enforcement["new"]["enabled"], true);
+    assert_eq!(enforcement["new"]["idle_seconds"], 2.0);
+    assert_eq!(enforcement["new"]["interval_seconds"], 1.0);
+    assert_eq!(enforcement["new"]["count"], 3);
+    assert_eq!(fixed["remote"], format!("{SERVER_IP}:{PORT}"));
+    assert_eq!(
+        fixed["pid"], bare.pid,
+        "the workload: the connecting process"
+    );
+    assert_eq!(fixed["cgroup_path"], cgroup.name.as_str());
+    let kept = &event_for(&events, &own)["enforcement"];
+    assert_eq!(kept["reason"], "keepalive_sufficient");
+    assert_eq!(kept["applied"], false);
+    assert_eq!(kept["old"]["idle_seconds"], 1.0);
+    assert_eq!(kept["old"], kept["new"]);
+    let lowered = &event_for(&events, &slow)["enforcement"];
+    assert_eq!(lowered["reason"], "keepalive_too_slow");
+    assert_eq!(lowered["old"]["idle_seconds"], 7200.0);
+    assert_eq!(lowered["new"]["idle_seconds"], 2.0);
+    assert_eq!(lowered["old"]["interval_seconds"], 75.0);
+    assert_eq!(lowered["new"]["interval_seconds"], 1.0);
+    assert_eq!(lowered["new"]["count"], 9);
+
+    assert_eq!(
+        event_for(&events, &mapped)["enforcement"]["reason"],
+        "no_keepalive"
+    );
+    assert_eq!(decisions(&daemon, "on", "no_keepalive"), 2.0);
+    assert_eq!(decisions(&daemon, "on", "keepalive_sufficient"), 1.0);
+    assert_eq!(decisions(&daemon, "on", "loopback"), 2.0);
+    assert_eq!(decisions(&daemon, "on", "keepalive_too_slow"), 1.0);
+    for reason in ["no_timeout", "failed", "unreadable"] {
+        assert_eq!(decisions(&daemon, "on", reason), 0.0, "{reason}");
+    }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn dry_run_decides_and_reports_but_changes_nothing() {
+    const PORT: u16 = 8302;
+    let cgroup = TestCgroup::new("dry-run");
+    let config = config(&cgroup, PORT, "dry-run");
+    let daemon = start_daemon(&config);
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(PORT, 1);
+
+    let client = finished(&run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+            mapped: false,
+        },
+    ));
+    assert_eq!(client.keepalive[0], 0, "dry-run set nothing");
+    assert_eq!(client.result, "ConnectionReset");
+
+    let events = enforcement_events(&daemon, 1);
+    let enforcement = &event_for(&events, &client)["enforcement"];
+    assert_eq!(enforcement["mode"], "dry_run");
+    assert_eq!(enforcement["reason"], "no_keepalive");
+    assert_eq!(enforcement["applied"], false);
+    assert_eq!(
+        enforcement["new"]["idle_seconds"], 2.0,
+        "what `on` would set"
+    );
+    assert_eq!(decisions(&daemon, "dry_run", "no_keepalive"), 1.0);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn enforcement_that_cannot_attach_is_degraded_not_fatal() {
+    let cgroup = TestCgroup::new("degraded");
+    let config = config(&cgroup, 8303, "on");
+    let daemon =
+        Daemon::start_unready(&["--config", config.path(), "--disable-attach", "sock_ops"]);
+    let (status, body) = daemon.get("/readyz");
+    assert_eq!(status, 503);
+    assert!(body.contains("enforce hook missing"), "{body}");
+    assert_eq!(
+        daemon.metric("idlemon_degraded{hook=\"enforce\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        daemon.metric("idlemon_probe_info{hook=\"enforce\",kind=\"none\"}"),
+        Some(1.0)
+    );
+    assert!(daemon.log().contains("keepalive enforcement cannot attach"));
+    let (status, _) = daemon.get("/healthz");
+    assert_eq!(status, 200, "running on");
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn a_config_whose_first_probe_would_miss_the_timeout_is_refused() {
+    let config = TempFile::new(
+        "enforce-refused.toml",
+        "[[path]]\nname = \"tiny\"\ncidr = \"10.0.0.0/8\"\nidle_timeout = 1\n[enforce]\nmode = \"on\"\ninterval = 1\n",
+    );
+    let netns = Netns::new("refused");
+    let output = netns
+        .command(common::IDLEMON)
+        .args(["--config", config.path()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("\"tiny\"") && stderr.contains("well before the timeout"),
+        "{stderr}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn accepted_connections_are_enforced_when_configured() {
+    const PORT: u16 = 8304;
+    let cgroup = TestCgroup::new("accepted");
+    // The server sees its clients at the NAT's server-side address.
+    let config = TempFile::new(
+        "enforce-accepted.toml",
+        &format!(
+            "[[path]]\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\
+             [[path]]\ncidr = \"{NAT_SERVER_SIDE_IP}/32\"\nidle_timeout = {NAT_TIMEOUT}\n\
+             [enforce]\nmode = \"on\"\ncgroups = [\"{}\"]\nidle_percent = 50\ninterval = 1\ncount = 3\naccepted = true\n",
+            cgroup.name
+        ),
+    );
+    let daemon = start_daemon(&config);
+    let path = NatPath::new(NAT_TIMEOUT);
+    let server = run_client(&path.server, Some(&cgroup), Plan::Serve { port: PORT });
+    // Refused until the server process listens: bounded retries.
+    let target: SocketAddr = format!("{SERVER_IP}:{PORT}").parse().unwrap();
+    let client = wait_for(Duration::from_secs(10), || {
+        path.client
+            .run(|| TcpStream::connect_timeout(&target, Duration::from_secs(2)).ok())
+    })
+    .expect("the server process listens");
+    let server = finished(&server);
+    drop(client);
+    assert_eq!(
+        server.keepalive,
+        [1, 2, 1, 3],
+        "the accepted socket enforced"
+    );
+    let events = enforcement_events(&daemon, 1);
+    let enforcement = &event_for(&events, &server)["enforcement"];
+    assert_eq!(enforcement["direction"], "accepted");
+    assert_eq!(enforcement["reason"], "no_keepalive");
+    assert_eq!(decisions(&daemon, "on", "no_keepalive"), 1.0);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn stopping_idlemon_leaves_fixed_sockets_as_they_are() {
+    const PORT: u16 = 8305;
+    let cgroup = TestCgroup::new("stop");
+    let config = config(&cgroup, PORT, "on");
+    let daemon = start_daemon(&config);
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(PORT, 1);
+    let client = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+            mapped: false,
+        },
+    );
+    // Enforced, then idlemon stops while the client idles.
+    enforcement_events(&daemon, 1);
+    assert!(daemon.stop().success());
+    let client = finished(&client);
+    assert_eq!(client.keepalive, [1, 2, 1, 3]);
+    assert_eq!(
+        client.keepalive_at_end,
+        [1, 2, 1, 3],
+        "the settings outlive idlemon"
+    );
+    assert_eq!(client.result, "ok", "kept alive after idlemon stopped");
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn a_connection_opened_before_idlemon_started_is_enforced_at_start() {
+    const PORT: u16 = 8306;
+    // A longer timeout, so that idlemon surely starts before the NAT forgets.
+    const TIMEOUT: u32 = 8;
+    let cgroup = TestCgroup::new("existing");
+    let config = TempFile::new(
+        "enforce-existing.toml",
+        &format!(
+            "[[path]]\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\
+             [[path]]\ncidr = \"{SERVER_IP}/32\"\nidle_timeout = {TIMEOUT}\n\
+             [enforce]\nmode = \"on\"\ncgroups = [\"{}\"]\nidle_percent = 50\ninterval = 1\ncount = 3\n",
+            cgroup.name
+        ),
+    );
+    let path = NatPath::new(TIMEOUT);
+    path.echo_server(PORT, 1);
+    let client = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::IdleFor {
+            port: PORT,
+            seconds: u64::from(3 * TIMEOUT),
+        },
+    );
+    // The client connects at once; idlemon starts afterwards.
+    let connected = wait_for(Duration::from_secs(5), || {
+        let output = path.client.exec("ss", &["-tnH", "state", "established"]);
+        String::from_utf8_lossy(&output.stdout)
+            .contains(&format!("{SERVER_IP}:{PORT}"))
+            .then_some(())
+    });
+    assert!(connected.is_some(), "the client connected");
+    let daemon = start_daemon(&config);
+    let client = finished(&client);
+    assert_eq!(client.keepalive[0], 0, "no keepalive when it connected");
+    assert_eq!(
+        client.keepalive_at_end,
+        [1, 4, 1, 3],
+        "enforced by the walk at start"
+    );
+    assert_eq!(client.result, "ok", "survived {} s idle", 3 * TIMEOUT);
+    let events = enforcement_events(&daemon, 1);
+    let enforcement = &event_for(&events, &client)["enforcement"];
+    assert_eq!(enforcement["direction"], "existing");
+    assert_eq!(enforcement["reason"], "no_keepalive");
+    assert_eq!(enforcement["applied"], true);
+    assert_eq!(
+        daemon.metric("idlemon_probe_info{hook=\"enforce_existing\",kind=\"iter\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn a_systemd_unit_is_selected_by_its_name() {
+    const PORT: u16 = 8307;
+    let (cgroup, unit) = TestCgroup::unit("unit");
+    // Selected by `units` alone (its name without .service): no cgroups.
+    let config = TempFile::new(
+        "enforce-unit.toml",
+        &format!(
+            "[[path]]\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\
+             [[path]]\ncidr = \"{SERVER_IP}/32\"\nidle_timeout = {NAT_TIMEOUT}\n\
+             [enforce]\nmode = \"on\"\nunits = [\"{}\"]\nidle_percent = 50\ninterval = 1\ncount = 3\n",
+            unit.trim_end_matches(".service")
+        ),
+    );
+    let daemon = start_daemon(&config);
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(PORT, 2);
+    let inside = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+            mapped: false,
+        },
+    );
+    let outside = run_client(
+        &path.client,
+        None,
+        Plan::Idle {
+            port: PORT,
+            own_keepalive: None,
+            mapped: false,
+        },
+    );
+    let (inside, outside) = (finished(&inside), finished(&outside));
+    assert_eq!(
+        inside.keepalive_at_end,
+        [1, 2, 1, 3],
+        "the unit's client enforced"
+    );
+    assert_eq!(inside.result, "ok", "the unit's client survived");
+    assert_eq!(outside.keepalive_at_end[0], 0, "outside the unit untouched");
+    assert_ne!(outside.result, "ok", "outside the unit reset");
+    drop(daemon);
+}
