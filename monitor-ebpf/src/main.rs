@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod death;
 mod events;
 mod iterator;
 mod keepalive;
