@@ -302,6 +302,19 @@ pub struct Event {
 }
 const _: () = assert!(size_of::<Event>() == 176);
 
+/// Where a connect went: the key of the `CONNECTS` map, which counts the
+/// connects to each destination that succeeded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Destination {
+    /// IPv4 addresses occupy the first 4 bytes.
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Destination>() == 24);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain `#[repr(C)]` integers and arrays with explicit padding,
@@ -310,4 +323,5 @@ mod user {
     unsafe impl aya::Pod for super::SocketInfo {}
     unsafe impl aya::Pod for super::SocketRecord {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::Destination {}
 }

@@ -20,13 +20,22 @@
 //!   on an established socket it only becomes `sk_err_soft`:
 //!   https://elixir.bootlin.com/linux/v6.12/source/net/ipv4/tcp_ipv4.c#L481
 
-use monitor_common::{Event, counter, event_kind};
+use aya_ebpf::{macros::map, maps::LruHashMap};
+use monitor_common::{AF_INET, AF_INET6, Destination, Event, counter, event_kind};
 
 use crate::{
     events::{emit, emit_about},
     kernel::{offset, read},
     maps::count,
 };
+
+/// Connects that succeeded, per destination: beside the failed connects to
+/// a destination (events), whether others to it succeed, which tells a
+/// remote that drops some SYNs (`tcp_tw_recycle` behind a NAT) from one
+/// that is down. User space reads the destinations that failed. LRU: the
+/// least recently connected destinations make way.
+#[map]
+pub static CONNECTS: LruHashMap<Destination, u64> = LruHashMap::with_max_entries(4096, 0);
 
 const EPIPE: i32 = 32;
 const ECONNRESET: i32 = 104;
@@ -96,4 +105,33 @@ pub fn count_syn_retransmits(sk: u64) {
     {
         count(counter::SYN_RETRANSMITS, u64::from(syns));
     }
+}
+
+/// A connect succeeded (SYN_SENT -> ESTABLISHED): counts it for its
+/// destination. Once per connect, in softirq; the increment is not atomic,
+/// so two CPUs finishing connects to one destination at once may count one.
+#[inline(always)]
+pub fn on_connected(sk: u64) -> Result<(), u32> {
+    let family: u16 = read(sk, offset!(skc_family))?;
+    let mut destination = Destination {
+        family,
+        port: u16::from_be(read(sk, offset!(skc_dport))?),
+        ..Destination::default()
+    };
+    if family == AF_INET {
+        let address: [u8; 4] = read(sk, offset!(skc_daddr))?;
+        destination.addr[..4].copy_from_slice(&address);
+    } else if family == AF_INET6 {
+        destination.addr = read(sk, offset!(skc_v6_daddr))?;
+    } else {
+        return Ok(());
+    }
+    match CONNECTS.get_ptr_mut(&destination) {
+        // SAFETY: a valid map value.
+        Some(succeeded) => unsafe { *succeeded += 1 },
+        None => {
+            let _ = CONNECTS.insert(&destination, &1, 0);
+        }
+    }
+    Ok(())
 }

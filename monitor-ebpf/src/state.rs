@@ -15,7 +15,9 @@ use aya_ebpf::{
 use monitor_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_MAX_STATE, TCP_SYN_SENT};
 
 use crate::{
-    death::{count_syn_retransmits, on_close_from_established, on_close_from_syn_sent},
+    death::{
+        count_syn_retransmits, on_close_from_established, on_close_from_syn_sent, on_connected,
+    },
     keepalive::learn_keepalive_timer,
     maps::{count, forget},
     send::record_owner,
@@ -76,6 +78,9 @@ fn try_state(sk: u64, old_state: i32, new_state: i32) -> Result<u32, u32> {
     }
     if old_state == i32::from(TCP_SYN_SENT) {
         count_syn_retransmits(sk);
+        if new_state == TCP_ESTABLISHED as u32 {
+            let _ = on_connected(sk);
+        }
     }
     if new_state == TCP_SYN_SENT as u32 {
         // connect() runs in the connecting process: the best moment to learn

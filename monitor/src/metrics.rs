@@ -213,6 +213,7 @@ pub struct Metrics {
     /// capped at `LabelLimits::destinations` (the first ones to fail keep
     /// their series: a counter's series must not come and go).
     failed_destinations: std::sync::Mutex<std::collections::HashSet<String>>,
+    destination_connects: IntCounterVec,
     events: IntCounterVec,
     idle_before_reset: Histogram,
     pub malformed_events: IntCounter,
@@ -520,8 +521,18 @@ impl Metrics {
             ),
             &["destination", "reason"],
         )?;
+        let destination_connects = IntCounterVec::new(
+            Opts::new(
+                "idlemon_destination_connects_succeeded_total",
+                "Connects that succeeded, for the destinations of \
+                 idlemon_destination_connect_failures_total (beside failures, whether other \
+                 connects to the same destination get through); absent unless enabled.",
+            ),
+            &["destination"],
+        )?;
         if limits.destinations > 0 {
             register(Box::new(destination_connect_failures.clone()))?;
+            register(Box::new(destination_connects.clone()))?;
         }
         let events = IntCounterVec::new(
             Opts::new(
@@ -631,6 +642,7 @@ impl Metrics {
             connect_failures,
             destination_connect_failures,
             failed_destinations: std::sync::Mutex::default(),
+            destination_connects,
             events,
             idle_before_reset,
             malformed_events,
@@ -837,6 +849,28 @@ impl Metrics {
         self.destination_connect_failures
             .with_label_values(&[&label, reason.as_str()])
             .inc();
+    }
+
+    /// Brings idlemon_destination_connects_succeeded_total up to the
+    /// kernel's count (`succeeded`: the `CONNECTS` map) for each destination
+    /// that has a failure series.
+    pub fn sync_destination_connects(
+        &self,
+        succeeded: impl Fn(std::net::SocketAddr) -> Option<u64>,
+    ) {
+        let Ok(destinations) = self.failed_destinations.lock() else {
+            return;
+        };
+        for destination in destinations.iter() {
+            let Ok(address) = destination.parse() else {
+                continue;
+            };
+            let total = succeeded(address).unwrap_or(0);
+            let counter = self.destination_connects.with_label_values(&[destination]);
+            if total > counter.get() {
+                counter.inc_by(total - counter.get());
+            }
+        }
     }
 
     pub fn event_log_dropped(&self, kind: Kind) {
@@ -1226,6 +1260,16 @@ mod tests {
         ] {
             assert!(text.contains(series), "{series} missing:\n{text}");
         }
+        metrics.sync_destination_connects(|address| {
+            (address.to_string() == "198.51.100.2:5432").then_some(3)
+        });
+        let text = metrics.render().expect("render");
+        assert!(
+            text.contains(
+                "idlemon_destination_connects_succeeded_total{destination=\"198.51.100.2:5432\"} 3"
+            ),
+            "{text}"
+        );
         // A death is no reset.
         assert!(text.contains(
             "idlemon_resets_received_total{classification=\"idle_timeout_suspected\"} 0"
