@@ -949,6 +949,14 @@ mod tests {
             .idle_timeout_resets
             .with_label_values(&["shop", "cart"])
             .inc();
+        metrics
+            .destination_connect_failures
+            .with_label_values(&["198.51.100.2:5432", "timeout"])
+            .inc();
+        metrics
+            .destination_connects
+            .with_label_values(&["198.51.100.2:5432"])
+            .inc();
         let mut exported = std::collections::BTreeSet::new();
         for family in metrics.registry.gather() {
             let name = family.name().to_owned();
