@@ -126,11 +126,11 @@ pub fn on_connected(sk: u64) -> Result<(), u32> {
     } else {
         return Ok(());
     }
-    match CONNECTS.get_ptr_mut(&destination) {
+    match CONNECTS.get_ptr_mut(destination) {
         // SAFETY: a valid map value.
         Some(succeeded) => unsafe { *succeeded += 1 },
         None => {
-            let _ = CONNECTS.insert(&destination, &1, 0);
+            let _ = CONNECTS.insert(destination, 1, 0);
         }
     }
     Ok(())
