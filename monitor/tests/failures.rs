@@ -206,12 +206,12 @@ fn dropped_syns_are_a_connect_timeout_naming_the_process() {
     assert_eq!(failed["comm"], common::own_comm().as_str());
     assert_eq!(failed["socket"], Value::Null);
 
-    assert_eq!(
+    // Host-wide: other processes of this machine may fail connects too.
+    assert!(
         counter(
             &daemon,
             "idlemon_connect_failures_total{reason=\"timeout\"}"
-        ),
-        1.0
+        ) >= 1.0
     );
     assert_eq!(
         counter(
@@ -234,7 +234,7 @@ fn dropped_syns_are_a_connect_timeout_naming_the_process() {
     assert!(counter(&daemon, "idlemon_syn_retransmits_total") >= 2.0);
     let failed_connects = events(&daemon)
         .into_iter()
-        .filter(|event| event["kind"] == "connect_failed")
+        .filter(|event| event["kind"] == "connect_failed" && event["pid"] == std::process::id())
         .count();
     assert_eq!(failed_connects, 1, "the working connect is no failure");
     drop(working);
@@ -278,18 +278,20 @@ fn a_closed_port_is_a_refused_connect() {
     assert_eq!(failed["retransmissions"], 0);
     assert!(failed["connect_seconds"].as_f64().unwrap() < 1.0);
     assert_eq!(failed["pid"], std::process::id());
-    assert_eq!(
+    // Host-wide: other processes of this machine may fail connects too.
+    assert!(
         counter(
             &daemon,
             "idlemon_connect_failures_total{reason=\"refused\"}"
-        ),
-        1.0
+        ) >= 1.0
     );
     assert_eq!(
         counter(
             &daemon,
-            "idlemon_connect_failures_total{reason=\"timeout\"}"
+            &format!(
+                "idlemon_destination_connect_failures_total{{destination=\"{target}\",reason=\"refused\"}}"
+            )
         ),
-        0.0
+        1.0
     );
 }
