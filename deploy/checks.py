@@ -62,6 +62,9 @@ METRICS = {
     "idlemon_idle_before_reset_seconds", "idlemon_malformed_events_total",
     "idlemon_event_log_errors_total", "idlemon_events_total",
     "idlemon_attribution_series_dropped_total", "idlemon_last_scan_timestamp_seconds",
+    "idlemon_retransmit_timeouts_total", "idlemon_connect_failures_total",
+    "idlemon_syn_retransmits_total", "idlemon_destination_connect_failures_total",
+    "idlemon_destination_connects_succeeded_total",
 }
 HISTOGRAMS = {"idlemon_idle_before_reset_seconds", "idlemon_walk_duration_seconds"}
 # Besides idlemon's own: Prometheus's `up` per target, and the process

@@ -62,6 +62,13 @@ pub mod counter {
     /// threshold, dropped while the ring buffer was three-quarters full so
     /// that its last quarter stays free for the ones that were.
     pub const EVENTS_SHED: u32 = 28;
+    /// Established connections the kernel closed after its retransmissions
+    /// went unanswered (ETIMEDOUT from `tcp_retries2` or TCP_USER_TIMEOUT).
+    pub const RETRANSMIT_TIMEOUTS: u32 = 29;
+    /// Active opens that failed (SYN_SENT -> CLOSE with a socket error).
+    pub const CONNECT_FAILURES: u32 = 30;
+    /// SYNs retransmitted, counted when the connect ends either way.
+    pub const SYN_RETRANSMITS: u32 = 31;
     /// Keepalive enforcement decisions: slot `ENFORCEMENTS + reason`, one
     /// of `enforce::reason` (the mode is fixed for the daemon's lifetime).
     pub const ENFORCEMENTS: u32 = 32;
@@ -157,8 +164,17 @@ pub struct KernelLayout {
     /// zero in softirq and timers, where the current task is whichever one
     /// the interrupt happened to land on.
     pub sk_lock_owned: u32,
+    /// `inet_connection_sock.icsk_retransmits`: retransmission timeouts in a
+    /// row without an ACK of new data (the count `tcp_retries2` bounds).
+    pub icsk_retransmits: u32,
+    /// `tcp_sock.total_retrans`: segments retransmitted over the socket's
+    /// life; in SYN_SENT, the SYNs retransmitted.
+    pub total_retrans: u32,
+    /// `tcp_sock.retrans_stamp`: in SYN_SENT, when the first SYN left, in
+    /// the TCP timestamp clock (CLOCK_MONOTONIC milliseconds).
+    pub retrans_stamp: u32,
 }
-const _: () = assert!(size_of::<KernelLayout>() == 132);
+const _: () = assert!(size_of::<KernelLayout>() == 144);
 
 /// What the kernel programs remember about a socket between packets: who
 /// uses it and what keepalive did. Keyed by the socket's kernel address.
@@ -222,9 +238,18 @@ pub struct SocketRecord {
     /// `INFO_KNOWN` when `info` holds what the hooks recorded for this
     /// socket; `INFO_UNKNOWN`; or `INFO_CARRIED_OVER`.
     pub info_known: u8,
+    /// Retransmission timeouts in a row without an ACK (`icsk_retransmits`):
+    /// non-zero while the peer, or the path, answers nothing.
+    pub retransmits: u8,
+    /// 1 when `retransmits` is non-zero and no ACK has arrived since the
+    /// send after idle in `info` (`reuse_at`): the path forgot the flow
+    /// without a RST, and the socket will die of ETIMEDOUT unless it
+    /// recovers. Only where `info` was looked up (`INFO_KNOWN`).
+    pub retransmitting_since_reuse: u8,
+    pub _pad: [u8; 2],
     pub info: SocketInfo,
 }
-const _: () = assert!(size_of::<SocketRecord>() == 120);
+const _: () = assert!(size_of::<SocketRecord>() == 128);
 
 /// What an `Event` reports.
 pub mod event_kind {
@@ -239,6 +264,14 @@ pub mod event_kind {
     /// The enforcement program decided about a new connection's keepalive
     /// (`Event::enforcement` says what).
     pub const KEEPALIVE_ENFORCED: u8 = 5;
+    /// An established connection died with ETIMEDOUT (or the soft error
+    /// that ICMP left) after its retransmissions went unanswered.
+    pub const RETRANSMIT_TIMEOUT: u8 = 6;
+    /// An established connection died of another error (`Event::error`).
+    pub const CONNECTION_ERROR: u8 = 7;
+    /// An active open failed: `Event::error` says how (ETIMEDOUT: SYNs
+    /// unanswered; ECONNREFUSED; EHOSTUNREACH or ENETUNREACH; ECONNRESET).
+    pub const CONNECT_FAILED: u8 = 8;
 }
 
 /// A moment worth explaining later, sent through the `EVENTS` ring buffer
@@ -266,11 +299,17 @@ pub struct Event {
     /// Task name in whose context the event fired (see `current_tgid`).
     pub current_comm: [u8; COMM_LEN],
     pub socket: SocketRecord,
+    /// Deaths: segments retransmitted, RTOs in a row for an established
+    /// socket (`icsk_retransmits`), SYNs for a connect (`total_retrans`).
+    pub retransmissions: u32,
+    /// Failed connects: milliseconds since the first SYN; `u32::MAX` when
+    /// unknown.
+    pub connect_ms: u32,
     /// For `KEEPALIVE_ENFORCED` events: the decision. `socket` holds the
     /// settings before it.
     pub enforcement: KeepaliveDecision,
 }
-const _: () = assert!(size_of::<Event>() == 192);
+const _: () = assert!(size_of::<Event>() == 208);
 
 /// Keepalive enforcement (a `sock_ops` program on the cgroup v2 hierarchy).
 pub mod enforce {
@@ -395,6 +434,19 @@ pub struct ExistingSocket {
 }
 const _: () = assert!(size_of::<ExistingSocket>() == 24);
 
+/// Where a connect went: the key of the `CONNECTS` map, which counts the
+/// connects to each destination that succeeded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Destination {
+    /// IPv4 addresses occupy the first 4 bytes.
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Destination>() == 24);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain `#[repr(C)]` integers and arrays with explicit padding,
@@ -406,4 +458,5 @@ mod user {
     unsafe impl aya::Pod for super::EnforceSettings {}
     unsafe impl aya::Pod for super::EnforcePath {}
     unsafe impl aya::Pod for super::ExistingSocket {}
+    unsafe impl aya::Pod for super::Destination {}
 }

@@ -38,6 +38,12 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 /// names the socket's recorded owner instead, or nobody.
 #[inline(always)]
 pub fn emit(kind: u8, sk: u64) -> Result<(), u32> {
+    emit_about(kind, sk, |_| {})
+}
+
+/// `emit`, with what only this kind of event carries added by `detail`.
+#[inline(always)]
+pub fn emit_about(kind: u8, sk: u64, detail: impl FnOnce(&mut Event)) -> Result<(), u32> {
     let holds_socket = kind == event_kind::SEND_AFTER_IDLE
         || read::<u32>(sk, offset!(sk_lock_owned)).is_ok_and(|owned| owned != 0);
     emit_with(kind, holds_socket, |event| {
@@ -46,6 +52,7 @@ pub fn emit(kind: u8, sk: u64) -> Result<(), u32> {
             event.socket_known = 1;
         }
         event.error = read::<i32>(sk, offset!(sk_err)).unwrap_or(0) as u32;
+        detail(event);
     })
 }
 
@@ -133,7 +140,15 @@ fn lost(kind: u8) {
 /// rest too (`EventRecord::is_evidence`).
 #[inline(always)]
 fn is_evidence(event: &Event) -> bool {
-    if event.kind == event_kind::SEND_AFTER_IDLE || event.kind == event_kind::KEEPALIVE_TIMEOUT {
+    // Deaths after unanswered retransmissions come minutes after the send
+    // that started them, when neither idle time nor the reuse window says
+    // so any more; they are rare, and each one needs explaining.
+    if matches!(
+        event.kind,
+        event_kind::SEND_AFTER_IDLE
+            | event_kind::KEEPALIVE_TIMEOUT
+            | event_kind::RETRANSMIT_TIMEOUT
+    ) {
         return true;
     }
     if event.socket_known == 0 {

@@ -50,6 +50,9 @@ pub(crate) static KERNEL_LAYOUT: KernelLayout = KernelLayout {
     socket_sk: 0,
     sk_protocol: 0,
     sk_lock_owned: 0,
+    icsk_retransmits: 0,
+    total_retrans: 0,
+    retrans_stamp: 0,
 };
 
 /// `--idle-threshold` in jiffies, the unit of the kernel's own stamps.
@@ -268,6 +271,8 @@ pub fn snapshot<M: Memory>(tp: u64, record: &mut SocketRecord, depth: Depth) -> 
         record.keepalive_probes = 0;
     }
     record.probes_out = M::read_tcp(tp, offset!(probes_out))?;
+    // Beside probes_out: the same cache line.
+    record.retransmits = M::read_tcp(tp, offset!(icsk_retransmits))?;
 
     let net: u64 = M::read(tp, offset!(skc_net))?;
     record.netns = M::read(net, offset!(net_inum))?;
@@ -286,6 +291,15 @@ pub fn recorded(tp: u64, record: &mut SocketRecord) {
             // overlap, which spares the copy a call to `memmove`.
             unsafe { core::ptr::copy_nonoverlapping(info, &mut record.info, 1) };
             record.info_known = INFO_KNOWN;
+            record.retransmitting_since_reuse = 0;
+            // A stall that began with the send after idle: no ACK since it.
+            // `icsk_retransmits` counts RTOs since the last ACK of new data.
+            if record.retransmits != 0 && record.info.reuse_at != 0 {
+                let acked_at = jiffies32().wrapping_sub(record.last_ack_age);
+                if record.info.reuse_at.wrapping_sub(acked_at) as i32 >= 0 {
+                    record.retransmitting_since_reuse = 1;
+                }
+            }
         }
         None => forget_recorded(record),
     }
@@ -296,6 +310,7 @@ pub fn recorded(tp: u64, record: &mut SocketRecord) {
 pub fn forget_recorded(record: &mut SocketRecord) {
     zero(&mut record.info);
     record.info_known = INFO_UNKNOWN;
+    record.retransmitting_since_reuse = 0;
 }
 
 /// Zeroes a value of a multiple of 4 bytes with plain stores: LLVM turns

@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod death;
 mod enforce;
 mod events;
 mod iterator;

@@ -140,28 +140,3 @@ fn addresses_from_segment(skb: u64, event: &mut Event) -> Result<(), u32> {
     socket.local_port = u16::from_be(read(tcp, 2)?);
     Ok(())
 }
-
-/// Keepalive deaths: `tcp_keepalive_timer()` gives up after
-/// `keepalive_probes` unanswered probes through `tcp_write_err()`, which sets
-/// `sk_err` (ETIMEDOUT) and closes the socket:
-/// https://elixir.bootlin.com/linux/v6.12/source/net/ipv4/tcp_timer.c#L812
-/// Called from the state hook on ESTABLISHED -> CLOSE.
-#[inline(always)]
-pub fn on_close_from_established(sk: u64) -> Result<(), u32> {
-    const ECONNRESET: i32 = 104;
-    const EPIPE: i32 = 32;
-    let probes_out: u8 = read(sk, offset!(probes_out))?;
-    if probes_out == 0 {
-        return Ok(());
-    }
-    let flags: u64 = read(sk, offset!(sk_flags))?;
-    if (flags >> offset!(keepopen_bit)) & 1 == 0 {
-        return Ok(());
-    }
-    let error: i32 = read(sk, offset!(sk_err))?;
-    if error == 0 || error == ECONNRESET || error == EPIPE {
-        return Ok(());
-    }
-    count(counter::KEEPALIVE_TIMEOUTS, 1);
-    emit(event_kind::KEEPALIVE_TIMEOUT, sk)
-}

@@ -1,6 +1,6 @@
-//! Socket lifecycle: counts TCP state transitions, learns who connected, and
-//! forgets sockets as they close, so that the socket table holds only live
-//! sockets.
+//! Socket lifecycle: counts TCP state transitions, learns who connected,
+//! explains deaths and failed connects (`death.rs`), and forgets sockets as
+//! they close, so that the socket table holds only live sockets.
 //!
 //! `sock:inet_sock_set_state` fires on every state change of every TCP socket
 //! in every network namespace, from `inet_sk_set_state()`:
@@ -15,9 +15,11 @@ use aya_ebpf::{
 use monitor_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_MAX_STATE, TCP_SYN_SENT};
 
 use crate::{
+    death::{
+        count_syn_retransmits, on_close_from_established, on_close_from_syn_sent, on_connected,
+    },
     keepalive::learn_keepalive_timer,
     maps::{count, forget},
-    reset::on_close_from_established,
     send::record_owner,
 };
 
@@ -74,14 +76,22 @@ fn try_state(sk: u64, old_state: i32, new_state: i32) -> Result<u32, u32> {
     if new_state == TCP_SYN_SENT as u32 || new_state == TCP_ESTABLISHED as u32 {
         learn_keepalive_timer(sk);
     }
+    if old_state == i32::from(TCP_SYN_SENT) {
+        count_syn_retransmits(sk);
+        if new_state == TCP_ESTABLISHED as u32 {
+            let _ = on_connected(sk);
+        }
+    }
     if new_state == TCP_SYN_SENT as u32 {
         // connect() runs in the connecting process: the best moment to learn
         // the owner of a client socket.
         record_owner(sk)?;
     } else if new_state == TCP_CLOSE as u32 {
+        // Before forgetting the socket: the events carry its owner.
         if old_state == i32::from(TCP_ESTABLISHED) {
-            // Before forgetting the socket: the event carries its owner.
             let _ = on_close_from_established(sk);
+        } else if old_state == i32::from(TCP_SYN_SENT) {
+            let _ = on_close_from_syn_sent(sk);
         }
         forget(sk);
     }

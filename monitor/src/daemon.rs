@@ -179,6 +179,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("map COUNTERS missing from the eBPF object"))?
         .try_into()
         .context("map COUNTERS is not a per-CPU array")?;
+    let connects = loaded
+        .ebpf
+        .take_map("CONNECTS")
+        .and_then(|map| aya::maps::HashMap::try_from(map).ok());
     let kernel_log = match aya_log::EbpfLogger::init_with_logger(&mut loaded.ebpf, KernelLog) {
         Ok(logger) => Some(logger),
         Err(error) => {
@@ -264,6 +268,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         snapshots: snapshots.clone(),
         rescan: rescan.clone(),
         counters: Arc::new(Mutex::new(counters)),
+        connects: Arc::new(Mutex::new(connects)),
         ready: Arc::clone(&ready),
         degraded: degraded.clone(),
         history,

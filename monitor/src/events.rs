@@ -1,5 +1,6 @@
-//! Events for incident forensics: resets, reuse after idle and keepalive
-//! deaths, explained (how long the socket had been idle, what the path's
+//! Events for incident forensics: resets, reuse after idle, deaths without
+//! a RST (keepalive, retransmission timeout, other errors) and failed
+//! connects, explained (how long the socket had been idle, what the path's
 //! timeout is, who owned it) and kept in a bounded history, the event log and
 //! the metrics.
 
@@ -27,15 +28,21 @@ pub enum Kind {
     SendAfterIdle,
     KeepaliveTimeout,
     KeepaliveEnforced,
+    RetransmitTimeout,
+    ConnectionError,
+    ConnectFailed,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 8] = [
         Kind::ResetReceived,
         Kind::ResetSent,
         Kind::SendAfterIdle,
         Kind::KeepaliveTimeout,
         Kind::KeepaliveEnforced,
+        Kind::RetransmitTimeout,
+        Kind::ConnectionError,
+        Kind::ConnectFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,11 +52,59 @@ impl Kind {
             Self::SendAfterIdle => "send_after_idle",
             Self::KeepaliveTimeout => "keepalive_timeout",
             Self::KeepaliveEnforced => "keepalive_enforced",
+            Self::RetransmitTimeout => "retransmit_timeout",
+            Self::ConnectionError => "connection_error",
+            Self::ConnectFailed => "connect_failed",
         }
     }
 }
 
-/// What a reset most likely means.
+/// Why an active open failed, from the socket error it ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectFailure {
+    /// ETIMEDOUT: the SYNs went unanswered (`tcp_syn_retries`): a
+    /// firewall or NAT that drops them, a full conntrack table, a remote
+    /// that discards them (`tcp_tw_recycle` behind a NAT).
+    Timeout,
+    /// ECONNREFUSED: a RST answered the SYN (nothing listens), or an ICMP
+    /// port unreachable.
+    Refused,
+    /// Another ICMP error: no route, host or network unreachable,
+    /// administratively prohibited.
+    Unreachable,
+    /// ECONNRESET.
+    Reset,
+}
+
+impl ConnectFailure {
+    pub const ALL: [ConnectFailure; 4] = [
+        ConnectFailure::Timeout,
+        ConnectFailure::Refused,
+        ConnectFailure::Unreachable,
+        ConnectFailure::Reset,
+    ];
+
+    pub fn of(errno: u32) -> Self {
+        match errno as i32 {
+            libc::ETIMEDOUT => Self::Timeout,
+            libc::ECONNREFUSED => Self::Refused,
+            libc::ECONNRESET => Self::Reset,
+            _ => Self::Unreachable,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Refused => "refused",
+            Self::Unreachable => "unreachable",
+            Self::Reset => "reset",
+        }
+    }
+}
+
+/// What a reset, or a retransmission timeout, most likely means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Classification {
@@ -69,14 +124,15 @@ impl Classification {
     }
 }
 
-/// The send after idle that a reset followed.
+/// The send after idle that a reset followed, or that began the
+/// retransmissions a connection died of.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Reuse {
     /// The `send_after_idle` event, when idlemon still holds it.
     pub event_id: Option<u64>,
     /// How long the socket had been idle before that send.
     pub idle_seconds: f64,
-    /// How long before the reset the send happened.
+    /// How long before the reset (the death) the send happened.
     pub seconds_before: f64,
 }
 
@@ -110,9 +166,20 @@ pub struct EventRecord {
     pub idle_before_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reuse: Option<Reuse>,
-    /// The socket error, for keepalive deaths (e.g. ETIMEDOUT).
+    /// The socket error, for deaths and failed connects (e.g. ETIMEDOUT).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Retransmission timeouts in a row before a `retransmit_timeout`; SYNs
+    /// retransmitted before a `connect_failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retransmissions: Option<u32>,
+    /// `connect_failed` only: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ConnectFailure>,
+    /// `connect_failed` only: seconds from the first SYN to the failure;
+    /// null when the kernel's stamp cannot be read as milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_seconds: Option<Option<f64>>,
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub cgroup_id: Option<u64>,
@@ -241,6 +308,7 @@ impl EventRecord {
         let threshold = threshold.as_secs_f64();
         let idle = |seconds: Option<f64>| seconds.is_some_and(|seconds| seconds >= threshold);
         self.kind == Kind::SendAfterIdle
+            || self.kind == Kind::RetransmitTimeout
             || self.classification == Some(Classification::IdleTimeoutSuspected)
             || self.reuse.is_some()
             || idle(self.idle_before_seconds)
@@ -296,6 +364,9 @@ impl Explainer {
             event_kind::SEND_AFTER_IDLE => Kind::SendAfterIdle,
             event_kind::KEEPALIVE_TIMEOUT => Kind::KeepaliveTimeout,
             event_kind::KEEPALIVE_ENFORCED => Kind::KeepaliveEnforced,
+            event_kind::RETRANSMIT_TIMEOUT => Kind::RetransmitTimeout,
+            event_kind::CONNECTION_ERROR => Kind::ConnectionError,
+            event_kind::CONNECT_FAILED => Kind::ConnectFailed,
             _ => return None,
         };
         let id = self.next_id;
@@ -323,6 +394,9 @@ impl Explainer {
             idle_before_seconds: None,
             reuse: None,
             error: None,
+            retransmissions: None,
+            reason: None,
+            connect_seconds: None,
             // The socket's owner; else the process the event fired in (an
             // active reset from close(), a send).
             pid: socket
@@ -379,11 +453,50 @@ impl Explainer {
                 record.idle_before_seconds = idle_before;
                 record.reuse = reuse;
             }
-            Kind::KeepaliveTimeout => {
+            Kind::KeepaliveTimeout | Kind::ConnectionError => {
                 record.error = Some(errno_name(event.error));
             }
             Kind::KeepaliveEnforced => {
                 record.enforcement = Some(enforcement(event, socket.as_ref()));
+            }
+            Kind::RetransmitTimeout => {
+                record.error = Some(errno_name(event.error));
+                record.retransmissions = Some(event.retransmissions);
+                // The stall began with the send after idle (no ACK since,
+                // as the kernel saw at the death): link it, however long
+                // the retransmissions took.
+                let reuse = (event.socket_known != 0
+                    && event.socket.retransmitting_since_reuse != 0)
+                    .then(|| Reuse {
+                        event_id: self
+                            .reuses
+                            .get(&event.socket.sock)
+                            .filter(|(at, _)| *at == info.reuse_at)
+                            .map(|(_, id)| *id),
+                        idle_seconds: seconds(info.reuse_idle),
+                        seconds_before: seconds(event.jiffies.wrapping_sub(info.reuse_at)),
+                    });
+                let timeout = socket.as_ref().and_then(|s| s.path_idle_timeout_seconds);
+                record.classification = Some(match (&reuse, timeout) {
+                    (Some(reuse), Some(timeout)) if reuse.idle_seconds >= f64::from(timeout) => {
+                        Classification::IdleTimeoutSuspected
+                    }
+                    _ => Classification::Other,
+                });
+                record.idle_before_seconds = reuse.as_ref().map(|reuse| reuse.idle_seconds);
+                record.reuse = reuse;
+            }
+            Kind::ConnectFailed => {
+                record.error = Some(errno_name(event.error));
+                record.reason = Some(ConnectFailure::of(event.error));
+                record.retransmissions = Some(event.retransmissions);
+                record.connect_seconds = Some(connect_seconds(event.connect_ms));
+                // A socket that never connected has no idle times to show.
+                record.idle_since_send_seconds = None;
+                record.idle_since_receive_seconds = None;
+                record.socket = None;
+                record.evidence = false;
+                return Some(record);
             }
         }
         record.socket = socket;
@@ -419,8 +532,24 @@ fn errno_name(errno: u32) -> String {
         libc::EHOSTUNREACH => "EHOSTUNREACH".to_owned(),
         libc::ENETUNREACH => "ENETUNREACH".to_owned(),
         libc::ECONNRESET => "ECONNRESET".to_owned(),
+        libc::ECONNREFUSED => "ECONNREFUSED".to_owned(),
+        libc::ECONNABORTED => "ECONNABORTED".to_owned(),
+        libc::EHOSTDOWN => "EHOSTDOWN".to_owned(),
+        libc::ENONET => "ENONET".to_owned(),
+        libc::ENOPROTOOPT => "ENOPROTOOPT".to_owned(),
+        libc::EPIPE => "EPIPE".to_owned(),
         other => format!("errno {other}"),
     }
+}
+
+/// Seconds from the first SYN to a failed connect. The kernel's stamp is
+/// in milliseconds unless the route has the `tcp_usec_ts` feature (then in
+/// microseconds, and the difference is meaningless): a connect gives up
+/// within minutes even at the largest `tcp_syn_retries`, so a longer one is
+/// unknown.
+fn connect_seconds(connect_ms: u32) -> Option<f64> {
+    const LONGEST_MS: u32 = 3_600_000;
+    (connect_ms <= LONGEST_MS).then(|| f64::from(connect_ms) / 1000.0)
 }
 
 /// A bounded queue of events in id order that, when full, gives up the
@@ -615,6 +744,8 @@ mod tests {
             current_comm: [0; 16],
             socket,
             enforcement: monitor_common::KeepaliveDecision::default(),
+            retransmissions: 0,
+            connect_ms: 0,
         }
     }
 
@@ -760,6 +891,116 @@ mod tests {
         death.error = libc::ETIMEDOUT as u32;
         let death = explainer().explain(&death, 0.0).expect("known kind");
         assert_eq!(death.error.as_deref(), Some("ETIMEDOUT"));
+    }
+
+    /// The path forgot the flow and dropped what followed: the send after
+    /// 8 s idle (the path's timeout is 5 s) was retransmitted until the
+    /// kernel gave up 12 s later.
+    #[test]
+    fn a_retransmit_timeout_after_a_send_after_idle_is_linked_and_classified() {
+        let mut explainer = explainer();
+        let mut send = event(event_kind::SEND_AFTER_IDLE, 8, 8);
+        send.socket.info.reuse_at = 100_000;
+        send.socket.info.reuse_idle = 8 * HZ;
+        let send = explainer.explain(&send, 1_000.0).expect("known kind");
+
+        let mut death = event(event_kind::RETRANSMIT_TIMEOUT, 0, 20);
+        death.jiffies = 100_000 + 12 * HZ;
+        death.error = libc::ETIMEDOUT as u32;
+        death.retransmissions = 6;
+        death.socket.retransmits = 6;
+        death.socket.retransmitting_since_reuse = 1;
+        death.socket.info.reuse_at = 100_000;
+        death.socket.info.reuse_idle = 8 * HZ;
+        let death = explainer.explain(&death, 1_012.0).expect("known kind");
+        assert_eq!(death.kind, Kind::RetransmitTimeout);
+        assert_eq!(
+            death.classification,
+            Some(Classification::IdleTimeoutSuspected)
+        );
+        assert_eq!(death.error.as_deref(), Some("ETIMEDOUT"));
+        assert_eq!(death.retransmissions, Some(6));
+        assert_eq!(death.idle_before_seconds, Some(8.0));
+        let reuse = death.reuse.as_ref().expect("linked to the send");
+        assert_eq!(reuse.event_id, Some(send.id));
+        assert_eq!(reuse.seconds_before, 12.0);
+        assert!(death.evidence);
+        let socket = death.socket.expect("socket");
+        assert!(socket.retransmitting_since_send_after_idle);
+        assert_eq!(socket.retransmits, 6);
+    }
+
+    #[test]
+    fn a_retransmit_timeout_without_a_send_after_idle_is_other() {
+        let mut death = event(event_kind::RETRANSMIT_TIMEOUT, 0, 20);
+        death.error = libc::ETIMEDOUT as u32;
+        death.retransmissions = 6;
+        // Acked since its last send after idle: the stall began later.
+        death.socket.info.reuse_at = 100_000 - 60 * HZ;
+        death.socket.info.reuse_idle = 8 * HZ;
+        let death = explainer().explain(&death, 0.0).expect("known kind");
+        assert_eq!(death.classification, Some(Classification::Other));
+        assert_eq!(death.reuse, None);
+        assert_eq!(death.idle_before_seconds, None);
+        // Never shed: each one needs explaining.
+        assert!(death.evidence);
+    }
+
+    #[test]
+    fn a_retransmit_timeout_after_a_short_idle_is_other() {
+        let mut death = event(event_kind::RETRANSMIT_TIMEOUT, 0, 20);
+        death.socket.retransmits = 4;
+        death.socket.retransmitting_since_reuse = 1;
+        death.socket.info.reuse_at = 100_000 - 10 * HZ;
+        // 3 s idle, below the path's 5 s.
+        death.socket.info.reuse_idle = 3 * HZ;
+        let death = explainer().explain(&death, 0.0).expect("known kind");
+        assert_eq!(death.classification, Some(Classification::Other));
+        assert_eq!(death.reuse.map(|reuse| reuse.idle_seconds), Some(3.0));
+    }
+
+    #[test]
+    fn other_deaths_carry_their_error() {
+        let mut death = event(event_kind::CONNECTION_ERROR, 0, 0);
+        death.error = libc::EHOSTUNREACH as u32;
+        let death = explainer().explain(&death, 0.0).expect("known kind");
+        assert_eq!(death.kind, Kind::ConnectionError);
+        assert_eq!(death.error.as_deref(), Some("EHOSTUNREACH"));
+        assert_eq!(death.classification, None);
+    }
+
+    #[test]
+    fn failed_connects_say_why_how_long_and_who() {
+        for (errno, reason) in [
+            (libc::ETIMEDOUT, ConnectFailure::Timeout),
+            (libc::ECONNREFUSED, ConnectFailure::Refused),
+            (libc::EHOSTUNREACH, ConnectFailure::Unreachable),
+            (libc::ENETUNREACH, ConnectFailure::Unreachable),
+            (libc::ECONNRESET, ConnectFailure::Reset),
+        ] {
+            let mut failed = event(event_kind::CONNECT_FAILED, 0, 0);
+            failed.socket.state = 2;
+            failed.error = errno as u32;
+            failed.retransmissions = 2;
+            failed.connect_ms = 7_012;
+            let failed = explainer().explain(&failed, 0.0).expect("known kind");
+            assert_eq!(failed.reason, Some(reason));
+            assert_eq!(failed.retransmissions, Some(2));
+            assert_eq!(failed.connect_seconds, Some(Some(7.012)));
+            assert_eq!(failed.remote.to_string(), "198.51.100.2:80");
+            // The connecting process, recorded at connect().
+            assert_eq!(failed.pid, Some(77));
+            // A socket that never connected has no idle times.
+            assert_eq!(failed.socket, None);
+            assert_eq!(failed.idle_since_send_seconds, None);
+            assert_eq!(failed.classification, None);
+        }
+        // A stamp in microseconds (tcp_usec_ts routes) is no duration.
+        let mut failed = event(event_kind::CONNECT_FAILED, 0, 0);
+        failed.error = libc::ETIMEDOUT as u32;
+        failed.connect_ms = 4_000_000_000;
+        let failed = explainer().explain(&failed, 0.0).expect("known kind");
+        assert_eq!(failed.connect_seconds, Some(None));
     }
 
     #[test]

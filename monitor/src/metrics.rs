@@ -9,7 +9,7 @@ use prometheus::{
 };
 
 use crate::{
-    events::{Classification, EventRecord, Kind},
+    events::{Classification, ConnectFailure, EventRecord, Kind},
     probes::HookStatus,
     sockets::{Coverage, Risk, Summary},
 };
@@ -74,6 +74,11 @@ const KERNEL_COUNTERS: &[(u32, &str, &str)] = &[
         "Of idlemon_events_lost_total, events on sockets not idle past the threshold that the \
          kernel dropped while its ring buffer was three-quarters full, keeping the rest for \
          idle-timeout evidence.",
+    ),
+    (
+        counter::SYN_RETRANSMITS,
+        "idlemon_syn_retransmits_total",
+        "SYNs the host retransmitted on its connects (counted as each connect succeeds or fails).",
     ),
     (
         counter::KEEPALIVE_TIMER_FIRES,
@@ -205,6 +210,14 @@ pub struct Metrics {
     pub file_walk_available: IntGauge,
     pub ready: IntGauge,
     resets_received: IntCounterVec,
+    retransmit_timeouts: IntCounterVec,
+    connect_failures: IntCounterVec,
+    destination_connect_failures: IntCounterVec,
+    /// Destinations of idlemon_destination_connect_failures_total so far,
+    /// capped at `LabelLimits::destinations` (the first ones to fail keep
+    /// their series: a counter's series must not come and go).
+    failed_destinations: std::sync::Mutex<std::collections::HashSet<String>>,
+    destination_connects: IntCounterVec,
     events: IntCounterVec,
     idle_before_reset: Histogram,
     pub malformed_events: IntCounter,
@@ -493,6 +506,54 @@ impl Metrics {
         for classification in ["idle_timeout_suspected", "other", "unclassified"] {
             resets_received.with_label_values(&[classification]);
         }
+        let retransmit_timeouts = IntCounterVec::new(
+            Opts::new(
+                "idlemon_retransmit_timeouts_total",
+                "Established connections the kernel closed after unanswered retransmissions \
+                 (ETIMEDOUT), by classification: idle_timeout_suspected when they began with a \
+                 send after an idle period of at least the path's idle timeout (a middlebox \
+                 forgot the flow and dropped, instead of resetting, what followed).",
+            ),
+            &["classification"],
+        )?;
+        register(Box::new(retransmit_timeouts.clone()))?;
+        for classification in ["idle_timeout_suspected", "other"] {
+            retransmit_timeouts.with_label_values(&[classification]);
+        }
+        let connect_failures = IntCounterVec::new(
+            Opts::new(
+                "idlemon_connect_failures_total",
+                "Connects (active opens) that failed, by reason: timeout (SYNs unanswered), \
+                 refused, unreachable (ICMP), reset.",
+            ),
+            &["reason"],
+        )?;
+        register(Box::new(connect_failures.clone()))?;
+        for reason in ConnectFailure::ALL {
+            connect_failures.with_label_values(&[reason.as_str()]);
+        }
+        let destination_connect_failures = IntCounterVec::new(
+            Opts::new(
+                "idlemon_destination_connect_failures_total",
+                "Failed connects by destination (address:port) and reason, for the first \
+                 --destination-labels destinations that failed (the rest under \
+                 destination=\"_other\"); absent unless enabled.",
+            ),
+            &["destination", "reason"],
+        )?;
+        let destination_connects = IntCounterVec::new(
+            Opts::new(
+                "idlemon_destination_connects_succeeded_total",
+                "Connects that succeeded, for the destinations of \
+                 idlemon_destination_connect_failures_total (beside failures, whether other \
+                 connects to the same destination get through); absent unless enabled.",
+            ),
+            &["destination"],
+        )?;
+        if limits.destinations > 0 {
+            register(Box::new(destination_connect_failures.clone()))?;
+            register(Box::new(destination_connects.clone()))?;
+        }
         let events = IntCounterVec::new(
             Opts::new(
                 "idlemon_events_total",
@@ -608,6 +669,11 @@ impl Metrics {
             file_walk_available,
             ready,
             resets_received,
+            retransmit_timeouts,
+            connect_failures,
+            destination_connect_failures,
+            failed_destinations: std::sync::Mutex::default(),
+            destination_connects,
             events,
             idle_before_reset,
             malformed_events,
@@ -814,8 +880,20 @@ impl Metrics {
 
     pub fn observe_event(&self, record: &EventRecord) {
         self.events.with_label_values(&[record.kind.as_str()]).inc();
-        if record.kind != Kind::ResetReceived {
-            return;
+        match record.kind {
+            Kind::ResetReceived => {}
+            Kind::RetransmitTimeout => {
+                let classification = record.classification.unwrap_or(Classification::Other);
+                self.retransmit_timeouts
+                    .with_label_values(&[classification.as_str()])
+                    .inc();
+                return;
+            }
+            Kind::ConnectFailed => {
+                self.observe_connect_failure(record);
+                return;
+            }
+            _ => return,
         }
         let classification = record.classification.unwrap_or(Classification::Other);
         self.resets_received
@@ -839,6 +917,53 @@ impl Metrics {
         }
         if let Some(idle) = record.idle_before_seconds {
             self.idle_before_reset.observe(idle);
+        }
+    }
+
+    fn observe_connect_failure(&self, record: &EventRecord) {
+        let Some(reason) = record.reason else {
+            return;
+        };
+        self.connect_failures
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        if self.limits.destinations == 0 {
+            return;
+        }
+        let destination = record.remote.to_string();
+        let label = match self.failed_destinations.lock() {
+            Ok(mut seen)
+                if seen.contains(&destination) || seen.len() < self.limits.destinations =>
+            {
+                seen.insert(destination.clone());
+                destination
+            }
+            _ => "_other".to_owned(),
+        };
+        self.destination_connect_failures
+            .with_label_values(&[&label, reason.as_str()])
+            .inc();
+    }
+
+    /// Brings idlemon_destination_connects_succeeded_total up to the
+    /// kernel's count (`succeeded`: the `CONNECTS` map) for each destination
+    /// that has a failure series.
+    pub fn sync_destination_connects(
+        &self,
+        succeeded: impl Fn(std::net::SocketAddr) -> Option<u64>,
+    ) {
+        let Ok(destinations) = self.failed_destinations.lock() else {
+            return;
+        };
+        for destination in destinations.iter() {
+            let Ok(address) = destination.parse() else {
+                continue;
+            };
+            let total = succeeded(address).unwrap_or(0);
+            let counter = self.destination_connects.with_label_values(&[destination]);
+            if total > counter.get() {
+                counter.inc_by(total - counter.get());
+            }
         }
     }
 
@@ -917,6 +1042,14 @@ mod tests {
         metrics
             .idle_timeout_resets
             .with_label_values(&["shop", "cart"])
+            .inc();
+        metrics
+            .destination_connect_failures
+            .with_label_values(&["198.51.100.2:5432", "timeout"])
+            .inc();
+        metrics
+            .destination_connects
+            .with_label_values(&["198.51.100.2:5432"])
             .inc();
         let mut exported = std::collections::BTreeSet::new();
         for family in metrics.registry.gather() {
@@ -1230,6 +1363,9 @@ mod tests {
             idle_before_seconds: Some(400.0),
             reuse: None,
             error: None,
+            retransmissions: None,
+            reason: None,
+            connect_seconds: None,
             pid: Some(7),
             comm: Some("python3".to_owned()),
             cgroup_id: None,
@@ -1243,6 +1379,53 @@ mod tests {
             evidence: true,
             enforcement: None,
         }
+    }
+
+    #[test]
+    fn deaths_and_failed_connects_are_counted_by_classification_reason_and_destination() {
+        let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
+        let mut death = reset(Classification::IdleTimeoutSuspected, "cart");
+        death.kind = Kind::RetransmitTimeout;
+        metrics.observe_event(&death);
+        for (remote, reason) in [
+            ("198.51.100.2:5432", ConnectFailure::Timeout),
+            ("198.51.100.2:5432", ConnectFailure::Timeout),
+            ("198.51.100.3:443", ConnectFailure::Refused),
+        ] {
+            let mut failed = reset(Classification::Other, "cart");
+            failed.kind = Kind::ConnectFailed;
+            failed.classification = None;
+            failed.reason = Some(reason);
+            failed.remote = remote.parse().expect("address");
+            metrics.observe_event(&failed);
+        }
+        let text = metrics.render().expect("render");
+        for series in [
+            "idlemon_retransmit_timeouts_total{classification=\"idle_timeout_suspected\"} 1",
+            "idlemon_retransmit_timeouts_total{classification=\"other\"} 0",
+            "idlemon_connect_failures_total{reason=\"timeout\"} 2",
+            "idlemon_connect_failures_total{reason=\"refused\"} 1",
+            "idlemon_connect_failures_total{reason=\"unreachable\"} 0",
+            "idlemon_destination_connect_failures_total{destination=\"198.51.100.2:5432\",reason=\"timeout\"} 2",
+            // One destination series (LIMITS): the second destination folds.
+            "idlemon_destination_connect_failures_total{destination=\"_other\",reason=\"refused\"} 1",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+        metrics.sync_destination_connects(|address| {
+            (address.to_string() == "198.51.100.2:5432").then_some(3)
+        });
+        let text = metrics.render().expect("render");
+        assert!(
+            text.contains(
+                "idlemon_destination_connects_succeeded_total{destination=\"198.51.100.2:5432\"} 3"
+            ),
+            "{text}"
+        );
+        // A death is no reset.
+        assert!(text.contains(
+            "idlemon_resets_received_total{classification=\"idle_timeout_suspected\"} 0"
+        ));
     }
 
     #[test]

@@ -106,6 +106,15 @@ pub struct TrackedSocket {
     /// At-risk sockets only: the one change that keeps the path alive
     /// (`fix::Fix`); null otherwise.
     pub fix: Option<Fix>,
+    /// Retransmission timeouts in a row without an ACK (kernel
+    /// `icsk_retransmits`): 0 while the peer answers.
+    pub retransmits: u8,
+    /// Retransmitting, with no ACK since a send after idle: the path forgot
+    /// the flow without a RST, and unless it recovers the connection dies
+    /// of ETIMEDOUT (`retransmit_timeout`) when `tcp_retries2` or
+    /// TCP_USER_TIMEOUT gives up. Known in `/sockets`; a periodic walk
+    /// looks no further than the counters.
+    pub retransmitting_since_send_after_idle: bool,
     /// The process that connected or last sent, where the hooks saw it.
     pub pid: Option<u32>,
     pub comm: Option<String>,
@@ -207,6 +216,8 @@ impl Classifier {
                 | (u8::from(interval_own) << 1)
                 | (u8::from(count_own) << 2),
             probes_unanswered: record.probes_out,
+            retransmits: record.retransmits,
+            retransmitting_since_reuse: record.retransmitting_since_reuse != 0,
             risk: None,
         };
         socket.risk = match self.coverage(&socket) {
@@ -288,6 +299,8 @@ impl Classifier {
             at_risk: socket.risk.is_some(),
             risk: socket.risk,
             fix,
+            retransmits: socket.retransmits,
+            retransmitting_since_send_after_idle: socket.retransmitting_since_reuse,
             pid: owner.map(|owner| owner.pid),
             comm: owner.and_then(|owner| owner.comm.clone()),
             cgroup_id: owner.and_then(|owner| owner.cgroup_id),
@@ -353,6 +366,8 @@ pub struct Socket {
     /// by the namespace sysctls).
     keepalive_own: u8,
     probes_unanswered: u8,
+    retransmits: u8,
+    retransmitting_since_reuse: bool,
     pub risk: Option<Risk>,
 }
 

@@ -77,6 +77,8 @@ fn event(kind: u8, idle: u32, family: u16) -> Event {
         current_comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
         socket,
         enforcement: KeepaliveDecision::default(),
+        retransmissions: 0,
+        connect_ms: 0,
     }
 }
 
@@ -103,6 +105,9 @@ fn explained_events_of_every_kind_match_the_schema() {
         event_kind::RESET_SENT,
         event_kind::KEEPALIVE_TIMEOUT,
         event_kind::KEEPALIVE_ENFORCED,
+        event_kind::RETRANSMIT_TIMEOUT,
+        event_kind::CONNECTION_ERROR,
+        event_kind::CONNECT_FAILED,
     ] {
         for (known, family) in [(1, AF_INET), (0, AF_INET), (1, AF_INET6)] {
             let mut kernel = event(kind, 8, family);
@@ -129,6 +134,10 @@ fn explained_events_of_every_kind_match_the_schema() {
                     error: -libc::EINVAL,
                 };
             }
+            kernel.retransmissions = 5;
+            kernel.socket.retransmits = 5;
+            kernel.socket.retransmitting_since_reuse = 1;
+            kernel.connect_ms = if family == AF_INET { 7_003 } else { u32::MAX };
             let record = explainer.explain(&kernel, 1_764_750_000.25).unwrap();
             let json = serde_json::to_value(&record).unwrap();
             if std::env::var_os("IDLEMON_PRINT_EVENTS").is_some() {

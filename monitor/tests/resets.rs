@@ -98,12 +98,23 @@ fn reuse_after_the_nat_timeout_is_logged_then_the_reset_explained() {
     assert_eq!(error.kind(), ErrorKind::ConnectionReset);
 
     let reset = wait_event(&daemon, "reset_received", &local);
-    let lines: Vec<Value> = std::fs::read_to_string(&log.0)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .filter(|event: &Value| event["local"] == local.as_str())
-        .collect();
+    // The log's own thread writes it after /events has the event, and may be
+    // mid-line (every host's connect failures and deaths are logged too):
+    // whole lines only, until both events are there.
+    let logged = || {
+        let text = std::fs::read_to_string(&log.0).unwrap();
+        let whole = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        whole
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .filter(|event: &Value| event["local"] == local.as_str())
+            .collect::<Vec<Value>>()
+    };
+    let lines = wait_for(Duration::from_secs(5), || {
+        let lines = logged();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .unwrap_or_else(|| panic!("the event log lacks events of {local}: {:#?}", logged()));
     let kinds: Vec<&str> = lines
         .iter()
         .filter_map(|event| event["kind"].as_str())

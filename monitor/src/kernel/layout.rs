@@ -69,6 +69,9 @@ pub fn resolve(btf: &KernelBtf) -> anyhow::Result<KernelLayout> {
         sk_protocol: sock("sk_protocol", &[2])?,
         // socket_lock_t.owned, an int.
         sk_lock_owned: sock("sk_lock.owned", &[4])?,
+        icsk_retransmits: tcp("inet_conn.icsk_retransmits", &[1])?,
+        total_retrans: tcp("total_retrans", &[4])?,
+        retrans_stamp: tcp("retrans_stamp", &[4])?,
     })
 }
 
@@ -171,5 +174,10 @@ mod tests {
         // sk_lock is a member of struct sock, after sock_common.
         assert!(layout.sk_lock_owned > layout.skc_family);
         assert!(layout.sk_lock_owned < layout.lsndtime);
+        // icsk_retransmits sits beside icsk_probes_out (the same cache line,
+        // which the walk reads anyway); the other two are tcp_sock's own.
+        assert!(layout.icsk_retransmits.abs_diff(layout.probes_out) < 8);
+        assert!(layout.total_retrans > layout.sk_flags);
+        assert!(layout.retrans_stamp > layout.sk_flags);
     }
 }

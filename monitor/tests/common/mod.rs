@@ -180,6 +180,20 @@ pub struct NatPath {
 
 impl NatPath {
     pub fn new(timeout_seconds: u32) -> Self {
+        Self::forgetting(timeout_seconds, "reject with tcp reset")
+    }
+
+    /// A path that forgets idle flows and then silently drops their packets,
+    /// as a Gateway Load Balancer does unless configured to reset (and
+    /// security-group connection tracking, and many firewalls): the client's
+    /// next send is retransmitted until the kernel gives up with ETIMEDOUT.
+    pub fn dropping(timeout_seconds: u32) -> Self {
+        Self::forgetting(timeout_seconds, "drop")
+    }
+
+    /// `verdict`: what the nat namespace does with a packet of a flow it
+    /// forgot (conntrack state invalid).
+    fn forgetting(timeout_seconds: u32, verdict: &str) -> Self {
         let client = Netns::new("client");
         let nat = Netns::new("nat");
         let server = Netns::new("server");
@@ -241,12 +255,14 @@ impl NatPath {
         server.ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", "eth0"]);
         server.ip(&["link", "set", "eth0", "up"]);
 
-        let rules = "table ip nat {\n\
-             chain postrouting { type nat hook postrouting priority srcnat; oifname \"outside\" masquerade; }\n\
-             }\n\
-             table inet filter {\n\
-             chain forward { type filter hook forward priority filter; ct state invalid reject with tcp reset; }\n\
-             }\n";
+        let rules = format!(
+            "table ip nat {{\n\
+             chain postrouting {{ type nat hook postrouting priority srcnat; oifname \"outside\" masquerade; }}\n\
+             }}\n\
+             table inet filter {{\n\
+             chain forward {{ type filter hook forward priority filter; ct state invalid {verdict}; }}\n\
+             }}\n"
+        );
         let mut nft = nat
             .command("nft")
             .args(["-f", "-"])

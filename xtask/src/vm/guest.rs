@@ -376,13 +376,14 @@ fn scenario(
     let idle = Pair::connect(&listener, false).map_err(failed("connect"))?;
     let keepalive = Pair::connect(&listener, true).map_err(failed("connect"))?;
     let reset = Pair::connect(&listener, false).map_err(failed("connect"))?;
+    let refused_port = closed_port().map_err(failed("connect"))?;
     let quiet_since = Instant::now();
     let ports = [idle.port, keepalive.port, reset.port];
     out.emit(
         tag::PORTS,
         name,
         &format!(
-            "idle={} keepalive={} reset={}",
+            "idle={} keepalive={} reset={} refused={refused_port}",
             ports[0], ports[1], ports[2]
         ),
     );
@@ -435,6 +436,32 @@ fn scenario(
         out.emit(tag::EVENT, name, element);
     }
     out.emit(tag::STEP, name, "events");
+
+    // A connect to a closed port: the state hook sees SYN_SENT -> CLOSE with
+    // ECONNREFUSED and reads tcp_sock members resolved from this kernel's BTF.
+    match TcpStream::connect(("127.0.0.1", refused_port)) {
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => {
+            return Err(failed("connect_refused")(format!(
+                "connect to closed port {refused_port} gave {other:?}, expected ECONNREFUSED"
+            )));
+        }
+    }
+    let deadline = Instant::now() + SETTLE;
+    let events = loop {
+        let events = get_ok("/events?limit=10000").map_err(failed("events"))?;
+        let seen = json_elements_mentioning(&events, &[refused_port])
+            .iter()
+            .any(|event| event.contains("\"connect_failed\""));
+        if seen || Instant::now() > deadline {
+            break events;
+        }
+        thread::sleep(Duration::from_millis(300));
+    };
+    for element in json_elements_mentioning(&events, &[refused_port]) {
+        out.emit(tag::EVENT, name, element);
+    }
+    out.emit(tag::STEP, name, "connect_refused");
     // The keepalive counters, after the scenario: they tell a hook that never
     // fires from one whose counts miss the socket.
     let metrics = get_ok("/metrics").map_err(failed("metrics"))?;
@@ -445,6 +472,18 @@ fn scenario(
     }
     drop((idle, keepalive));
     Ok(())
+}
+
+/// A loopback port where nothing listens (bound, then closed).
+fn closed_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .map_err(|error| format!("cannot bind a loopback port: {error}"))?;
+    let port = listener
+        .local_addr()
+        .map_err(|error| format!("cannot read the bound port: {error}"))?
+        .port();
+    drop(listener);
+    Ok(port)
 }
 
 /// The bench daemon's `--scan-interval`: no walk during the run (`bench_args`).

@@ -329,6 +329,9 @@ pub struct Ports {
     pub idle: u16,
     pub keepalive: u16,
     pub reset: u16,
+    /// A closed port the driver connects to (a driver before this step
+    /// reports none).
+    pub refused: Option<u16>,
 }
 
 impl Ports {
@@ -342,6 +345,7 @@ impl Ports {
             idle: *ports.get("idle")?,
             keepalive: *ports.get("keepalive")?,
             reset: *ports.get("reset")?,
+            refused: ports.get("refused").copied(),
         })
     }
 }
@@ -535,6 +539,7 @@ pub struct Row {
     pub idle: Check,
     pub keepalive: Check,
     pub reset: Check,
+    pub connect_refused: Check,
     pub timer_runs: Check,
     pub exit: Check,
     /// The driver's own failures in this mode.
@@ -548,6 +553,7 @@ impl Row {
             ("idle socket at risk", &self.idle),
             ("keepalive socket not at risk", &self.keepalive),
             ("reset classified", &self.reset),
+            ("refused connect explained", &self.connect_refused),
             ("keepalive timer_runs", &self.timer_runs),
             ("exit after SIGTERM", &self.exit),
         ])
@@ -595,6 +601,7 @@ pub fn judge(target: Target, mode: Mode, observation: Option<&ModeObservation>) 
             idle: Check::not_reached(),
             keepalive: Check::not_reached(),
             reset: Check::not_reached(),
+            connect_refused: Check::not_reached(),
             timer_runs: Check::not_reached(),
             exit: Check::not_reached(),
             driver_failures: Vec::new(),
@@ -662,6 +669,7 @@ pub fn judge(target: Target, mode: Mode, observation: Option<&ModeObservation>) 
             )
         }
     };
+    let connect_refused = judge_connect_refused(observed);
     let exit = match observed.exit.as_deref() {
         Some("0") => Check::pass("0"),
         Some(status) => Check::fail(format!("idlemon exited with {status} after SIGTERM")),
@@ -676,6 +684,7 @@ pub fn judge(target: Target, mode: Mode, observation: Option<&ModeObservation>) 
         idle,
         keepalive,
         reset,
+        connect_refused,
         timer_runs,
         exit,
         driver_failures: observed.failures.clone(),
@@ -762,6 +771,32 @@ fn judge_reset(observed: &ModeObservation, ports: Ports) -> Check {
         other => Check::fail(format!(
             "reset_received on {local} classified {other:?} (idle_before_seconds {}), expected \"idle_timeout_suspected\"",
             event.get("idle_before_seconds").unwrap_or(&Value::Null)
+        )),
+    }
+}
+
+/// A connect to a closed loopback port must come back as a `connect_failed`
+/// event with reason `refused`: the state hook's SYN_SENT -> CLOSE path and
+/// the `tcp_sock` members it reads, on this kernel.
+fn judge_connect_refused(observed: &ModeObservation) -> Check {
+    let Some(port) = observed.ports.and_then(|ports| ports.refused) else {
+        return Check::not_reached();
+    };
+    if !observed.steps.iter().any(|step| step == "connect_refused") {
+        return Check::not_reached();
+    }
+    let remote = loopback(port);
+    let event = observed.events.iter().find(|event| {
+        event.get("kind").and_then(Value::as_str) == Some("connect_failed")
+            && event.get("remote").and_then(Value::as_str) == Some(remote.as_str())
+    });
+    let Some(event) = event else {
+        return Check::fail(format!("no connect_failed event for {remote} in /events"));
+    };
+    match event.get("reason").and_then(Value::as_str) {
+        Some("refused") => Check::pass("ok"),
+        other => Check::fail(format!(
+            "connect_failed to {remote} has reason {other:?}, expected \"refused\""
         )),
     }
 }
@@ -876,6 +911,7 @@ pub fn render(runs: &[RunSummary], wall_seconds: f64) -> (String, bool) {
                     "idle_at_risk",
                     "keepalive_safe",
                     "reset_classified",
+                    "connect_refused",
                     "timer_runs",
                     "exit",
                 ]
@@ -901,6 +937,7 @@ pub fn render(runs: &[RunSummary], wall_seconds: f64) -> (String, bool) {
                     &row.idle,
                     &row.keepalive,
                     &row.reset,
+                    &row.connect_refused,
                     &row.timer_runs,
                     &row.exit,
                 ]
@@ -1060,7 +1097,7 @@ METRIC default idlemon_degraded{hook=\"keepalive\"} 0
             "KERNEL - 6.12.117+deb12-cloud-amd64\r
 START default --listen 127.0.0.1:9781
 READY default 12.5 ready
-{PROBES_612_DEFAULT}PORTS default idle=40000 keepalive=40001 reset=40002
+{PROBES_612_DEFAULT}PORTS default idle=40000 keepalive=40001 reset=40002 refused=40003
 AT_RISK default {{\"local\":\"127.0.0.1:40000\",\"remote\":\"127.0.0.1:5000\",\"at_risk\":true,\"risk\":\"no_keepalive\"}}
 AT_RISK default {{\"local\":\"127.0.0.1:5000\",\"remote\":\"127.0.0.1:40001\",\"at_risk\":true,\"risk\":\"no_keepalive\"}}
 SOCKET default {{\"local\":\"127.0.0.1:40000\",\"at_risk\":true,\"risk\":\"no_keepalive\",\"keepalive\":{{\"enabled\":false,\"timer_runs\":null}}}}
@@ -1070,6 +1107,8 @@ RESET default econnreset
 EVENT default {{\"kind\":\"reset_sent\",\"local\":\"127.0.0.1:5000\",\"remote\":\"127.0.0.1:40002\"}}
 EVENT default {{\"kind\":\"reset_received\",\"local\":\"127.0.0.1:40002\",\"classification\":\"idle_timeout_suspected\"}}
 STEP default events
+EVENT default {{\"kind\":\"connect_failed\",\"local\":\"127.0.0.1:51000\",\"remote\":\"127.0.0.1:40003\",\"reason\":\"refused\"}}
+STEP default connect_refused
 EXIT default 0
 LOG default INFO hook attached
 "
@@ -1180,13 +1219,42 @@ LOG default INFO hook attached
             Some(Ports {
                 idle: 40000,
                 keepalive: 40001,
-                reset: 40002
+                reset: 40002,
+                refused: Some(40003),
             })
         );
         let row = judge(Target::V6_12, Mode::Default, Some(observed));
         assert!(row.failures().is_empty(), "{:?}", row.failures());
         assert_eq!(row.timer_runs.cell, "2");
         assert_eq!(row.ready.cell, "12.5s");
+        assert_eq!(row.connect_refused.cell, "ok");
+    }
+
+    #[test]
+    fn a_refused_connect_without_its_event_fails() {
+        let text = passing_default().replace(
+            "\"remote\":\"127.0.0.1:40003\",\"reason\":\"refused\"",
+            "\"remote\":\"127.0.0.1:40003\",\"reason\":\"timeout\"",
+        );
+        let report = parse_guest_output(&text);
+        let row = judge(Target::V6_12, Mode::Default, report.mode("default"));
+        assert!(
+            row.failures()
+                .iter()
+                .any(|failure| failure.starts_with("refused connect explained: ")),
+            "{:?}",
+            row.failures()
+        );
+        let text = passing_default().replace(
+            "EVENT default {\"kind\":\"connect_failed\"",
+            "LOG default {\"kind\":\"connect_failed\"",
+        );
+        let report = parse_guest_output(&text);
+        let row = judge(Target::V6_12, Mode::Default, report.mode("default"));
+        assert_eq!(
+            row.connect_refused.failure.as_deref(),
+            Some("no connect_failed event for 127.0.0.1:40003 in /events")
+        );
     }
 
     #[test]
