@@ -116,6 +116,15 @@ pub enum Classification {
 }
 
 impl Classification {
+    /// `IdleTimeoutSuspected` when the idle period reached the path's
+    /// timeout; `Other` when it did not, or either is unknown.
+    fn of(idle_seconds: Option<f64>, path_timeout_seconds: Option<u32>) -> Self {
+        match (idle_seconds, path_timeout_seconds) {
+            (Some(idle), Some(timeout)) if idle >= f64::from(timeout) => Self::IdleTimeoutSuspected,
+            _ => Self::Other,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::IdleTimeoutSuspected => "idle_timeout_suspected",
@@ -357,6 +366,24 @@ impl Explainer {
     }
 
     /// `unix_seconds` is the event's wall-clock time.
+    /// The socket's last send after idle, as of `event`: its event id while
+    /// that `send_after_idle` is still remembered, the idle period before it
+    /// and the time from it to `event`.
+    fn reuse(&self, event: &Event) -> Reuse {
+        let info = &event.socket.info;
+        Reuse {
+            event_id: self
+                .reuses
+                .get(&event.socket.sock)
+                .filter(|(at, _)| *at == info.reuse_at)
+                .map(|(_, id)| *id),
+            idle_seconds: self.classifier.seconds(info.reuse_idle),
+            seconds_before: self
+                .classifier
+                .seconds(event.jiffies.wrapping_sub(info.reuse_at)),
+        }
+    }
+
     pub fn explain(&mut self, event: &Event, unix_seconds: f64) -> Option<EventRecord> {
         let kind = match event.kind {
             event_kind::RESET_RECEIVED => Kind::ResetReceived,
@@ -429,27 +456,14 @@ impl Explainer {
                 let reuse = (event.socket_known != 0
                     && info.reuse_at != 0
                     && seconds(reuse_age) <= REUSE_WINDOW.as_secs_f64())
-                .then(|| Reuse {
-                    event_id: self
-                        .reuses
-                        .get(&event.socket.sock)
-                        .filter(|(at, _)| *at == info.reuse_at)
-                        .map(|(_, id)| *id),
-                    idle_seconds: seconds(info.reuse_idle),
-                    seconds_before: seconds(reuse_age),
-                });
+                .then(|| self.reuse(event));
                 let idle_now = socket.as_ref().map(|s| s.idle_seconds);
                 let idle_before = match (idle_now, &reuse) {
                     (Some(now), Some(reuse)) => Some(now.max(reuse.idle_seconds)),
                     (now, _) => now,
                 };
                 let timeout = socket.as_ref().and_then(|s| s.path_idle_timeout_seconds);
-                record.classification = Some(match (idle_before, timeout) {
-                    (Some(idle), Some(timeout)) if idle >= f64::from(timeout) => {
-                        Classification::IdleTimeoutSuspected
-                    }
-                    _ => Classification::Other,
-                });
+                record.classification = Some(Classification::of(idle_before, timeout));
                 record.idle_before_seconds = idle_before;
                 record.reuse = reuse;
             }
@@ -467,23 +481,11 @@ impl Explainer {
                 // the retransmissions took.
                 let reuse = (event.socket_known != 0
                     && event.socket.retransmitting_since_reuse != 0)
-                    .then(|| Reuse {
-                        event_id: self
-                            .reuses
-                            .get(&event.socket.sock)
-                            .filter(|(at, _)| *at == info.reuse_at)
-                            .map(|(_, id)| *id),
-                        idle_seconds: seconds(info.reuse_idle),
-                        seconds_before: seconds(event.jiffies.wrapping_sub(info.reuse_at)),
-                    });
+                    .then(|| self.reuse(event));
+                let idle_before = reuse.as_ref().map(|reuse| reuse.idle_seconds);
                 let timeout = socket.as_ref().and_then(|s| s.path_idle_timeout_seconds);
-                record.classification = Some(match (&reuse, timeout) {
-                    (Some(reuse), Some(timeout)) if reuse.idle_seconds >= f64::from(timeout) => {
-                        Classification::IdleTimeoutSuspected
-                    }
-                    _ => Classification::Other,
-                });
-                record.idle_before_seconds = reuse.as_ref().map(|reuse| reuse.idle_seconds);
+                record.classification = Some(Classification::of(idle_before, timeout));
+                record.idle_before_seconds = idle_before;
                 record.reuse = reuse;
             }
             Kind::ConnectFailed => {
