@@ -71,12 +71,6 @@ fn wait_event(daemon: &Daemon, kind: &str, end: &str, address: &str) -> Value {
     })
 }
 
-fn counter(daemon: &Daemon, series: &str) -> f64 {
-    daemon
-        .metric(series)
-        .unwrap_or_else(|| panic!("{series} not exported"))
-}
-
 /// A GWLB-like path: after 8 s idle (the path forgets flows after 5 s) the
 /// client's send is dropped, retransmitted (tcp_retries2 = 4 in the
 /// client's namespace) and the connection dies of ETIMEDOUT. Meanwhile
@@ -141,8 +135,7 @@ fn a_path_that_drops_forgotten_flows_ends_in_an_explained_retransmit_timeout() {
     assert_eq!(death["socket"]["path_rule"], "test-nat");
 
     assert_eq!(
-        counter(
-            &daemon,
+        daemon.counter(
             "idlemon_retransmit_timeouts_total{classification=\"idle_timeout_suspected\"}"
         ),
         1.0
@@ -206,16 +199,9 @@ fn dropped_syns_are_a_connect_timeout_naming_the_process() {
     assert_eq!(failed["socket"], Value::Null);
 
     // Host-wide: other processes of this machine may fail connects too.
-    assert!(
-        counter(
-            &daemon,
-            "idlemon_connect_failures_total{reason=\"timeout\"}"
-        ) >= 1.0
-    );
+    assert!(daemon.counter("idlemon_connect_failures_total{reason=\"timeout\"}") >= 1.0);
     assert_eq!(
-        counter(
-            &daemon,
-            &format!(
+        daemon.counter(&format!(
                 "idlemon_destination_connect_failures_total{{destination=\"{remote}\",reason=\"timeout\"}}"
             )
         ),
@@ -224,13 +210,12 @@ fn dropped_syns_are_a_connect_timeout_naming_the_process() {
     // The signature of a remote that drops some SYNs: other connects to
     // the same destination succeeded.
     assert_eq!(
-        counter(
-            &daemon,
-            &format!("idlemon_destination_connects_succeeded_total{{destination=\"{remote}\"}}")
-        ),
+        daemon.counter(&format!(
+            "idlemon_destination_connects_succeeded_total{{destination=\"{remote}\"}}"
+        )),
         1.0
     );
-    assert!(counter(&daemon, "idlemon_syn_retransmits_total") >= 2.0);
+    assert!(daemon.counter("idlemon_syn_retransmits_total") >= 2.0);
     let failed_connects = events(&daemon)
         .into_iter()
         .filter(|event| event["kind"] == "connect_failed" && event["pid"] == std::process::id())
@@ -278,16 +263,9 @@ fn a_closed_port_is_a_refused_connect() {
     assert!(failed["connect_seconds"].as_f64().unwrap() < 1.0);
     assert_eq!(failed["pid"], std::process::id());
     // Host-wide: other processes of this machine may fail connects too.
-    assert!(
-        counter(
-            &daemon,
-            "idlemon_connect_failures_total{reason=\"refused\"}"
-        ) >= 1.0
-    );
+    assert!(daemon.counter("idlemon_connect_failures_total{reason=\"refused\"}") >= 1.0);
     assert_eq!(
-        counter(
-            &daemon,
-            &format!(
+        daemon.counter(&format!(
                 "idlemon_destination_connect_failures_total{{destination=\"{target}\",reason=\"refused\"}}"
             )
         ),

@@ -15,6 +15,7 @@ mod schema;
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
+    path::Path,
     process::{Child, Stdio},
     time::Duration,
 };
@@ -39,6 +40,25 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Debian's Prometheus in `netns` on 127.0.0.1:9090, with the scrape
+/// config `scrape` and its storage in `storage`; killed when dropped.
+fn start_prometheus(netns: &Netns, scrape: &TempFile, storage: &Path) -> Killed {
+    Killed(
+        netns
+            .command("prometheus")
+            .args([
+                &format!("--config.file={}", scrape.path()),
+                &format!("--storage.tsdb.path={}", storage.display()),
+                "--web.listen-address=127.0.0.1:9090",
+                "--log.level=warn",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("Debian's prometheus is installed by cargo xtask setup"),
+    )
 }
 
 /// GET on the Prometheus HTTP API inside the daemon's namespace.
@@ -83,21 +103,7 @@ fn prometheus_scrapes_idlemon_and_finds_the_at_risk_socket() {
              static_configs:\n      - targets: ['127.0.0.1:{DAEMON_PORT}']\n"
         ),
     );
-    let _prometheus = Killed(
-        daemon
-            .netns
-            .command("prometheus")
-            .args([
-                &format!("--config.file={}", scrape.path()),
-                &format!("--storage.tsdb.path={}", storage.display()),
-                "--web.listen-address=127.0.0.1:9090",
-                "--log.level=warn",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("Debian's prometheus is installed by cargo xtask setup"),
-    );
+    let _prometheus = start_prometheus(&daemon.netns, &scrape, &storage);
 
     let app_netns = Netns::new("app");
     let mut app = app_netns
@@ -367,20 +373,7 @@ fn two_nodes_sum_per_workload_in_prometheus_and_page_once() {
     );
     let storage =
         std::env::temp_dir().join(format!("idlemon-fleet-prometheus-{}", std::process::id()));
-    let _prometheus = Killed(
-        prometheus_netns
-            .command("prometheus")
-            .args([
-                &format!("--config.file={}", scrape.path()),
-                &format!("--storage.tsdb.path={}", storage.display()),
-                "--web.listen-address=127.0.0.1:9090",
-                "--log.level=warn",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("Debian's prometheus is installed by cargo xtask setup"),
-    );
+    let _prometheus = start_prometheus(&prometheus_netns, &scrape, &storage);
 
     // Each node reports its own sockets: 1 on node-a, 2 on node-b.
     let workload = format!("workload=\"{FLEET_WORKLOAD}\"");

@@ -76,12 +76,6 @@ fn wait_event(daemon: &Daemon, kind: &str, local: &str) -> Value {
     .unwrap_or_else(|| panic!("no {kind} event for {local}; events: {:#?}", events(daemon)))
 }
 
-fn counter(daemon: &Daemon, series: &str) -> f64 {
-    daemon
-        .metric(series)
-        .unwrap_or_else(|| panic!("{series} not exported"))
-}
-
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn reuse_after_the_nat_timeout_is_logged_then_the_reset_explained() {
@@ -138,24 +132,13 @@ fn reuse_after_the_nat_timeout_is_logged_then_the_reset_explained() {
     assert_eq!(reset["socket"]["path_rule"], "test-nat");
 
     assert_eq!(
-        counter(
-            &daemon,
-            "idlemon_resets_received_total{classification=\"idle_timeout_suspected\"}"
-        ),
+        daemon.counter("idlemon_resets_received_total{classification=\"idle_timeout_suspected\"}"),
         1.0
     );
-    assert!(counter(&daemon, "idlemon_sends_after_idle_total") >= 1.0);
-    assert!(
-        counter(
-            &daemon,
-            "idlemon_idle_before_reset_seconds_bucket{le=\"10\"}"
-        ) >= 1.0
-    );
+    assert!(daemon.counter("idlemon_sends_after_idle_total") >= 1.0);
+    assert!(daemon.counter("idlemon_idle_before_reset_seconds_bucket{le=\"10\"}") >= 1.0);
     assert_eq!(
-        counter(
-            &daemon,
-            "idlemon_idle_before_reset_seconds_bucket{le=\"5\"}"
-        ),
+        daemon.counter("idlemon_idle_before_reset_seconds_bucket{le=\"5\"}"),
         0.0
     );
 }
@@ -244,10 +227,7 @@ fn an_application_reset_on_a_busy_connection_is_other() {
         "the closing process: {sent:#}"
     );
     assert_eq!(
-        counter(
-            &daemon,
-            "idlemon_resets_received_total{classification=\"idle_timeout_suspected\"}"
-        ),
+        daemon.counter("idlemon_resets_received_total{classification=\"idle_timeout_suspected\"}"),
         0.0
     );
 }
@@ -377,7 +357,7 @@ fn unanswered_keepalive_probes_are_a_keepalive_timeout_event() {
     .unwrap_or_else(|| panic!("no keepalive_timeout event after {:?}", started.elapsed()));
     assert_eq!(death["error"], "ETIMEDOUT");
     assert_eq!(death["comm"], common::own_comm().as_str());
-    assert!(counter(&daemon, "idlemon_keepalive_timeouts_total") >= 1.0);
+    assert!(daemon.counter("idlemon_keepalive_timeouts_total") >= 1.0);
     let mut buffer = [0u8; 1];
     let error = stream
         .read(&mut buffer)
@@ -404,9 +384,9 @@ fn a_burst_of_100k_resets_is_counted_and_memory_stays_bounded() {
     const BURST: u32 = 100_000;
     let config = nat_config();
     let daemon = start_daemon(&config, &["--event-log", ""]);
-    let sent_before = counter(&daemon, "idlemon_resets_sent_total");
-    let logged_before = counter(&daemon, "idlemon_events_total{kind=\"reset_sent\"}");
-    let lost_before = counter(&daemon, "idlemon_events_lost_total");
+    let sent_before = daemon.counter("idlemon_resets_sent_total");
+    let logged_before = daemon.counter("idlemon_events_total{kind=\"reset_sent\"}");
+    let lost_before = daemon.counter("idlemon_events_lost_total");
     let rss_before = rss_kib(daemon.pid());
 
     // A stalled reader (here: stopped) is the worst case: the ring buffer
@@ -423,13 +403,13 @@ fn a_burst_of_100k_resets_is_counted_and_memory_stays_bounded() {
     assert!(status.unwrap().success());
 
     let sent = wait_for(Duration::from_secs(10), || {
-        let sent = counter(&daemon, "idlemon_resets_sent_total") - sent_before;
+        let sent = daemon.counter("idlemon_resets_sent_total") - sent_before;
         (sent >= f64::from(BURST)).then_some(sent)
     })
     .expect("every RST counted");
     let accounted = wait_for(Duration::from_secs(10), || {
-        let logged = counter(&daemon, "idlemon_events_total{kind=\"reset_sent\"}") - logged_before;
-        let lost = counter(&daemon, "idlemon_events_lost_total") - lost_before;
+        let logged = daemon.counter("idlemon_events_total{kind=\"reset_sent\"}") - logged_before;
+        let lost = daemon.counter("idlemon_events_lost_total") - lost_before;
         (logged + lost >= f64::from(BURST)).then_some((logged, lost))
     });
     let (logged, lost) = accounted.expect("every RST event either explained or counted lost");
@@ -497,7 +477,8 @@ fn a_flood_of_resets_with_a_stalled_log_reader_keeps_the_evidence() {
 
     assert_eq!(daemon.get("/healthz").0, 200);
     let sent = wait_for(Duration::from_secs(10), || {
-        counter(&daemon, "idlemon_resets_sent_total")
+        daemon
+            .counter("idlemon_resets_sent_total")
             .ge(&f64::from(FLOOD))
             .then_some(())
     });
@@ -508,8 +489,8 @@ fn a_flood_of_resets_with_a_stalled_log_reader_keeps_the_evidence() {
     // events arrive would add up past the bound.
     let previous = std::cell::Cell::new((0.0, 0.0));
     let drained = wait_for(Duration::from_secs(10), || {
-        let logged = counter(&daemon, "idlemon_events_total{kind=\"reset_sent\"}");
-        let lost = counter(&daemon, "idlemon_events_lost_total");
+        let logged = daemon.counter("idlemon_events_total{kind=\"reset_sent\"}");
+        let lost = daemon.counter("idlemon_events_lost_total");
         let still = previous.replace((logged, lost)) == (logged, lost);
         (still && logged + lost >= f64::from(FLOOD)).then_some(())
     });
@@ -517,11 +498,8 @@ fn a_flood_of_resets_with_a_stalled_log_reader_keeps_the_evidence() {
         drained.is_some(),
         "every reset_sent event either explained or counted lost"
     );
-    let dropped = counter(
-        &daemon,
-        "idlemon_event_log_dropped_total{kind=\"reset_sent\"}",
-    );
-    let lost = counter(&daemon, "idlemon_events_lost_total");
+    let dropped = daemon.counter("idlemon_event_log_dropped_total{kind=\"reset_sent\"}");
+    let lost = daemon.counter("idlemon_events_lost_total");
     eprintln!(
         "flood: {dropped} reset_sent events dropped by the stalled log, {lost} lost in the kernel"
     );

@@ -489,6 +489,13 @@ impl Daemon {
         metric(&body, series)
     }
 
+    /// The value of a series that must be exported (a counter the daemon
+    /// registers at start); panics naming it otherwise.
+    pub fn counter(&self, series: &str) -> f64 {
+        self.metric(series)
+            .unwrap_or_else(|| panic!("{series} not exported"))
+    }
+
     /// The sum of every series of `name` whose labels contain `filter`
     /// (e.g. `reason="no_keepalive"`).
     pub fn metric_sum(&self, name: &str, filter: &str) -> f64 {
