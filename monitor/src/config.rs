@@ -46,6 +46,11 @@
 //!                               # (and everything below them); absent: every workload
 //! units = ["billing.service"]   # systemd units on plain hosts: /system.slice/NAME
 //!                               # (".service" added to a name without a unit type)
+//! namespaces = ["payments"]     # Kubernetes: pods of any of these namespaces...
+//! pod_labels = { app = "billing" } # ...and with all of these labels (either alone also works);
+//!                               # needs the pod watch (--node-name, in-cluster API access)
+//! override = false              # rewrite an application's own SO_KEEPALIVE off / slower
+//!                               # TCP_KEEPIDLE on an enforced socket to idlemon's (else: reported)
 //! idle_percent = 50             # TCP_KEEPIDLE = this percentage of the path's idle timeout (1-80)
 //! interval = 30                 # TCP_KEEPINTVL, seconds (1-32767)
 //! count = 5                     # TCP_KEEPCNT (1-127)
@@ -54,6 +59,7 @@
 //! ```
 
 use std::cmp::Reverse;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{AddrParseError, IpAddr};
 use std::num::NonZeroU32;
@@ -149,6 +155,20 @@ pub struct EnforceConfig {
     pub interval_seconds: u32,
     pub count: u32,
     pub accepted: bool,
+    /// Kubernetes namespaces whose pods are selected (any of them); empty: any namespace.
+    pub namespaces: Vec<String>,
+    /// Labels a selected pod has (all of them); empty: any labels.
+    pub pod_labels: BTreeMap<String, String>,
+    /// `override`: rewrite an application's weakening of an enforced socket's keepalive.
+    pub override_weakening: bool,
+}
+
+impl EnforceConfig {
+    /// Whether pods are selected by namespace or label (which needs the pod watch).
+    #[must_use]
+    pub fn selects_pods(&self) -> bool {
+        !self.namespaces.is_empty() || !self.pod_labels.is_empty()
+    }
 }
 
 impl Default for EnforceConfig {
@@ -161,6 +181,9 @@ impl Default for EnforceConfig {
             interval_seconds: 30,
             count: 5,
             accepted: false,
+            namespaces: Vec::new(),
+            pod_labels: BTreeMap::new(),
+            override_weakening: false,
         }
     }
 }
@@ -464,6 +487,73 @@ impl EnforceConfig {
             config.interval_seconds,
         )?;
         config.count = number(&table.count, "count", 1..=MAX_KEEPALIVE_COUNT, config.count)?;
+        if let Some(namespaces) = &table.namespaces {
+            let Raw::Array(entries) = namespaces.get_ref() else {
+                return Err(Invalid::new(
+                    namespaces.span(),
+                    format!(
+                        "namespaces must be an array of Kubernetes namespaces such as \"payments\", got {}",
+                        written(namespaces, text)
+                    ),
+                ));
+            };
+            for entry in entries {
+                let name = expect_str(entry, text, "namespaces entries must be strings")?;
+                if !is_dns_label(name) {
+                    return Err(Invalid::new(
+                        entry.span(),
+                        format!(
+                            "namespaces entry {} is not a Kubernetes namespace name (lowercase letters, digits and -, at most 63)",
+                            written(entry, text)
+                        ),
+                    ));
+                }
+                config.namespaces.push(name.to_owned());
+            }
+        }
+        if let Some(labels) = &table.pod_labels {
+            for (key, value) in &labels.get_ref().0 {
+                let Raw::Str(value_text) = value.get_ref() else {
+                    return Err(Invalid::new(
+                        value.span(),
+                        format!(
+                            "pod_labels value of {key} must be a string, got {}",
+                            written(value, text)
+                        ),
+                    ));
+                };
+                if !is_label_key(key) {
+                    return Err(Invalid::new(
+                        value.span(),
+                        format!("pod_labels key {key:?} is not a Kubernetes label key"),
+                    ));
+                }
+                if !is_label_value(value_text) {
+                    return Err(Invalid::new(
+                        value.span(),
+                        format!(
+                            "pod_labels value {} is not a Kubernetes label value (at most 63 letters, digits, -, _ and ., starting and ending with a letter or digit)",
+                            written(value, text)
+                        ),
+                    ));
+                }
+                config.pod_labels.insert(key.clone(), value_text.clone());
+            }
+        }
+        if let Some(value) = &table.override_ {
+            config.override_weakening = match value.get_ref() {
+                Raw::Bool(value) => *value,
+                _ => {
+                    return Err(Invalid::new(
+                        value.span(),
+                        format!(
+                            "override must be true or false, got {}",
+                            written(value, text)
+                        ),
+                    ));
+                }
+            };
+        }
         if let Some(accepted) = &table.accepted {
             config.accepted = match accepted.get_ref() {
                 Raw::Bool(value) => *value,
@@ -480,6 +570,37 @@ impl EnforceConfig {
         }
         Ok(config)
     }
+}
+
+/// An RFC 1123 label, as Kubernetes namespace names are.
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// A label value: empty, or at most 63 alphanumerics, `-`, `_` and `.`,
+/// alphanumeric at both ends.
+fn is_label_value(value: &str) -> bool {
+    value.is_empty()
+        || (value.len() <= 63
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && value.ends_with(|c: char| c.is_ascii_alphanumeric()))
+}
+
+/// A label key: a name as a value but not empty, after an optional DNS
+/// subdomain prefix and `/`.
+fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = key.rsplit_once('/').unwrap_or(("", key));
+    let prefix_ok = prefix.is_empty() && !key.contains('/')
+        || (prefix.len() <= 253 && prefix.split('.').all(is_dns_label));
+    prefix_ok && !name.is_empty() && is_label_value(name)
 }
 
 /// A semantic error, before its byte offset is turned into a line.
@@ -659,6 +780,38 @@ struct RawEnforce {
     interval: Option<Spanned<Raw>>,
     count: Option<Spanned<Raw>>,
     accepted: Option<Spanned<Raw>>,
+    namespaces: Option<Spanned<Raw>>,
+    pod_labels: Option<Spanned<RawLabels>>,
+    override_: Option<Spanned<Raw>>,
+}
+
+/// `pod_labels`: an inline table of label names to values, in file order.
+struct RawLabels(Vec<(String, Spanned<Raw>)>);
+
+impl<'de> Deserialize<'de> for RawLabels {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LabelsVisitor;
+
+        impl<'de> Visitor<'de> for LabelsVisitor {
+            type Value = RawLabels;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "pod_labels as a table of label names to values, such as { app = \"billing\" }",
+                )
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawLabels, A::Error> {
+                let mut labels = Vec::new();
+                while let Some((key, value)) = map.next_entry::<String, Spanned<Raw>>()? {
+                    labels.push((key, value));
+                }
+                Ok(RawLabels(labels))
+            }
+        }
+
+        deserializer.deserialize_map(LabelsVisitor)
+    }
 }
 
 struct RawRule {
@@ -698,6 +851,9 @@ enum EnforceKey {
     Interval,
     Count,
     Accepted,
+    Namespaces,
+    PodLabels,
+    Override,
 }
 
 const ENFORCE_KEYS: &[(&str, EnforceKey)] = &[
@@ -709,6 +865,9 @@ const ENFORCE_KEYS: &[(&str, EnforceKey)] = &[
     ("interval", EnforceKey::Interval),
     ("count", EnforceKey::Count),
     ("accepted", EnforceKey::Accepted),
+    ("namespaces", EnforceKey::Namespaces),
+    ("pod_labels", EnforceKey::PodLabels),
+    ("override", EnforceKey::Override),
 ];
 
 #[derive(Clone, Copy)]
@@ -871,8 +1030,15 @@ impl<'de> Deserialize<'de> for RawEnforce {
                     interval: None,
                     count: None,
                     accepted: None,
+                    namespaces: None,
+                    pod_labels: None,
+                    override_: None,
                 };
                 while let Some(key) = map.next_key_seed(KeySeed(ENFORCE_KEYS))? {
+                    if let EnforceKey::PodLabels = key {
+                        table.pod_labels = Some(map.next_value()?);
+                        continue;
+                    }
                     let slot = match key {
                         EnforceKey::Mode => &mut table.mode,
                         EnforceKey::Cgroups => &mut table.cgroups,
@@ -882,6 +1048,9 @@ impl<'de> Deserialize<'de> for RawEnforce {
                         EnforceKey::Interval => &mut table.interval,
                         EnforceKey::Count => &mut table.count,
                         EnforceKey::Accepted => &mut table.accepted,
+                        EnforceKey::Namespaces => &mut table.namespaces,
+                        EnforceKey::Override => &mut table.override_,
+                        EnforceKey::PodLabels => continue,
                     };
                     *slot = Some(map.next_value()?);
                 }
@@ -1693,10 +1862,77 @@ idle_timeout = 0
                 "must be a path from the cgroup root",
             ),
             ("[enforce]\nidle = 5\n", 2, "unknown key `idle`"),
+            (
+                "[enforce]\nnamespaces = [\"Payments\"]\n",
+                2,
+                "is not a Kubernetes namespace name",
+            ),
+            (
+                "[enforce]\nnamespaces = \"payments\"\n",
+                2,
+                "namespaces must be an array",
+            ),
+            (
+                "[enforce]\n\npod_labels = { app = 5 }\n",
+                3,
+                "pod_labels value of app must be a string",
+            ),
+            (
+                "[enforce]\npod_labels = { app = \"-x\" }\n",
+                2,
+                "is not a Kubernetes label value",
+            ),
+            (
+                "[enforce]\npod_labels = { \"a/b/c\" = \"x\" }\n",
+                2,
+                "is not a Kubernetes label key",
+            ),
+            (
+                "[enforce]\npod_labels = [\"app\"]\n",
+                2,
+                "pod_labels as a table",
+            ),
+            (
+                "[enforce]\noverride = \"yes\"\n",
+                2,
+                "override must be true or false",
+            ),
         ] {
             let (at, message) = error(text);
             assert_eq!(at, line, "{text}: {message}");
             assert!(message.contains(wanted), "{text}: {message}");
         }
+    }
+
+    #[test]
+    fn enforce_table_selects_pods_by_namespace_and_label() {
+        let none = config("[enforce]\ncgroups = [\"/a\"]\n").enforce;
+        assert!(!none.selects_pods());
+        let parsed = config(
+            "[enforce]\nnamespaces = [\"payments\", \"shop\"]\n\
+             pod_labels = { app = \"billing\", \"app.kubernetes.io/part-of\" = \"pay\", tier = \"\" }\n\
+             override = true\n",
+        )
+        .enforce;
+        assert!(parsed.selects_pods());
+        assert_eq!(parsed.namespaces, ["payments", "shop"]);
+        assert_eq!(
+            parsed.pod_labels,
+            BTreeMap::from(
+                [
+                    ("app", "billing"),
+                    ("app.kubernetes.io/part-of", "pay"),
+                    ("tier", "")
+                ]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            )
+        );
+        assert!(parsed.override_weakening);
+        assert!(!config("").enforce.override_weakening);
+        assert!(
+            config("[enforce]\npod_labels = { app = \"x\" }\n")
+                .enforce
+                .selects_pods()
+        );
     }
 }

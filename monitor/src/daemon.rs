@@ -132,16 +132,21 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         path_rules = paths.rules(),
         "programs loaded"
     );
+    let pods = Arc::new(PodCache::default());
+    let mut enforcer = None;
     if enforce_plan.mode != EnforceMode::Off {
-        let (status, attached) =
-            enforce::start(&mut loaded.ebpf, &enforce_plan, &args.disable_attach);
-        loaded.hooks.push(status);
-        if !attached.is_empty() {
-            let existing =
-                enforce::fix_existing(&mut loaded.ebpf, &btf, &attached, &args.proc_root);
-            loaded.hooks.push(existing);
-        }
+        let (statuses, started) = enforce::Enforcer::start(
+            &mut loaded.ebpf,
+            &enforce_plan,
+            &args.disable_attach,
+            &btf,
+            &args.proc_root,
+            kube_api.is_some().then_some(&*pods),
+        );
+        loaded.hooks.extend(statuses);
+        enforcer = started;
     }
+    drop(btf);
     // Parsing the kernel's BTF and loading took tens of MB that are free now.
     // SAFETY: only asks malloc to return free memory to the system.
     unsafe { libc::malloc_trim(0) };
@@ -160,9 +165,14 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     if enforce_plan.mode != EnforceMode::Off {
         metrics.enable_enforcement(enforce_plan.mode.as_str());
     }
+    if let Some(enforcer) = &enforcer {
+        metrics
+            .enforced_cgroups
+            .set(enforcer.attached().count() as i64);
+    }
     let node = crate::events::node_name(args.node_name.as_deref());
     metrics.node_info(&node, &crate::metrics::kernel_release());
-    let pods = Arc::new(PodCache::default());
+    let mut pod_changes = pods.changes();
     if let Some(api) = kube_api {
         pods::spawn_watch(
             api,
@@ -212,6 +222,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         default_timeout: IdleTimeout::After(idle_timeout),
         paths,
         keepalive_timer_seen,
+        weakened: Default::default(),
     });
     let (snapshots_tx, snapshots) =
         watch::channel(Arc::new(Snapshot::empty(Arc::clone(&classifier))));
@@ -245,7 +256,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         ScannerConfig {
             classifier,
             liveness: Arc::clone(&liveness),
-            pods,
+            pods: Arc::clone(&pods),
             interval: args.scan_interval,
             by_files: args.socket_walk == crate::cli::SocketWalk::Auto,
             proc_root: args.proc_root.clone(),
@@ -271,6 +282,14 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         connects: Arc::new(Mutex::new(connects)),
         ready: Arc::clone(&ready),
         degraded: degraded.clone(),
+        enforcement_without: loaded
+            .hooks
+            .iter()
+            .filter(|hook| {
+                hook.hook.starts_with("enforce") && hook.kind.is_none() && !hook.degraded
+            })
+            .map(|hook| format!("{} ({})", hook.hook, hook.lost.unwrap_or("")))
+            .collect(),
         history,
         liveness,
         long_polls: Arc::new(Semaphore::new(http::LONG_POLLS_MAX)),
@@ -335,10 +354,29 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let outcome = tokio::select! {
-        _ = sigint.recv() => { info!("SIGINT: shutting down"); Ok(()) }
-        _ = sigterm.recv() => { info!("SIGTERM: shutting down"); Ok(()) }
-        Some(error) = fatal.recv() => Err(error),
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    // Pod cgroups appear after the pod does, and units start later:
+    // the selection is looked at again now and then, not only on changes.
+    let mut resync = tokio::time::interval(ENFORCE_RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let outcome = loop {
+        tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break Ok(()) }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break Ok(()) }
+            Some(error) = fatal.recv() => break Err(error),
+            _ = sighup.recv() => {
+                reload(&args, idle_timeout, hz, &enforce_plan, enforcer.as_mut(), &metrics);
+            }
+            Ok(()) = pod_changes.changed(), if enforcer.is_some() => {}
+            _ = resync.tick(), if enforcer.is_some() => {}
+        }
+        // Every wakeup but the shutdown ones brings the links in step.
+        if let Some(enforcer) = enforcer.as_mut() {
+            enforcer.sync(&mut loaded.ebpf, &pods);
+            metrics
+                .enforced_cgroups
+                .set(enforcer.attached().count() as i64);
+        }
     };
 
     ready.store(false, Ordering::Relaxed);
@@ -361,6 +399,70 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     drop(loaded.ebpf);
     info!("all programs detached");
     outcome
+}
+
+/// How often keepalive enforcement looks for selected cgroups that
+/// appeared (or went) without a pod change: a pod's cgroup is made after
+/// the API server has the pod.
+const ENFORCE_RESYNC: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// SIGHUP: reads `--config` again. A valid file's enforcement selection
+/// (cgroups, units, namespaces, pod labels) applies at once, and the
+/// existing connections of what it newly selects are fixed by the next
+/// sync; the rest of the file takes a restart (said in the log). An invalid
+/// file changes nothing: the error is logged and counted.
+fn reload(
+    args: &DaemonArgs,
+    idle_timeout: NonZeroU32,
+    hz: u32,
+    running: &enforce::Plan,
+    enforcer: Option<&mut enforce::Enforcer>,
+    metrics: &Metrics,
+) {
+    let Some(path) = &args.config else {
+        info!("SIGHUP: no --config file to read again");
+        return;
+    };
+    let plan = PathConfig::from_file(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|paths| {
+            enforce::Plan::new(args.enforce_keepalive, &paths, idle_timeout, hz)
+                .context("invalid keepalive enforcement settings ([enforce])")
+        });
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(error) => {
+            metrics.config_reloads.with_label_values(&["invalid"]).inc();
+            warn!(
+                config = %path.display(),
+                error = %format!("{error:#}"),
+                "SIGHUP: the config file is invalid; the running config stays"
+            );
+            return;
+        }
+    };
+    metrics.config_reloads.with_label_values(&["ok"]).inc();
+    let unchanged_otherwise = plan.mode == running.mode
+        && plan.settings == running.settings
+        && plan.paths == running.paths
+        && plan.cgroup_root == running.cgroup_root;
+    if !unchanged_otherwise {
+        warn!(
+            config = %path.display(),
+            "SIGHUP: only the [enforce] selection (cgroups, units, namespaces, pod_labels) \
+             applies without a restart; the other changes take one"
+        );
+    }
+    match enforcer {
+        Some(enforcer) => {
+            let changed = enforcer.reselect(plan.selection);
+            info!(config = %path.display(), selection_changed = changed, "SIGHUP: config read again");
+        }
+        None => info!(
+            config = %path.display(),
+            "SIGHUP: config read again; keepalive enforcement is not running"
+        ),
+    }
 }
 
 /// Each HTTP connection and each network namespace walked costs a file

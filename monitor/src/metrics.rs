@@ -230,7 +230,18 @@ pub struct Metrics {
     /// the mode is set once enforcement is on (`enforce_mode`).
     keepalive_enforcements: IntCounterVec,
     enforce_mode: std::sync::OnceLock<&'static str>,
+    /// Applications' weakenings of an enforced socket's keepalive, by what
+    /// idlemon did (kernel-fed).
+    keepalive_weakened: IntCounterVec,
+    /// cgroup directories keepalive enforcement is attached to.
+    pub enforced_cgroups: IntGauge,
+    /// SIGHUP rereads of the config file, by result (ok, invalid).
+    pub config_reloads: IntCounterVec,
 }
+
+/// The `mode` label of `idlemon_keepalive_weakened_total`, in the order of
+/// the kernel's slots (`enforce::weakened::REPORTED`, `OVERRIDDEN`).
+const WEAKENED_MODES: [&str; 2] = ["report", "override"];
 
 /// The running kernel's release (`uname -r`), for idlemon_node_info.
 pub fn kernel_release() -> String {
@@ -639,6 +650,33 @@ impl Metrics {
             &["mode", "reason"],
         )?;
         register(Box::new(keepalive_enforcements.clone()))?;
+        let keepalive_weakened = IntCounterVec::new(
+            Opts::new(
+                "idlemon_keepalive_weakened_total",
+                "Applications that turned off, or slowed past the target, the keepalive idlemon \
+                 enforced on their socket (setsockopt SO_KEEPALIVE 0 or a longer TCP_KEEPIDLE), by \
+                 mode: report (let through) or override ([enforce] override: idlemon's value kept).",
+            ),
+            &["mode"],
+        )?;
+        register(Box::new(keepalive_weakened.clone()))?;
+        let enforced_cgroups = IntGauge::new(
+            "idlemon_keepalive_enforced_cgroups",
+            "cgroup directories keepalive enforcement is attached to (selected cgroups, units and \
+             pods; 1 for the root when nothing is selected).",
+        )?;
+        register(Box::new(enforced_cgroups.clone()))?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "idlemon_config_reloads_total",
+                "Rereads of --config on SIGHUP, by result: ok, or invalid (the running config stays).",
+            ),
+            &["result"],
+        )?;
+        for result in ["ok", "invalid"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        register(Box::new(config_reloads.clone()))?;
 
         Ok(Self {
             registry,
@@ -686,6 +724,9 @@ impl Metrics {
             namespace_keepalive,
             namespace_keepalive_published: std::sync::Mutex::default(),
             enforce_mode: std::sync::OnceLock::new(),
+            keepalive_weakened,
+            enforced_cgroups,
+            config_reloads,
         })
     }
 
@@ -696,6 +737,9 @@ impl Metrics {
             for reason in 0..monitor_common::enforce::reason::COUNT - 1 {
                 self.keepalive_enforcements
                     .with_label_values(&[mode, crate::events::enforcement_reason(reason)]);
+            }
+            for mode in WEAKENED_MODES {
+                self.keepalive_weakened.with_label_values(&[mode]);
             }
         }
     }
@@ -860,6 +904,13 @@ impl Metrics {
                             .with_label_values(&[mode, crate::events::enforcement_reason(reason)]),
                         total,
                     );
+                }
+            }
+        }
+        if self.enforce_mode.get().is_some() {
+            for (outcome, mode) in WEAKENED_MODES.iter().enumerate() {
+                if let Some(&total) = totals.get(counter::WEAKENED as usize + outcome) {
+                    advance(&self.keepalive_weakened.with_label_values(&[mode]), total);
                 }
             }
         }
@@ -1378,6 +1429,7 @@ mod tests {
             socket: None,
             evidence: true,
             enforcement: None,
+            weakening: None,
         }
     }
 

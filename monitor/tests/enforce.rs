@@ -17,6 +17,8 @@
 )]
 
 mod common;
+#[path = "common/fake_api.rs"]
+mod fake_api;
 
 use std::{
     ffi::CString,
@@ -34,9 +36,13 @@ use std::{
 };
 
 use common::{Daemon, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, wait_for};
+use fake_api::{FakeApi, Reply};
 use serde_json::Value;
 
 const NAT_TIMEOUT: u32 = 4;
+/// A NAT timeout for tests where idlemon fixes a connection some time after
+/// it connected (a walk): long enough that the fix surely comes first.
+const LONG_TIMEOUT: u32 = 8;
 /// Three times the NAT's timeout.
 const IDLE_SECONDS: u64 = 12;
 const CLIENT_ENV: &str = "IDLEMON_ENFORCE_CLIENT";
@@ -88,6 +94,27 @@ impl TestCgroup {
             made_parent,
         };
         (cgroup, unit)
+    }
+
+    /// A pod's cgroup as kubelet's systemd driver makes it
+    /// (`kubepods-besteffort-pod<uid with _>.slice`), inside a slice of
+    /// this test.
+    fn pod(uid: &str) -> Self {
+        let plain = Self::new("probe");
+        let root = plain.path.parent().unwrap().to_owned();
+        drop(plain);
+        let slice = root.join(format!("idlemon-test-{}-pods.slice", std::process::id()));
+        let directory = format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
+        let path = slice.join(&directory);
+        std::fs::create_dir_all(&path).unwrap();
+        Self {
+            name: format!(
+                "/idlemon-test-{}-pods.slice/{directory}",
+                std::process::id()
+            ),
+            path,
+            made_parent: Some(slice),
+        }
     }
 }
 
@@ -158,6 +185,10 @@ enum Plan {
     Serve { port: u16 },
     /// As `Idle` without keepalive, idle this many seconds.
     IdleFor { port: u16, seconds: u64 },
+    /// As `IdleFor`, turning SO_KEEPALIVE off right after connect (after
+    /// idlemon turned it on), as an application that manages its own
+    /// keepalive may.
+    Weaken { port: u16, seconds: u64 },
 }
 
 /// Runs a client process in `netns`, moved into `cgroup` first (when given).
@@ -181,6 +212,7 @@ fn run_client(netns: &Netns, cgroup: Option<&TestCgroup>, plan: Plan) -> mpsc::R
         Plan::Loopback(address) => format!("loopback:{address}"),
         Plan::Serve { port } => format!("serve {SERVER_IP}:{port}"),
         Plan::IdleFor { port, seconds } => format!("{SERVER_IP}:{port} 0 {seconds}"),
+        Plan::Weaken { port, seconds } => format!("{SERVER_IP}:{port} 0 {seconds} weaken"),
     };
     let mut command = netns.command(std::env::current_exe().unwrap().to_str().unwrap());
     command
@@ -236,7 +268,7 @@ fn run_client(netns: &Netns, cgroup: Option<&TestCgroup>, plan: Plan) -> mpsc::R
 
 fn finished(client: &mpsc::Receiver<Client>) -> Client {
     client
-        .recv_timeout(Duration::from_secs(IDLE_SECONDS + 30))
+        .recv_timeout(Duration::from_secs(3 * u64::from(LONG_TIMEOUT) + 30))
         .expect("the client process finished")
 }
 
@@ -292,6 +324,20 @@ fn zz_client_process() {
         ]
     };
     let at_connect = keepalive(&stream);
+    if fields.get(3) == Some(&"weaken") {
+        let off = 0i32;
+        // SAFETY: a valid socket and a 4-byte value.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_KEEPALIVE,
+                (&raw const off).cast(),
+                4,
+            )
+        };
+        assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+    }
     let mut stream = stream;
     let result = match target_idle {
         None => "ok".to_owned(),
@@ -813,4 +859,400 @@ fn a_systemd_unit_is_selected_by_its_name() {
     assert_eq!(outside.keepalive_at_end[0], 0, "outside the unit untouched");
     assert_ne!(outside.result, "ok", "outside the unit reset");
     drop(daemon);
+}
+
+/// `[[path]]` rules with a `timeout` s NAT on the test server, and an
+/// `[enforce]` table turned on with `selectors` (and any other keys).
+fn selecting(name: &str, timeout: u32, selectors: &str) -> TempFile {
+    TempFile::new(name, &selecting_text(timeout, selectors))
+}
+
+fn selecting_text(timeout: u32, selectors: &str) -> String {
+    format!(
+        "[[path]]\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\
+         [[path]]\ncidr = \"{SERVER_IP}/32\"\nidle_timeout = {timeout}\n\
+         [enforce]\nmode = \"on\"\nidle_percent = 50\ninterval = 1\ncount = 3\n{selectors}\n"
+    )
+}
+
+/// The events of `kind`, once there are `wanted` of them.
+fn events_of(daemon: &Daemon, kind: &str, wanted: usize) -> Vec<Value> {
+    let found = wait_for(Duration::from_secs(30), || {
+        let (_, body) = daemon.get("/events?limit=10000");
+        let events: Vec<Value> = serde_json::from_str(&body).unwrap();
+        let of_kind: Vec<Value> = events
+            .into_iter()
+            .filter(|event| event["kind"] == kind)
+            .collect();
+        (of_kind.len() >= wanted).then_some(of_kind)
+    });
+    found.unwrap_or_else(|| panic!("no {wanted} {kind} events; log:\n{}", daemon.log()))
+}
+
+/// Waits until enforcement is attached to `count` cgroup directories.
+fn wait_for_enforced_cgroups(daemon: &Daemon, count: f64) {
+    let attached = wait_for(Duration::from_secs(20), || {
+        (daemon.metric("idlemon_keepalive_enforced_cgroups") == Some(count)).then_some(())
+    });
+    assert!(
+        attached.is_some(),
+        "not attached to {count} cgroups: {:?}; log:\n{}",
+        daemon.metric("idlemon_keepalive_enforced_cgroups"),
+        daemon.log()
+    );
+}
+
+/// Waits until the client namespace has `count` connections to the port.
+fn wait_for_connections(path: &NatPath, port: u16, count: usize) {
+    let connected = wait_for(Duration::from_secs(10), || {
+        let output = path.client.exec("ss", &["-tnH", "state", "established"]);
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        (text.matches(&format!("{SERVER_IP}:{port}")).count() >= count).then_some(())
+    });
+    assert!(connected.is_some(), "{count} clients connected");
+}
+
+/// A pod UID unique to this test process.
+fn pod_uid(n: u32) -> String {
+    format!("{:08x}-0000-4000-8000-{n:012x}", std::process::id())
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn pods_are_selected_by_namespace_and_label_and_relabelling_fixes_their_connections() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    const PORT: u16 = 8308;
+    let (selected, relabelled, elsewhere) = (pod_uid(1), pod_uid(2), pod_uid(3));
+    let cgroups = [&selected, &relabelled, &elsewhere].map(|uid| TestCgroup::pod(uid));
+    let config = selecting(
+        "enforce-pods.toml",
+        LONG_TIMEOUT,
+        "namespaces = [\"payments\"]\npod_labels = { app = \"billing\" }",
+    );
+    // The API server: billing in payments (selected), ledger in payments
+    // (relabelled app=billing once `relabel` is set), billing in shop.
+    let relabel = Arc::new(AtomicBool::new(false));
+    let pods = {
+        let relabel = Arc::clone(&relabel);
+        let uids = [selected.clone(), relabelled.clone(), elsewhere.clone()];
+        move || {
+            let app = if relabel.load(Ordering::Relaxed) {
+                "billing"
+            } else {
+                "ledger"
+            };
+            vec![
+                fake_api::labelled_pod(
+                    &uids[0],
+                    "billing-a",
+                    "payments",
+                    &[("app", "billing")],
+                    "5",
+                ),
+                fake_api::labelled_pod(&uids[1], "ledger-b", "payments", &[("app", app)], "6"),
+                fake_api::labelled_pod(&uids[2], "billing-c", "shop", &[("app", "billing")], "5"),
+            ]
+        }
+    };
+    let netns = Netns::new("enforce-pods");
+    let relabelled_flag = Arc::clone(&relabel);
+    let _api = FakeApi::start(&netns, move |request, _| {
+        let pods = pods();
+        if request.watch {
+            let events = if relabelled_flag.load(Ordering::Relaxed) {
+                vec![fake_api::event("MODIFIED", &pods[1])]
+            } else {
+                Vec::new()
+            };
+            Reply::Watch(events, Duration::from_secs(1))
+        } else {
+            fake_api::list("5", &pods)
+        }
+    });
+    let daemon = Daemon::start_in(
+        netns,
+        &[
+            "--node-name",
+            fake_api::NODE,
+            "--kube-api",
+            fake_api::URL,
+            "--idle-threshold",
+            "2",
+            "--scan-interval",
+            "0.5",
+            "--config",
+            config.path(),
+        ],
+    );
+    // The selected pod's cgroup only.
+    wait_for_enforced_cgroups(&daemon, 1.0);
+    assert!(
+        daemon.log().contains(&selected.replace('-', "_")),
+        "attached to the selected pod: {}",
+        daemon.log()
+    );
+
+    let path = NatPath::new(LONG_TIMEOUT);
+    path.echo_server(PORT, 3);
+    let idle = Plan::IdleFor {
+        port: PORT,
+        seconds: u64::from(3 * LONG_TIMEOUT),
+    };
+    let [selected_cgroup, relabelled_cgroup, elsewhere_cgroup] = &cgroups;
+    let selected_client = run_client(&path.client, Some(selected_cgroup), idle);
+    let relabelled_client = run_client(&path.client, Some(relabelled_cgroup), idle);
+    let elsewhere_client = run_client(&path.client, Some(elsewhere_cgroup), idle);
+    wait_for_connections(&path, PORT, 3);
+    // Relabelled while its connection idles: the walk fixes it.
+    relabel.store(true, Ordering::Relaxed);
+    wait_for_enforced_cgroups(&daemon, 2.0);
+
+    let selected_client = finished(&selected_client);
+    let relabelled_client = finished(&relabelled_client);
+    let elsewhere_client = finished(&elsewhere_client);
+    assert_eq!(
+        selected_client.keepalive,
+        [1, 4, 1, 3],
+        "enforced at connect"
+    );
+    assert_eq!(selected_client.result, "ok");
+    assert_eq!(relabelled_client.keepalive[0], 0, "not selected at connect");
+    assert_eq!(
+        relabelled_client.keepalive_at_end,
+        [1, 4, 1, 3],
+        "fixed by the walk once relabelled"
+    );
+    assert_eq!(relabelled_client.result, "ok", "survived the NAT timeout");
+    assert_eq!(elsewhere_client.keepalive_at_end[0], 0, "another namespace");
+    assert_ne!(elsewhere_client.result, "ok", "reset by the NAT");
+
+    let events = events_of(&daemon, "keepalive_enforced", 2);
+    assert_eq!(
+        event_for(&events, &selected_client)["enforcement"]["direction"],
+        "outbound"
+    );
+    let fixed = event_for(&events, &relabelled_client);
+    assert_eq!(fixed["enforcement"]["direction"], "existing");
+    assert_eq!(fixed["namespace"], "payments");
+    assert!(
+        !events
+            .iter()
+            .any(|event| event["local"].as_str().is_some_and(
+                |local| local.ends_with(elsewhere_client.local.rsplit(':').next().unwrap())
+            )),
+        "nothing decided for the unselected pod: {events:#?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn pod_selectors_without_a_pod_watch_are_degraded_and_select_nothing() {
+    let config = selecting(
+        "enforce-nowatch.toml",
+        NAT_TIMEOUT,
+        "pod_labels = { app = \"billing\" }",
+    );
+    let daemon = Daemon::start_unready(&["--config", config.path()]);
+    let (status, body) = daemon.get("/readyz");
+    assert_eq!(status, 503);
+    assert!(body.contains("enforce_pods hook missing"), "{body}");
+    assert_eq!(
+        daemon.metric("idlemon_degraded{hook=\"enforce_pods\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        daemon.metric("idlemon_keepalive_enforced_cgroups"),
+        Some(0.0),
+        "never every workload"
+    );
+    assert!(daemon.log().contains("no pod watch"), "{}", daemon.log());
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn sighup_rereads_the_selection_and_fixes_newly_selected_connections() {
+    const PORT: u16 = 8309;
+    let first = TestCgroup::new("hup-first");
+    let later = TestCgroup::new("hup-later");
+    let config = selecting(
+        "enforce-hup.toml",
+        LONG_TIMEOUT,
+        &format!("cgroups = [\"{}\"]", first.name),
+    );
+    let daemon = start_daemon(&config);
+    wait_for_enforced_cgroups(&daemon, 1.0);
+    let path = NatPath::new(LONG_TIMEOUT);
+    path.echo_server(PORT, 1);
+    let client = run_client(
+        &path.client,
+        Some(&later),
+        Plan::IdleFor {
+            port: PORT,
+            seconds: u64::from(3 * LONG_TIMEOUT),
+        },
+    );
+    wait_for_connections(&path, PORT, 1);
+    let hangup = || {
+        // SAFETY: a signal to the daemon this test started.
+        assert_eq!(unsafe { libc::kill(daemon.pid() as i32, libc::SIGHUP) }, 0);
+    };
+    // An invalid file changes nothing, and says so.
+    std::fs::write(&config.0, "[enforce]\nmode = \"maybe\"\n").unwrap();
+    hangup();
+    let refused = wait_for(Duration::from_secs(10), || {
+        (daemon.metric("idlemon_config_reloads_total{result=\"invalid\"}") == Some(1.0))
+            .then_some(())
+    });
+    assert!(refused.is_some(), "{}", daemon.log());
+    assert!(daemon.log().contains("the running config stays"));
+    assert_eq!(
+        daemon.metric("idlemon_keepalive_enforced_cgroups"),
+        Some(1.0)
+    );
+    // Then both cgroups: the client's existing connection is fixed.
+    std::fs::write(
+        &config.0,
+        selecting_text(
+            LONG_TIMEOUT,
+            &format!("cgroups = [\"{}\", \"{}\"]", first.name, later.name),
+        ),
+    )
+    .unwrap();
+    hangup();
+    wait_for_enforced_cgroups(&daemon, 2.0);
+    assert_eq!(
+        daemon.metric("idlemon_config_reloads_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    let client = finished(&client);
+    assert_eq!(client.keepalive[0], 0, "not selected when it connected");
+    assert_eq!(client.keepalive_at_end, [1, 4, 1, 3], "fixed after SIGHUP");
+    assert_eq!(client.result, "ok", "survived the NAT timeout");
+    let events = events_of(&daemon, "keepalive_enforced", 1);
+    assert_eq!(
+        event_for(&events, &client)["enforcement"]["direction"],
+        "existing"
+    );
+}
+
+/// A client whose keepalive idlemon set turns it off: reported (event,
+/// counter, /sockets), and with `override` kept on.
+fn weakened(override_weakening: bool, port: u16) -> (Client, Value, Daemon) {
+    let cgroup = TestCgroup::new(if override_weakening {
+        "override"
+    } else {
+        "weakened"
+    });
+    let config = selecting(
+        "enforce-weakened.toml",
+        NAT_TIMEOUT,
+        &format!(
+            "cgroups = [\"{}\"]\noverride = {override_weakening}",
+            cgroup.name
+        ),
+    );
+    let daemon = start_daemon(&config);
+    assert_eq!(
+        daemon.metric("idlemon_probe_info{hook=\"enforce_setsockopt\",kind=\"cgroup_sockopt\"}"),
+        Some(1.0),
+        "{}",
+        daemon.log()
+    );
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(port, 1);
+    let client = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Weaken {
+            port,
+            seconds: IDLE_SECONDS,
+        },
+    );
+    let event = events_of(&daemon, "keepalive_weakened", 1).remove(0);
+    // Shown on the socket while it idles.
+    let local = event["local"].as_str().unwrap().to_owned();
+    let shown = wait_for(Duration::from_secs(10), || {
+        daemon
+            .sockets("")
+            .into_iter()
+            .find(|socket| socket["local"] == local.as_str())
+            .filter(|socket| !socket["keepalive_weakened"].is_null())
+    });
+    let shown = shown.unwrap_or_else(|| panic!("{local} not shown weakened in /sockets"));
+    assert_eq!(shown["keepalive_weakened"], event["weakening"]);
+    let client = finished(&client);
+    (client, event, daemon)
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn an_application_turning_enforced_keepalive_off_is_reported() {
+    let (client, event, daemon) = weakened(false, 8310);
+    assert_eq!(client.keepalive, [1, 2, 1, 3], "enforced at connect");
+    assert_eq!(
+        client.keepalive_at_end[0], 0,
+        "the application's choice applies"
+    );
+    assert_ne!(client.result, "ok", "reset by the NAT without keepalive");
+    let weakening = &event["weakening"];
+    assert_eq!(weakening["mode"], "report");
+    assert_eq!(weakening["change"], "keepalive_off");
+    assert_eq!(weakening["old"]["enabled"], true);
+    assert_eq!(weakening["old"]["idle_seconds"], 2.0);
+    assert_eq!(weakening["new"]["enabled"], false);
+    assert_eq!(event["pid"], client.pid);
+    assert_eq!(
+        daemon.metric("idlemon_keepalive_weakened_total{mode=\"report\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        daemon.metric("idlemon_keepalive_weakened_total{mode=\"override\"}"),
+        Some(0.0)
+    );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn with_override_enforced_keepalive_stays_on_and_survives_the_nat() {
+    let (client, event, daemon) = weakened(true, 8311);
+    assert_eq!(client.keepalive, [1, 2, 1, 3]);
+    assert_eq!(
+        client.keepalive_at_end,
+        [1, 2, 1, 3],
+        "SO_KEEPALIVE 0 rewritten to 1"
+    );
+    assert_eq!(client.result, "ok", "survived {IDLE_SECONDS} s idle");
+    assert_eq!(event["weakening"]["mode"], "override");
+    assert_eq!(
+        daemon.metric("idlemon_keepalive_weakened_total{mode=\"override\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn enforcement_without_cgroup_setsockopt_runs_on_and_says_so() {
+    let cgroup = TestCgroup::new("nosockopt");
+    let config = config(&cgroup, 8312, "on");
+    let daemon = Daemon::start(&[
+        "--config",
+        config.path(),
+        "--disable-attach",
+        "cgroup_sockopt",
+    ]);
+    assert_eq!(
+        daemon.metric("idlemon_probe_info{hook=\"enforce_setsockopt\",kind=\"none\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        daemon.metric("idlemon_probe_info{hook=\"enforce\",kind=\"sock_ops\"}"),
+        Some(1.0)
+    );
+    let (status, body) = daemon.get("/readyz");
+    assert_eq!(status, 200, "ready: enforcement itself runs");
+    assert!(body.contains("enforce_setsockopt"), "{body}");
+    assert!(daemon.log().contains("is not seen"), "{}", daemon.log());
 }

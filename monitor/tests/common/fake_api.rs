@@ -232,6 +232,29 @@ pub fn pod(uid: &str, name: &str, version: &str, container_id: &str) -> String {
     .replace('\n', "")
 }
 
+/// A bare pod of this node in `namespace` with `labels`, without
+/// containers (keepalive enforcement selects pods by their cgroup).
+pub fn labelled_pod(
+    uid: &str,
+    name: &str,
+    namespace: &str,
+    labels: &[(&str, &str)],
+    version: &str,
+) -> String {
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(key, value)| format!(r#""{key}":"{value}""#))
+        .collect();
+    format!(
+        r#"{{"metadata":{{"uid":"{uid}","name":"{name}","namespace":"{namespace}","resourceVersion":"{version}",
+            "labels":{{{}}}}},
+          "spec":{{"nodeName":"{NODE}","containers":[{{"name":"app","image":"shop/app:1"}}]}},
+          "status":{{"phase":"Running"}}}}"#,
+        labels.join(",")
+    )
+    .replace('\n', "")
+}
+
 /// A pod list at `version`.
 pub fn list(version: &str, pods: &[String]) -> Reply {
     Reply::Json(
