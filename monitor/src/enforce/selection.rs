@@ -247,8 +247,8 @@ mod tests {
         assert_eq!(
             found,
             vec![
-                (format!("/{cgroupfs}"), UID_B.to_owned()),
                 (format!("/{systemd}"), UID_A.to_owned()),
+                (format!("/{cgroupfs}"), UID_B.to_owned()),
             ]
         );
     }
