@@ -395,6 +395,15 @@ impl Enforcer {
         };
         let empty = PodCache::default();
         enforcer.sync(ebpf, pods.unwrap_or(&empty));
+        for cgroup in &enforcer.selection.cgroups {
+            if !enforcer.path_of(cgroup).is_dir() {
+                // A unit or pod that is not running yet: the others still count.
+                warn!(
+                    cgroup = %enforcer.path_of(cgroup).display(),
+                    "selected cgroup not found: enforced once it appears"
+                );
+            }
+        }
         (hooks, Some(enforcer))
     }
 
