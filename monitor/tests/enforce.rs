@@ -412,21 +412,7 @@ fn echo(stream: &mut TcpStream) -> std::io::Result<()> {
 }
 
 fn enforcement_events(daemon: &Daemon, wanted: usize) -> Vec<Value> {
-    let found = wait_for(Duration::from_secs(20), || {
-        let (_, body) = daemon.get("/events?limit=10000");
-        let events: Vec<Value> = serde_json::from_str(&body).unwrap();
-        let enforced: Vec<Value> = events
-            .into_iter()
-            .filter(|event| event["kind"] == "keepalive_enforced")
-            .collect();
-        (enforced.len() >= wanted).then_some(enforced)
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "no {wanted} keepalive_enforced events; log:\n{}",
-            daemon.log()
-        )
-    })
+    events_of(daemon, "keepalive_enforced", wanted)
 }
 
 fn event_for<'a>(events: &'a [Value], client: &Client) -> &'a Value {
@@ -875,18 +861,33 @@ fn selecting_text(timeout: u32, selectors: &str) -> String {
     )
 }
 
-/// The events of `kind`, once there are `wanted` of them.
+/// The events of `kind`, once there are `wanted` of them. Pages through
+/// /events (an answer stops at 4 MiB): the daemon sees the whole host's
+/// connections, and other tests on it may add thousands of events.
 fn events_of(daemon: &Daemon, kind: &str, wanted: usize) -> Vec<Value> {
     let found = wait_for(Duration::from_secs(30), || {
-        let (_, body) = daemon.get("/events?limit=10000");
-        let events: Vec<Value> = serde_json::from_str(&body).unwrap();
-        let of_kind: Vec<Value> = events
-            .into_iter()
-            .filter(|event| event["kind"] == kind)
-            .collect();
+        let mut of_kind = Vec::new();
+        let mut after = 0;
+        for _ in 0..1000 {
+            let (_, body) = daemon.get(&format!("/events?limit=10000&after={after}"));
+            let events: Vec<Value> = serde_json::from_str(&body).unwrap();
+            let Some(last) = events.last().and_then(|event| event["id"].as_u64()) else {
+                break;
+            };
+            after = last;
+            of_kind.extend(events.into_iter().filter(|event| event["kind"] == kind));
+        }
         (of_kind.len() >= wanted).then_some(of_kind)
     });
-    found.unwrap_or_else(|| panic!("no {wanted} {kind} events; log:\n{}", daemon.log()))
+    found.unwrap_or_else(|| {
+        panic!(
+            "no {wanted} {kind} events (events_total {:?}, lost {:?}, shed {:?}); log:\n{}",
+            daemon.metric(&format!("idlemon_events_total{{kind=\"{kind}\"}}")),
+            daemon.metric("idlemon_events_lost_total"),
+            daemon.metric("idlemon_events_shed_total"),
+            daemon.log()
+        )
+    })
 }
 
 /// Waits until enforcement is attached to `count` cgroup directories.
@@ -1009,6 +1010,15 @@ fn pods_are_selected_by_namespace_and_label_and_relabelling_fixes_their_connecti
     // Relabelled while its connection idles: the walk fixes it.
     relabel.store(true, Ordering::Relaxed);
     wait_for_enforced_cgroups(&daemon, 2.0);
+    // Read now: other tests on this host may flood the event history later.
+    let events = wait_for(Duration::from_secs(30), || {
+        let events = events_of(&daemon, "keepalive_enforced", 1);
+        events
+            .iter()
+            .any(|event| event["enforcement"]["direction"] == "existing")
+            .then_some(events)
+    })
+    .expect("the walk's event for the relabelled pod's connection");
 
     let selected_client = finished(&selected_client);
     let relabelled_client = finished(&relabelled_client);
@@ -1029,7 +1039,6 @@ fn pods_are_selected_by_namespace_and_label_and_relabelling_fixes_their_connecti
     assert_eq!(elsewhere_client.keepalive_at_end[0], 0, "another namespace");
     assert_ne!(elsewhere_client.result, "ok", "reset by the NAT");
 
-    let events = events_of(&daemon, "keepalive_enforced", 2);
     assert_eq!(
         event_for(&events, &selected_client)["enforcement"]["direction"],
         "outbound"
@@ -1127,11 +1136,12 @@ fn sighup_rereads_the_selection_and_fixes_newly_selected_connections() {
         daemon.metric("idlemon_config_reloads_total{result=\"ok\"}"),
         Some(1.0)
     );
+    // Read now: other tests on this host may flood the event history later.
+    let events = events_of(&daemon, "keepalive_enforced", 1);
     let client = finished(&client);
     assert_eq!(client.keepalive[0], 0, "not selected when it connected");
     assert_eq!(client.keepalive_at_end, [1, 4, 1, 3], "fixed after SIGHUP");
     assert_eq!(client.result, "ok", "survived the NAT timeout");
-    let events = events_of(&daemon, "keepalive_enforced", 1);
     assert_eq!(
         event_for(&events, &client)["enforcement"]["direction"],
         "existing"
