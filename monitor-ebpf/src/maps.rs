@@ -11,6 +11,14 @@ use monitor_common::{SocketInfo, counter};
 #[map]
 pub static SOCKETS: HashMap<u64, SocketInfo> = HashMap::with_max_entries(131_072, 0);
 
+/// The ESTABLISHED connections this node opened (active opens), keyed by
+/// socket address: added when a connect succeeds, removed with the socket
+/// (`forget`), read by the walks. Only while `COUNT_OPENED` is set. User
+/// space sizes it like `SOCKETS`; a full map is counted in
+/// `SOCKET_TABLE_FULL` (the connection then goes uncounted).
+#[map]
+pub static ACTIVE_OPENS: HashMap<u64, u8> = HashMap::with_max_entries(131_072, 0);
+
 /// Event counters, per CPU so that the hot path never contends; user space
 /// sums them when scraped.
 #[map]
@@ -142,6 +150,9 @@ pub fn forget(sk: u64) {
     }
     if SOCKETS.remove(sk).is_ok() {
         count(counter::SOCKET_TABLE_REMOVES, 1);
+    }
+    if crate::kernel::count_opened() {
+        let _ = ACTIVE_OPENS.remove(sk);
     }
 }
 

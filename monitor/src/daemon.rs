@@ -119,6 +119,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             layout,
             idle_threshold_jiffies: threshold_jiffies as u32,
             max_sockets: args.max_sockets,
+            count_opened: args.destination_labels > 0,
             disabled: args.disable_attach.clone(),
             enforce: enforce_plan.settings,
         },

@@ -218,6 +218,7 @@ impl Classifier {
             probes_unanswered: record.probes_out,
             retransmits: record.retransmits,
             retransmitting_since_reuse: record.retransmitting_since_reuse != 0,
+            opened_here: record.opened_here != 0,
             risk: None,
         };
         socket.risk = match self.coverage(&socket) {
@@ -368,6 +369,8 @@ pub struct Socket {
     probes_unanswered: u8,
     retransmits: u8,
     retransmitting_since_reuse: bool,
+    /// This node opened it (`SocketRecord::opened_here`).
+    pub opened_here: bool,
     pub risk: Option<Risk>,
 }
 
@@ -383,6 +386,12 @@ impl Socket {
 
     pub fn remote_ip(&self) -> IpAddr {
         address(self.is_ipv6, &self.remote_addr)
+    }
+
+    /// The destination as a NAT gateway counts it: address and port.
+    pub fn remote(&self) -> SocketAddr {
+        // A dual-stack socket's IPv4-mapped peer is the IPv4 destination.
+        SocketAddr::new(self.remote_ip().to_canonical(), self.remote_port)
     }
 }
 
@@ -641,6 +650,9 @@ pub struct Summary {
     pub at_risk: HashMap<(Risk, [String; 3]), usize>,
     /// At-risk sockets by remote address.
     pub at_risk_destinations: WalkMap<IpAddr, usize>,
+    /// ESTABLISHED connections this node opened, by destination (address
+    /// and port): what a NAT gateway's 55,000 per destination counts.
+    pub opened_destinations: WalkMap<SocketAddr, usize>,
     /// Sockets idle at least the threshold on a path with a timeout, by
     /// keepalive coverage (indexed like `Coverage::ALL`).
     pub long_idle: [usize; Coverage::ALL.len()],
@@ -672,6 +684,12 @@ impl Summary {
         for socket in &snapshot.sockets {
             if let Some(coverage) = snapshot.classifier.coverage(socket) {
                 summary.long_idle[coverage as usize] += 1;
+            }
+            if socket.opened_here {
+                *summary
+                    .opened_destinations
+                    .entry(socket.remote())
+                    .or_default() += 1;
             }
             if let Some(risk) = socket.risk {
                 *per_owner.entry((risk, socket.owner)).or_default() += 1;

@@ -272,3 +272,72 @@ fn a_closed_port_is_a_refused_connect() {
         1.0
     );
 }
+
+/// NAT port pressure: the connections the client namespace holds through
+/// the NAT to one destination are counted in
+/// idlemon_destination_established_connections for that destination, and
+/// exactly those: the server namespace's accepted ends of the same
+/// connections (whose remote is the NAT's address) are not, and closed
+/// connections leave the count.
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn held_connections_to_one_destination_are_counted_and_accepted_ones_are_not() {
+    const HELD: usize = 7;
+    const CLOSED: usize = 3;
+    let config = nat_config();
+    let daemon = start_daemon(&config);
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(8131, HELD);
+    let mut held: Vec<TcpStream> = (0..HELD)
+        .map(|_| {
+            let mut stream = path.connect(8131, Keepalive::Off);
+            echo(&mut stream).unwrap();
+            stream
+        })
+        .collect();
+
+    let destination = format!("{SERVER_IP}:8131");
+    let series =
+        format!("idlemon_destination_established_connections{{destination=\"{destination}\"}}");
+    let counted = |wanted: usize| {
+        wait_for(Duration::from_secs(5), || {
+            daemon
+                .metric(&series)
+                .filter(|&count| count == wanted as f64)
+        })
+        .unwrap_or_else(|| panic!("{series} is {:?}, want {wanted}", daemon.metric(&series)))
+    };
+    counted(HELD);
+    // The server's ends are accepted connections from the NAT's address.
+    let (_, text) = daemon.get("/metrics");
+    let accepted = format!("destination=\"{}:", common::NAT_SERVER_SIDE_IP);
+    assert!(
+        !text.lines().any(
+            |line| line.starts_with("idlemon_destination_established_connections")
+                && line.contains(&accepted)
+        ),
+        "accepted connections counted:\n{text}"
+    );
+    // Both ends are ESTABLISHED sockets the daemon tracks.
+    let sockets = daemon.sockets("");
+    for stream in &held {
+        let local = stream.local_addr().unwrap();
+        assert!(
+            find_socket(&sockets, path.client.inode(), local).is_some(),
+            "{local} not tracked"
+        );
+    }
+    let accepted_tracked = sockets
+        .iter()
+        .filter(|socket| socket["netns"] == path.server.inode() && socket["local"] == destination)
+        .count();
+    assert_eq!(accepted_tracked, HELD, "the server's accepted ends");
+
+    held.truncate(HELD - CLOSED);
+    counted(HELD - CLOSED);
+    held.clear();
+    wait_for(Duration::from_secs(5), || {
+        daemon.metric(&series).is_none().then_some(())
+    })
+    .unwrap_or_else(|| panic!("{series} stays after every connection closed"));
+}
