@@ -210,6 +210,63 @@ impl OnIdle {
     }
 }
 
+/// A path with an idle timeout as the explanations word it: what sits there, and what it
+/// does to a flow it forgot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathBehaviour {
+    /// None: the rule names no kind, or the default path (`--idle-timeout`).
+    pub kind: Option<PathKind>,
+    pub on_idle: OnIdle,
+    pub timeout_seconds: u32,
+}
+
+impl PathBehaviour {
+    /// "the GWLB", or "the path's middlebox" where no kind is named.
+    #[must_use]
+    pub fn who(&self) -> &'static str {
+        self.kind.map_or("the path's middlebox", PathKind::describe)
+    }
+
+    /// What happens to a flow left idle too long, in the present tense:
+    /// "the GWLB forgets a flow idle 350 s and drops its next packet: ...".
+    #[must_use]
+    pub fn forgets(&self) -> String {
+        let timeout = self.timeout_seconds;
+        match self.on_idle {
+            OnIdle::Reset => format!(
+                "{} forgets a flow idle {timeout} s and answers its next packet with a reset (ECONNRESET at once)",
+                self.who()
+            ),
+            OnIdle::Drop => format!(
+                "{} forgets a flow idle {timeout} s and drops its next packet: the request hangs while the kernel retransmits, until tcp_retries2 or TCP_USER_TIMEOUT gives up with ETIMEDOUT (about 15 minutes by default)",
+                self.who()
+            ),
+        }
+    }
+
+    /// What the path did to a flow that idled `idle_seconds`, for the event that followed
+    /// (`reset`: a RST arrived; else the kernel gave up after `retransmissions`).
+    #[must_use]
+    pub fn forgot(&self, idle_seconds: f64, reset: bool, retransmissions: u32) -> String {
+        let (who, timeout) = (self.who(), self.timeout_seconds);
+        let forgot = format!(
+            "{who} forgot the flow after {idle_seconds:.0} s idle (its timeout: {timeout} s)"
+        );
+        match (self.on_idle, reset) {
+            (OnIdle::Reset, true) => format!("{forgot} and answered the next packet with a reset"),
+            (OnIdle::Drop, false) => format!(
+                "{forgot} and dropped the next packet; the kernel retransmitted it {retransmissions} times, then gave up with ETIMEDOUT"
+            ),
+            (OnIdle::Drop, true) => format!(
+                "idle {idle_seconds:.0} s, past the {timeout} s timeout of {who}, which drops forgotten flows without a reset: this reset came from elsewhere (the server's own idle timeout, or another middlebox)"
+            ),
+            (OnIdle::Reset, false) => format!(
+                "{forgot}; it answers with a reset, but none arrived (lost, or something on the path drops): the kernel retransmitted {retransmissions} times, then gave up with ETIMEDOUT"
+            ),
+        }
+    }
+}
+
 /// The timeout that applies to one destination, and which rule chose it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathMatch<'a> {

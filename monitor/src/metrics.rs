@@ -1104,6 +1104,10 @@ mod tests {
             .destination_connects
             .with_label_values(&["198.51.100.2:5432"])
             .inc();
+        metrics
+            .destination_established
+            .with_label_values(&["198.51.100.2:443"])
+            .set(1);
         let mut exported = std::collections::BTreeSet::new();
         for family in metrics.registry.gather() {
             let name = family.name().to_owned();
@@ -1415,6 +1419,7 @@ mod tests {
             idle_since_receive_seconds: None,
             idle_before_seconds: Some(400.0),
             reuse: None,
+            explanation: None,
             error: None,
             retransmissions: None,
             reason: None,

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::{
     attribution::Attribution,
-    config::{IdleTimeout, PathConfig},
+    config::{IdleTimeout, OnIdle, PathBehaviour, PathConfig, PathKind},
     fix::{self, Fix},
 };
 
@@ -41,6 +41,14 @@ impl Risk {
         match self {
             Self::NoKeepalive => "no_keepalive",
             Self::KeepaliveTooSlow => "keepalive_too_slow",
+        }
+    }
+
+    /// The risk in words, for `TrackedSocket::why`.
+    pub fn words(self) -> &'static str {
+        match self {
+            Self::NoKeepalive => "keepalive off",
+            Self::KeepaliveTooSlow => "a keepalive slower than the path's timeout",
         }
     }
 }
@@ -97,6 +105,12 @@ pub struct TrackedSocket {
     pub path_idle_timeout_seconds: Option<u32>,
     /// The config rule that set the timeout; null for the default.
     pub path_rule: Option<String>,
+    /// What sits on the path (`kind` of the rule: `nat_gateway`, `nlb`,
+    /// `gwlb`, `vpc_endpoint`, `firewall`, `none`); null where no kind is named.
+    pub path_kind: Option<&'static str>,
+    /// What the path does to the next packet of a flow it forgot: `reset`
+    /// or `drop`; null on a path without an idle timeout.
+    pub path_on_idle: Option<&'static str>,
     /// Seconds until the middlebox forgets the flow if nothing crosses it,
     /// counting ACKs of keepalive probes as traffic; negative once past.
     pub time_left_seconds: Option<f64>,
@@ -106,6 +120,9 @@ pub struct TrackedSocket {
     /// At-risk sockets only: the one change that keeps the path alive
     /// (`fix::Fix`); null otherwise.
     pub fix: Option<Fix>,
+    /// At-risk sockets only: what the path will do to it, in words ("the
+    /// GWLB forgets a flow idle 350 s and drops its next packet: ...").
+    pub why: Option<String>,
     /// Retransmission timeouts in a row without an ACK (kernel
     /// `icsk_retransmits`): 0 while the peer answers.
     pub retransmits: u8,
@@ -274,6 +291,7 @@ impl Classifier {
             timer_runs: self.keepalive_timer_seen.then_some(socket.timer_runs),
         };
         let attribution = owner.map_or_else(Arc::default, |owner| Arc::clone(&owner.attribution));
+        let behaviour = self.path_behaviour(socket.path_rule);
         let fix = socket
             .risk
             .zip(path_timeout)
@@ -295,6 +313,15 @@ impl Classifier {
                 PathRule::Loopback => Some("loopback".to_owned()),
                 PathRule::Default => None,
             },
+            path_kind: self.path_kind(socket.path_rule).map(PathKind::as_str),
+            path_on_idle: behaviour.map(|path| path.on_idle.as_str()),
+            why: socket.risk.and(behaviour).map(|path| {
+                format!(
+                    "idle {idle_seconds:.0} s with {}; {}",
+                    socket.risk.map_or("", Risk::words),
+                    path.forgets()
+                )
+            }),
             time_left_seconds: path_timeout.map(|timeout| f64::from(timeout) - path_idle),
             keepalive,
             at_risk: socket.risk.is_some(),
@@ -307,6 +334,41 @@ impl Classifier {
             cgroup_id: owner.and_then(|owner| owner.cgroup_id),
             attribution,
         }
+    }
+
+    /// What sits on the path a rule chose.
+    fn path_kind(&self, rule: PathRule) -> Option<PathKind> {
+        match rule {
+            PathRule::Config(index) => self.paths.kind(index as usize),
+            PathRule::Loopback => Some(PathKind::None),
+            PathRule::Default => None,
+        }
+    }
+
+    /// The behaviour of the path a rule chose; None without an idle timeout.
+    pub fn path_behaviour(&self, rule: PathRule) -> Option<PathBehaviour> {
+        let (timeout, on_idle) = match rule {
+            PathRule::Config(index) => (
+                self.paths.timeout(index as usize),
+                self.paths.on_idle(index as usize)?,
+            ),
+            PathRule::Loopback => return None,
+            // `--idle-timeout`, the NAT gateway's by default: a reset.
+            PathRule::Default => (self.default_timeout, OnIdle::Reset),
+        };
+        match timeout {
+            IdleTimeout::After(seconds) => Some(PathBehaviour {
+                kind: self.path_kind(rule),
+                on_idle,
+                timeout_seconds: seconds.get(),
+            }),
+            IdleTimeout::Never => None,
+        }
+    }
+
+    /// The behaviour of a record's path; None without an idle timeout.
+    pub fn path_behaviour_of(&self, record: &SocketRecord) -> Option<PathBehaviour> {
+        self.path_behaviour(self.compact(record, NO_OWNER).path_rule)
     }
 
     /// A record classified on its own (events), attributed to the owner the
@@ -357,7 +419,7 @@ pub struct Socket {
     probes_answered: u32,
     timer_runs: u32,
     path_timeout: Option<NonZeroU32>,
-    path_rule: PathRule,
+    pub path_rule: PathRule,
     /// Index into `Snapshot::owners`, or `NO_OWNER`.
     pub owner: u32,
     is_ipv6: bool,
@@ -887,6 +949,45 @@ mod tests {
         assert_eq!(
             classifier("").classify(&record).risk,
             Some(Risk::KeepaliveTooSlow)
+        );
+    }
+
+    #[test]
+    fn at_risk_sockets_say_what_their_path_kind_will_do() {
+        let gwlb = classifier("[[path]]\nname = \"fw\"\ncidr = \"52.1.0.0/16\"\nkind = \"gwlb\"\n");
+        let socket = gwlb.classify(&record(400, false));
+        assert_eq!(socket.risk, Some(Risk::NoKeepalive));
+        assert_eq!(
+            (socket.path_kind, socket.path_on_idle),
+            (Some("gwlb"), Some("drop"))
+        );
+        assert_eq!(socket.path_idle_timeout_seconds, Some(350));
+        assert_eq!(
+            socket.why.as_deref(),
+            Some(
+                "idle 400 s with keepalive off; the GWLB forgets a flow idle 350 s and drops its next packet: the request hangs while the kernel retransmits, until tcp_retries2 or TCP_USER_TIMEOUT gives up with ETIMEDOUT (about 15 minutes by default)"
+            )
+        );
+        // The default path resets, as a NAT gateway does; no kind is named.
+        let socket = classifier("").classify(&record(400, true));
+        assert_eq!(
+            (socket.path_kind, socket.path_on_idle),
+            (None, Some("reset"))
+        );
+        assert!(
+            socket.why.as_deref().is_some_and(|why| why.starts_with(
+                "idle 400 s with a keepalive slower than the path's timeout; the path's middlebox forgets a flow idle 350 s and answers its next packet with a reset"
+            )),
+            "{:?}",
+            socket.why
+        );
+        // Safe sockets carry no why; kind none is never at risk.
+        assert_eq!(classifier("").classify(&record(10, false)).why, None);
+        let none = classifier("[[path]]\ncidr = \"52.1.0.0/16\"\nkind = \"none\"\n");
+        let socket = none.classify(&record(5000, false));
+        assert_eq!(
+            (socket.risk, socket.why, socket.path_kind),
+            (None, None, Some("none"))
         );
     }
 
