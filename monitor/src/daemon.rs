@@ -251,6 +251,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             by_files: args.socket_walk == crate::cli::SocketWalk::Auto,
             proc_root: args.proc_root.clone(),
             bind_mounts: PathBuf::from("/run/netns"),
+            count_opened: args.destination_labels > 0,
         },
         Arc::clone(&metrics),
         snapshots_tx,

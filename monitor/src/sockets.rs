@@ -2,7 +2,7 @@
 //! sockets a middlebox's idle timeout will kill. Pure logic, unit-tested.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     num::NonZeroU32,
     sync::Arc,
@@ -450,6 +450,15 @@ impl Socket {
         address(self.is_ipv6, &self.remote_addr)
     }
 
+    pub fn local_port(&self) -> u16 {
+        self.local_port
+    }
+
+    /// Inode of the socket's network namespace.
+    pub fn netns(&self) -> u32 {
+        self.netns
+    }
+
     /// The destination as a NAT gateway counts it: address and port.
     pub fn remote(&self) -> SocketAddr {
         // A dual-stack socket's IPv4-mapped peer is the IPv4 destination.
@@ -815,6 +824,52 @@ impl Filter {
             && self
                 .min_idle
                 .is_none_or(|min_idle| classifier.seconds(socket.idle()) >= min_idle)
+    }
+}
+
+/// The ESTABLISHED connections that existed before idlemon loaded and that
+/// this node opened, as far as can be told: the kernel marks only the active
+/// opens it sees complete, so at the first scan a connection it did not mark
+/// is taken for an active open when its local port is none of its network
+/// namespace's listening ports (an accepted connection has its listener's
+/// port, and the kernel never picks a listener's port for a connect). An
+/// accepted connection whose listener has closed since is counted wrongly;
+/// an application that binds a listener's port before connecting (with
+/// SO_REUSEPORT) is missed. Kept by socket and 4-tuple until they close, so
+/// that a socket allocated at a closed one's address is not taken for it.
+#[derive(Debug, Default)]
+pub struct OpenedBeforeStart(HashSet<(u64, u16, SocketAddr)>);
+
+impl OpenedBeforeStart {
+    /// Classifies the unmarked sockets of the first scan; `listening` holds
+    /// each namespace's (by inode) listening ports.
+    pub fn classify(snapshot: &Snapshot, listening: &HashMap<u32, HashSet<u16>>) -> Self {
+        Self(
+            snapshot
+                .sockets
+                .iter()
+                .filter(|socket| {
+                    !socket.opened_here
+                        && listening
+                            .get(&socket.netns())
+                            .is_some_and(|ports| !ports.contains(&socket.local_port()))
+                })
+                .map(|socket| (socket.sock, socket.local_port(), socket.remote()))
+                .collect(),
+        )
+    }
+
+    /// Adds those still open to `summary`'s count, and forgets the closed.
+    pub fn count(&mut self, snapshot: &Snapshot, summary: &mut Summary) {
+        let mut open = HashSet::with_capacity(self.0.len());
+        for socket in &snapshot.sockets {
+            let key = (socket.sock, socket.local_port(), socket.remote());
+            if !socket.opened_here && self.0.contains(&key) {
+                *summary.opened_destinations.entry(key.2).or_default() += 1;
+                open.insert(key);
+            }
+        }
+        self.0 = open;
     }
 }
 
@@ -1273,5 +1328,40 @@ mod tests {
             min_idle: None,
         };
         assert_eq!(snapshot.select(&not_at_risk), vec![3, 0]);
+    }
+
+    #[test]
+    fn connections_older_than_idlemon_are_active_opens_unless_on_a_listening_port() {
+        let listening = HashMap::from([(0, HashSet::from([8080]))]);
+        let mut outbound = record(10, false);
+        outbound.sock = 1;
+        outbound.local_port = 40001;
+        let mut accepted = record(10, false);
+        accepted.sock = 2;
+        accepted.local_port = 8080;
+        let mut marked = record(10, false);
+        marked.sock = 3;
+        marked.opened_here = 1;
+        let first = snapshot(classifier(""), &[outbound, accepted, marked]);
+        let mut older = OpenedBeforeStart::classify(&first, &listening);
+        let mut summary = Summary::of(&first);
+        let destination: SocketAddr = "52.1.2.3:443".parse().expect("address");
+        // The marked one counts by its mark, the outbound one by the heuristic.
+        assert_eq!(summary.opened_destinations.get(&destination), Some(&1));
+        older.count(&first, &mut summary);
+        assert_eq!(summary.opened_destinations.get(&destination), Some(&2));
+
+        // The old connection closed; a new accepted socket at its address is
+        // not taken for it (another local port), nor counted once it is gone.
+        let mut reused = accepted;
+        reused.sock = 1;
+        let next = snapshot(classifier(""), &[reused, marked]);
+        let mut summary = Summary::of(&next);
+        older.count(&next, &mut summary);
+        assert_eq!(summary.opened_destinations.get(&destination), Some(&1));
+        let again = snapshot(classifier(""), &[outbound, marked]);
+        let mut summary = Summary::of(&again);
+        older.count(&again, &mut summary);
+        assert_eq!(summary.opened_destinations.get(&destination), Some(&1));
     }
 }
