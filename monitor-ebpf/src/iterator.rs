@@ -139,7 +139,7 @@ fn try_walk_tcp(ctx: *mut c_void) -> Result<i32, i32> {
 #[inline(always)]
 fn opened_here(sk: u64) -> u8 {
     // SAFETY: a lookup; the value is not read.
-    u8::from(count_opened() && unsafe { ACTIVE_OPENS.get(&sk) }.is_some())
+    u8::from(count_opened() && unsafe { ACTIVE_OPENS.get(sk) }.is_some())
 }
 
 /// Hands one record to the reader of the iterator whose meta gave `seq`.
