@@ -303,8 +303,18 @@ fn scan(
     let mut summary = Summary::of(&snapshot);
     if config.count_opened {
         let opened = state.opened_before_start.get_or_insert_with(|| {
+            // Once, at the first scan: a read of /proc/net/tcp and tcp6 in
+            // each namespace with a socket the kernel did not mark (on a host
+            // of 40,000 sockets about 100 ms of CPU per namespace).
+            let unmarked: std::collections::HashSet<u32> = snapshot
+                .sockets
+                .iter()
+                .filter(|socket| !socket.opened_here)
+                .map(|socket| socket.netns())
+                .collect();
             let listening = namespaces
                 .iter()
+                .filter(|namespace| unmarked.contains(&(namespace.inode as u32)))
                 .filter_map(|namespace| {
                     let ports = walker.listening_ports(namespace).ok()?;
                     Some((namespace.inode as u32, ports))
