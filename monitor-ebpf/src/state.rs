@@ -97,6 +97,10 @@ fn try_state(sk: u64, old_state: i32, new_state: i32) -> Result<u32, u32> {
         } else if old_state == i32::from(TCP_SYN_SENT) {
             let _ = on_close_from_syn_sent(sk);
         }
+        // A failed connect was never an active open that completed.
+        if count_opened() && old_state != i32::from(TCP_SYN_SENT) {
+            let _ = ACTIVE_OPENS.remove(sk);
+        }
         forget(sk);
     }
     Ok(0)
