@@ -80,7 +80,8 @@ fn survives_unflagged(daemon: &Daemon, path: &NatPath, stream: &mut TcpStream) -
     .expect("client socket tracked");
     let mut last = None;
     let mut covered: f64 = 0.0;
-    while started.elapsed() < IDLE_PAST_TIMEOUT {
+    // At least once, however long the first walk took on a loaded machine.
+    while last.is_none() || started.elapsed() < IDLE_PAST_TIMEOUT {
         let socket = client_socket(daemon, path, local).expect("client socket still tracked");
         assert_eq!(socket["at_risk"], false, "flagged: {socket:#}");
         assert_eq!(

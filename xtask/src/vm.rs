@@ -242,8 +242,12 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
         ));
     }
 
-    let (text, mut passed) = results::render(&runs, started.elapsed().as_secs_f64());
-    println!("\n{text}");
+    let mut passed = true;
+    if !runs.is_empty() {
+        let (text, runs_passed) = results::render(&runs, started.elapsed().as_secs_f64());
+        println!("\n{text}");
+        passed = runs_passed;
+    }
     if !test_runs.is_empty() {
         let (text, tests_passed) = integration::render(&test_runs);
         println!("the integration tests in each attach mode:\n{text}");

@@ -237,6 +237,8 @@ pub fn run_native(
             ])
             .args(&tests)
             .env("IDLEMON_BIN", idlemon)
+            // The panic's message, not a backtrace, ends a failure's output.
+            .env("RUST_BACKTRACE", "0")
             .env(VARIABLE, expectation(target, mode));
         // idlemon reads it itself; empty would be an attach kind named "".
         match mode.disable() {
@@ -282,24 +284,35 @@ fn tail_of(text: &str) -> String {
 /// The rows `kernel mode test result`, then each failure's tail; and
 /// whether everything passed.
 pub fn render(runs: &[Run]) -> (String, bool) {
+    let named = |outcome: &Outcome| {
+        let shows = SCENARIOS
+            .iter()
+            .find(|(_, test, _)| *test == outcome.test)
+            .map_or("", |(_, _, shows)| *shows);
+        format!("{} ({shows})", outcome.test)
+    };
+    let width = runs
+        .iter()
+        .flat_map(|run| &run.outcomes)
+        .map(|outcome| named(outcome).len())
+        .max()
+        .unwrap_or(0)
+        .max("test (shows)".len())
+        + 2;
     let mut text = format!(
-        "{:<7}{:<8}{:<18}{:<64}{}\n",
+        "{:<7}{:<8}{:<18}{:<width$}{}\n",
         "arch", "kernel", "mode", "test (shows)", "result"
     );
     let mut passed = true;
     let mut failures = String::new();
     for run in runs {
         for outcome in &run.outcomes {
-            let shows = SCENARIOS
-                .iter()
-                .find(|(_, test, _)| *test == outcome.test)
-                .map_or("", |(_, _, shows)| *shows);
             text.push_str(&format!(
-                "{:<7}{:<8}{:<18}{:<64}{}\n",
+                "{:<7}{:<8}{:<18}{:<width$}{}\n",
                 run.target.arch().name(),
                 run.target.series(),
                 run.mode.name(),
-                format!("{} ({shows})", outcome.test),
+                named(outcome),
                 match (&outcome.skipped, outcome.passed) {
                     (Some(reason), true) => format!("skipped: {reason}"),
                     (None, true) => "ok".to_owned(),
