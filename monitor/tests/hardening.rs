@@ -110,7 +110,7 @@ fn kill_9_leaks_nothing_and_a_restart_rediscovers_every_socket() {
     let netns = Netns::new("restart");
     let _streams = idle_connections(&netns, 10);
     let first = Daemon::start(&["--scan-interval", "60"]);
-    assert_eq!(sockets_in(&first, &netns).len(), 20);
+    assert_eq!(first.sockets_in(&netns, "").len(), 20);
     // SAFETY: killing our own child.
     unsafe { libc::kill(first.pid() as i32, libc::SIGKILL) };
     drop(first);
@@ -119,7 +119,7 @@ fn kill_9_leaks_nothing_and_a_restart_rediscovers_every_socket() {
     // A long scan interval: the sockets must come from the first walk.
     let second = Daemon::start(&["--scan-interval", "60"]);
     assert_eq!(
-        sockets_in(&second, &netns).len(),
+        second.sockets_in(&netns, "").len(),
         20,
         "rediscovered in one walk"
     );
