@@ -224,10 +224,11 @@ fn default_keepalive_is_flagged_too_slow() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains(&format!(
-            "{}: 1 at-risk socket (1 keepalive_too_slow) to {}:8002\n  Fix: set the keepalive sysctls",
+            "{}: 1 at-risk socket (1 keepalive_too_slow) to {}:8002\n  Path: ",
             kit::own_comm(),
             kit::SERVER_IP
-        )) && text.contains("    sysctl -w net.ipv4.tcp_keepalive_time=2\n"),
+        )) && text.contains("\n  Fix: set the keepalive sysctls")
+            && text.contains("    sysctl -w net.ipv4.tcp_keepalive_time=2\n"),
         "{text}"
     );
     assert_eq!(Some(own_at_risk(&daemon, "keepalive_too_slow")), Some(1.0));
