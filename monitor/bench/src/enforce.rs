@@ -25,9 +25,9 @@ use anyhow::{Context as _, anyhow};
 
 use super::{
     Bench,
-    bpf::{self, RunTimeStats},
     daemon::Daemon,
     interrupted,
+    kernel::{self, RunTimeStats},
     netns::Netns,
     table::{Check, Summary, Table},
 };
@@ -115,11 +115,11 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
                 }
             }
             let after = daemon.metrics()?;
-            let objects = bpf::objects_of(daemon.pid())?;
+            let objects = kernel::objects_of(daemon.pid())?;
             let stats = RunTimeStats::enable()?;
-            let stats_before = bpf::prog_stats(&objects.progs)?;
+            let stats_before = kernel::prog_stats(&objects.progs)?;
             let stats_rate = measure(&netns, &cgroup, true, target, window)?;
-            let stats_after = bpf::prog_stats(&objects.progs)?;
+            let stats_after = kernel::prog_stats(&objects.progs)?;
             drop(stats);
             let stats_metrics = daemon.metrics()?;
             Ok((
