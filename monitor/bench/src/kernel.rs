@@ -5,6 +5,8 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    path::Path,
+    sync::OnceLock,
 };
 
 use anyhow::{Context as _, anyhow};
@@ -128,7 +130,7 @@ pub fn progs() -> anyhow::Result<Vec<ProgInfo>> {
         let kind = format!("{:?}", info.program_type());
         progs.push(ProgInfo {
             id: info.id(),
-            name: info.name_as_str().unwrap_or_default().to_owned(),
+            name: whole_name(info.name_as_str().unwrap_or_default()),
             kind: kind
                 .strip_prefix("BPF_PROG_TYPE_")
                 .unwrap_or(&kind)
@@ -138,6 +140,57 @@ pub fn progs() -> anyhow::Result<Vec<ProgInfo>> {
         });
     }
     Ok(progs)
+}
+
+/// The kernel keeps the first 15 bytes of a program's name
+/// (`BPF_OBJ_NAME_LEN`); bpftool finds the rest in the program's BTF, which
+/// aya 0.14 does not expose. The bench reads the whole names from the
+/// kernel object embedded in the daemon's binary instead, once.
+static WHOLE_NAMES: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Learns the names of the daemon's programs from its binary.
+pub fn learn_program_names(binary: &Path) -> anyhow::Result<()> {
+    let bytes = fs::read(binary).with_context(|| format!("cannot read {}", binary.display()))?;
+    let _ = WHOLE_NAMES.set(program_names_in(&bytes));
+    Ok(())
+}
+
+/// The names of the programs of every BPF object in `bytes` (an ELF file
+/// of machine EM_BPF anywhere inside).
+fn program_names_in(bytes: &[u8]) -> Vec<String> {
+    const EM_BPF: u16 = 247;
+    // 64-bit, little-endian ELF.
+    const MAGIC: &[u8] = b"\x7fELF\x02\x01";
+    let mut names = Vec::new();
+    let mut from = 0;
+    while let Some(found) = bytes[from..].windows(MAGIC.len()).position(|w| w == MAGIC) {
+        let object = &bytes[from + found..];
+        from += found + 1;
+        if object.get(18..20) != Some(&EM_BPF.to_le_bytes()[..]) {
+            continue;
+        }
+        if let Ok(parsed) = aya_obj::Object::parse(object) {
+            names.extend(parsed.programs.into_keys());
+        }
+    }
+    names
+}
+
+/// The whole name of a program whose kernel name is `name`, where exactly
+/// one of `names` begins with it; `name` otherwise.
+fn whole_name_in(name: &str, names: &[String]) -> String {
+    const KEPT: usize = 15;
+    let mut whole = names
+        .iter()
+        .filter(|whole| name.len() == KEPT && whole.starts_with(name));
+    match (whole.next(), whole.next()) {
+        (Some(whole), None) => whole.clone(),
+        _ => name.to_owned(),
+    }
+}
+
+fn whole_name(name: &str) -> String {
+    whole_name_in(name, WHOLE_NAMES.get().map_or(&[], Vec::as_slice))
 }
 
 /// Program counters of one process, by program id.
@@ -301,5 +354,25 @@ mod tests {
         assert_eq!(map_kind(MapType::PerCpuArray), "percpu_array");
         assert_eq!(map_kind(MapType::LruHash), "lru_hash");
         assert_eq!(map_kind(MapType::RingBuf), "ringbuf");
+    }
+
+    #[test]
+    fn names_come_whole_from_an_embedded_object() {
+        let mut binary = b"\x7fELF\x02\x01 not a BPF object".to_vec();
+        binary.extend_from_slice(crate::noop::OBJECT);
+        binary.extend_from_slice(b"trailing bytes");
+        let names = program_names_in(&binary);
+        assert!(
+            names.iter().any(|name| name == "noop_task_file"),
+            "{names:?}"
+        );
+        let names = ["keepalive_tp_btf", "reset_sent_tp_btf", "reset_sent_tp_bis"]
+            .map(str::to_owned)
+            .to_vec();
+        assert_eq!(whole_name_in("keepalive_tp_bt", &names), "keepalive_tp_btf");
+        // Two programs begin alike: the kernel's name stays.
+        assert_eq!(whole_name_in("reset_sent_tp_b", &names), "reset_sent_tp_b");
+        assert_eq!(whole_name_in("reset_sent_tp_", &names), "reset_sent_tp_");
+        assert_eq!(whole_name_in("walk_tcp", &names), "walk_tcp");
     }
 }

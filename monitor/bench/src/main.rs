@@ -340,6 +340,7 @@ fn run(args: &BenchArgs) -> anyhow::Result<()> {
             binary.display()
         );
     }
+    kernel::learn_program_names(&binary)?;
     let settings = Settings::from(args);
     let parts: Vec<Part> = match args.only {
         Some(part) => vec![part],

@@ -13,7 +13,7 @@ use aya::{
     programs::{BtfTracePoint, Iter},
 };
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/noop"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/noop"));
 
 /// Reads of one no-op walk, at most: a read that visited a million objects
 /// without output returns EAGAIN and the next one goes on.
