@@ -7,7 +7,7 @@
     reason = "a test fails loudly on any unexpected error"
 )]
 
-mod common;
+use idlemon_testkit as kit;
 
 use std::{
     io::{Read as _, Write as _},
@@ -17,9 +17,9 @@ use std::{
     time::Duration,
 };
 
-use common::{
-    DAEMON_PORT, Daemon, IDLEMON, Netns, TempFile, assert_programs_back_to, port_for,
-    raise_fd_limit, settled_idlemon_programs, wait_for,
+use kit::{
+    DAEMON_PORT, Daemon, Netns, TempFile, assert_programs_back_to, port_for, raise_fd_limit,
+    settled_idlemon_programs, wait_for,
 };
 use serde_json::Value;
 
@@ -147,7 +147,7 @@ fn fails(command: &mut Command) -> String {
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn missing_kernel_features_exit_clearly_or_degrade_visibly() {
     let baseline = settled_idlemon_programs();
-    let message = fails(Command::new(IDLEMON).args([
+    let message = fails(Command::new(kit::idlemon()).args([
         "--listen",
         "127.0.0.1:0",
         "--kernel-btf",
@@ -158,7 +158,7 @@ fn missing_kernel_features_exit_clearly_or_degrade_visibly() {
         "{message}"
     );
 
-    let message = fails(Command::new(IDLEMON).args([
+    let message = fails(Command::new(kit::idlemon()).args([
         "--listen",
         "127.0.0.1:0",
         "--disable-attach",
@@ -175,7 +175,8 @@ fn missing_kernel_features_exit_clearly_or_degrade_visibly() {
         "sh",
         "-c",
         &format!(
-            "umount /sys/kernel/tracing 2>/dev/null; exec {IDLEMON} --listen 127.0.0.1:0 --disable-attach tp_btf,raw_tp"
+            "umount /sys/kernel/tracing 2>/dev/null; exec {} --listen 127.0.0.1:0 --disable-attach tp_btf,raw_tp",
+            kit::idlemon()
         ),
     ]));
     assert!(
