@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::Args;
 
 use self::table::Check;
@@ -110,18 +110,24 @@ pub fn run_vm(args: &VmBenchArgs) -> anyhow::Result<()> {
         checks: Vec::new(),
     };
     let result = vm::run(&mut bench);
-    let lines: String = bench
+    let mut lines: String = bench
         .checks
         .iter()
         .map(|check| check.to_line() + "\n")
         .collect();
-    fs::write(&args.checks, lines)
-        .with_context(|| format!("cannot write {}", args.checks.display()))?;
-    if interrupted() {
-        bail!("interrupted");
+    // The bench prints why the part failed, as it does for its own parts.
+    if let Err(error) = &result {
+        lines.push_str(&format!(
+            "{FAILED}\t{}\n",
+            format!("{error:#}").replace('\n', " ")
+        ));
     }
-    result
+    fs::write(&args.checks, lines)
+        .with_context(|| format!("cannot write {}", args.checks.display()))
 }
+
+/// The line of the checks file that says why the part failed.
+const FAILED: &str = "failed";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -129,7 +135,8 @@ extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::Relaxed);
 }
 
-/// Set by Ctrl-C or SIGTERM, which reach the bench and this part alike.
+/// Set by Ctrl-C or SIGTERM, which reach the bench and this part alike;
+/// the vm part stops between kernels and fails as interrupted.
 fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }

@@ -14,7 +14,7 @@ use super::{
     daemon::{self, Daemon},
     interrupted,
     kernel::{self, MapInfo, RunTimeStats},
-    netns::Netns,
+    netns,
     table::{Check, Summary, Table},
     traffic,
 };
@@ -23,7 +23,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let rate = bench.settings.churn_rate;
     let duration = bench.settings.churn_seconds;
     let threads = bench.settings.churn_threads;
-    let netns = Netns::create("churn")?;
+    let netns = netns::create("churn");
     println!(
         "open+close {rate:.0} loopback connections/s for {} s from {threads} paced thread(s), in network namespace {}; idlemon with default flags",
         duration.as_secs(),

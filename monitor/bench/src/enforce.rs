@@ -28,7 +28,7 @@ use super::{
     daemon::Daemon,
     interrupted,
     kernel::{self, RunTimeStats},
-    netns::Netns,
+    netns::{self, Netns},
     table::{Check, Summary, Table},
 };
 
@@ -37,22 +37,15 @@ use super::{
 const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 
 pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
-    let netns = Netns::create("enforce")?;
+    let netns = netns::create("enforce");
     // A veth pair (the kernel may lack the dummy driver): only the address
     // matters, which the namespace reaches through its local table.
-    netns.exec(&[
-        "ip", "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
-    ])?;
-    netns.exec(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{SERVER}/24"),
-        "dev",
-        "bench0",
-    ])?;
-    netns.exec(&["ip", "link", "set", "bench0", "up"])?;
-    netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    netns.ip(&[
+        "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
+    ]);
+    netns.ip(&["addr", "add", &format!("{SERVER}/24"), "dev", "bench0"]);
+    netns.ip(&["link", "set", "bench0", "up"]);
+    netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     let cgroup = BenchCgroup::create()?;
     let config =
         std::env::temp_dir().join(format!("idlemon-bench-{}-enforce.toml", std::process::id()));
@@ -74,7 +67,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     )?;
     daemon.wait_ready(Duration::from_secs(60))?;
     let listener = netns
-        .run(|| TcpListener::bind((SERVER, 0)))?
+        .run(|| TcpListener::bind((SERVER, 0)))
         .context("cannot listen on the veth address")?;
     // SAFETY: a valid listening socket; listening again only sets the backlog.
     if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
@@ -246,7 +239,7 @@ fn measure(
             opened += 1;
         }
         (opened, start.elapsed())
-    })?;
+    });
     Ok(opened as f64 / elapsed.as_secs_f64().max(1e-9))
 }
 

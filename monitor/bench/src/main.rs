@@ -10,7 +10,7 @@
 //! smoke run, `--only overhead|scale|churn|idle|pods|enforce|vm` for one part) prints
 //! seven parts, then a table of targets, each `met`, `MISSED`,
 //! `inconclusive` or `reported`. Each part makes its own network namespace
-//! (`idlemon-bench-PID-PART`; the vm part, its own VMs), so that no other
+//! (the test kit's, `idlemon-PID-N-bench-PART`; the vm part, its own VMs), so that no other
 //! traffic mixes in, and starts
 //! its own idlemon (`--event-log ''`, a free `--listen` port, otherwise
 //! default flags unless it says so). Repeated figures show n, min, median and
@@ -373,7 +373,9 @@ fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     for part in parts {
         println!("\n== {part:?} ==");
-        let result = match part {
+        // The test kit's helpers (network namespaces) panic where the bench
+        // would fail a part: the part fails, its guards unwind, the rest runs.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match part {
             Part::Overhead => overhead::run(&mut bench),
             Part::Scale => scale::run(&mut bench),
             Part::Churn => churn::run(&mut bench),
@@ -382,7 +384,8 @@ fn run(args: &BenchArgs) -> anyhow::Result<()> {
             Part::Soak => soak::run(&mut bench),
             Part::Vm => vm::run(&mut bench),
             Part::Enforce => enforce::run(&mut bench),
-        };
+        }))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked (its message is above)")));
         if let Err(error) = result {
             println!("{part:?} FAILED: {error:#}");
             failed.push(part);

@@ -1,107 +1,45 @@
 //! Network namespaces made for one measurement, so that no other traffic on
-//! the host mixes in, and removed when dropped.
+//! the host mixes in: the test kit's (`idlemon_testkit::Netns`, removed when
+//! dropped), named `idlemon-PID-N-bench-PART`.
 
 use std::{
-    fs::{self, File},
-    os::fd::AsRawFd as _,
+    fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    thread,
 };
 
-use anyhow::{Context as _, anyhow, bail};
+pub use idlemon_testkit::Netns;
 
-const PREFIX: &str = "idlemon-bench-";
 const BIND_MOUNTS: &str = "/run/netns";
+/// What the bench adds to the kit's names, `idlemon-PID-N-TAG`.
+const TAG: &str = "bench-";
+/// The bench's daemon logs, `idlemon-bench-PID-PORT.log` (daemon.rs).
+const LOG_PREFIX: &str = "idlemon-bench-";
 
-pub struct Netns {
-    pub name: String,
-    path: PathBuf,
+/// A namespace for one part, with loopback up. The kit panics if `ip`
+/// fails; the bench turns that into the part's failure.
+pub fn create(part: &str) -> Netns {
+    Netns::new(&format!("{TAG}{part}"))
 }
 
-impl Netns {
-    /// `ip netns add`, with loopback up. The name carries the bench's pid so
-    /// that a later run can tell a leftover from a live one.
-    pub fn create(tag: &str) -> anyhow::Result<Self> {
-        let name = format!("{PREFIX}{}-{tag}", std::process::id());
-        ip(&["netns", "add", &name])?;
-        let netns = Self {
-            path: Path::new(BIND_MOUNTS).join(&name),
-            name,
-        };
-        netns.exec(&["ip", "link", "set", "lo", "up"])?;
-        Ok(netns)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// A sysctl of this namespace (net.* sysctls are per namespace).
-    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")])
-    }
-
-    /// Runs a command inside the namespace and waits for it.
-    pub fn exec(&self, argv: &[&str]) -> anyhow::Result<()> {
-        let mut args = vec!["netns", "exec", &self.name];
-        args.extend_from_slice(argv);
-        ip(&args)
-    }
-
-    /// A command that runs inside the namespace, to be spawned by the caller.
-    pub fn command(&self, argv: &[&str]) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.name]).args(argv);
-        command
-    }
-
-    /// Runs `f` on a thread that joined the namespace. A socket belongs to
-    /// the namespace it was created in for its whole life, so what `f`
-    /// creates can be used from any thread afterwards.
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-        let file = File::open(&self.path)
-            .with_context(|| format!("cannot open {}", self.path.display()))?;
-        thread::scope(|scope| {
-            scope
-                .spawn(|| -> anyhow::Result<T> {
-                    // setns(2) with CLONE_NEWNET moves only this thread.
-                    // SAFETY: a valid namespace fd, and the flag matches it.
-                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error()).with_context(|| {
-                            format!("cannot enter network namespace {}", self.name)
-                        });
-                    }
-                    Ok(f())
-                })
-                .join()
-                .map_err(|_| anyhow!("a thread in network namespace {} panicked", self.name))?
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Sockets still open inside keep the namespace itself alive until
-        // they close; only the name goes now.
-        if let Err(error) = ip(&["netns", "del", &self.name]) {
-            eprintln!("bench: {error:#}");
-        }
-    }
+/// Where the namespace is bind-mounted, for threads that enter it themselves.
+pub fn path(netns: &Netns) -> PathBuf {
+    Path::new(BIND_MOUNTS).join(&netns.name)
 }
 
 /// Removes namespaces and daemon logs left by a bench that was killed
-/// (SIGKILL runs no Drop).
+/// (SIGKILL runs no Drop): those whose process is gone.
 pub fn remove_leftovers() {
+    let dead = |pid: &str| !Path::new("/proc").join(pid).exists();
     if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let dead = name
-                .strip_prefix(PREFIX)
+            let left = name
+                .strip_prefix(LOG_PREFIX)
                 .filter(|rest| rest.ends_with(".log"))
                 .and_then(|rest| rest.split('-').next())
-                .is_some_and(|pid| !Path::new("/proc").join(pid).exists());
-            if dead {
+                .is_some_and(dead);
+            if left {
                 let _ = fs::remove_file(entry.path());
             }
         }
@@ -111,34 +49,22 @@ pub fn remove_leftovers() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.split('-').next())
+        // idlemon-PID-N-bench-PART
+        let mut fields = name.splitn(4, '-');
+        let (Some("idlemon"), Some(pid), Some(_), Some(tag)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
         else {
             continue;
         };
-        if !Path::new("/proc").join(pid).exists() {
+        if tag.starts_with(TAG) && dead(pid) {
             println!("bench: removing network namespace {name} left by an earlier run");
-            if let Err(error) = ip(&["netns", "del", &name]) {
-                eprintln!("bench: {error:#}");
+            let status = Command::new("ip")
+                .args(["netns", "del", &name])
+                .stdin(Stdio::null())
+                .status();
+            if !status.is_ok_and(|status| status.success()) {
+                eprintln!("bench: cannot remove network namespace {name}");
             }
         }
     }
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run ip {}", args.join(" ")))?;
-    if !output.status.success() {
-        bail!(
-            "ip {} failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
 }

@@ -16,8 +16,7 @@ use super::{
     host::Others,
     kernel::{self, ProgInfo, RunTimeStats},
     load::{self, Load},
-    netns::Netns,
-    noop, pause,
+    netns, noop, pause,
     table::{Check, Summary, Table},
 };
 
@@ -80,7 +79,7 @@ const STREAM: Series = Series {
 
 pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     bench.ensure_package("iperf3", "bulk-stream throughput over loopback")?;
-    let netns = Netns::create("overhead")?;
+    let netns = netns::create("overhead");
     let window = bench.settings.window;
     let pairs = bench.settings.pairs;
     println!(

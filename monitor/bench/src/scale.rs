@@ -10,7 +10,7 @@ use super::{
     Bench, MIB,
     daemon::{self, Daemon, Scan},
     kernel::{self, RunTimeStats},
-    netns::Netns,
+    netns::{self, Netns},
     noop,
     table::{Check, Summary, Table},
     traffic,
@@ -43,7 +43,7 @@ const NOOP_WALKS: [(&str, &str); 2] = [
 pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let connections = bench.settings.connections;
     let sockets = 2 * connections;
-    let netns = Netns::create("scale")?;
+    let netns = netns::create("scale");
     // Room for every socket of the test plus the host's own, so that the
     // table's cost per socket is measured with the table in use, not empty.
     let max_sockets = sockets + 8192;
@@ -383,7 +383,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
 /// thread inside `netns`, once per `BASELINE_RUNS`; None when this kernel
 /// cannot load one (said so).
 fn noop_walk_cpu(netns: &Netns, target: &str) -> anyhow::Result<Option<Summary>> {
-    match netns.run(|| noop::walks(target, BASELINE_RUNS))? {
+    match netns.run(|| noop::walks(target, BASELINE_RUNS)) {
         Ok(runs) => Ok(Summary::of(
             &runs.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
         )),
@@ -408,7 +408,7 @@ fn baseline_cpu(netns: &Netns, argv: &[&str]) -> anyhow::Result<Option<Summary>>
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
-        })?;
+        });
         let child = match child {
             Ok(child) => child,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {

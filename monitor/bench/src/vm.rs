@@ -36,8 +36,16 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let text = fs::read_to_string(&checks).unwrap_or_default();
     let _ = fs::remove_file(&checks);
     // What it measured before it failed still belongs in the table.
+    let mut failed = None;
     for line in text.lines() {
+        if let Some(why) = line.strip_prefix("failed\t") {
+            failed = Some(why.to_owned());
+            continue;
+        }
         bench.check(Check::from_line(line).with_context(|| format!("bad check line {line:?}"))?);
+    }
+    if let Some(why) = failed {
+        bail!("{why}");
     }
     let status = status?;
     if !status.success() {
