@@ -213,6 +213,10 @@ pub struct Metrics {
     retransmit_timeouts: IntCounterVec,
     connect_failures: IntCounterVec,
     destination_connect_failures: IntCounterVec,
+    /// idlemon_destination_established_connections and the labels it
+    /// published at the last walk (stale ones are removed).
+    destination_established: IntGaugeVec,
+    established_published: std::sync::Mutex<Vec<String>>,
     /// Destinations of idlemon_destination_connect_failures_total so far,
     /// capped at `LabelLimits::destinations` (the first ones to fail keep
     /// their series: a counter's series must not come and go).
@@ -550,7 +554,18 @@ impl Metrics {
             ),
             &["destination"],
         )?;
+        let destination_established = IntGaugeVec::new(
+            Opts::new(
+                "idlemon_destination_established_connections",
+                "ESTABLISHED connections this node opened (not accepted ones), by destination \
+                 (address:port), for the top --destination-labels destinations (the rest under \
+                 destination=\"_other\"): what a NAT gateway's 55,000 connections per \
+                 destination and NAT address count; absent unless enabled.",
+            ),
+            &["destination"],
+        )?;
         if limits.destinations > 0 {
+            register(Box::new(destination_established.clone()))?;
             register(Box::new(destination_connect_failures.clone()))?;
             register(Box::new(destination_connects.clone()))?;
         }
@@ -673,6 +688,8 @@ impl Metrics {
             connect_failures,
             destination_connect_failures,
             failed_destinations: std::sync::Mutex::default(),
+            destination_established,
+            established_published: std::sync::Mutex::default(),
             destination_connects,
             events,
             idle_before_reset,
@@ -730,6 +747,41 @@ impl Metrics {
         *published = current;
     }
 
+    /// idlemon_destination_established_connections: the busiest
+    /// destinations by name, the rest folded into `_other`, stale ones removed.
+    fn observe_established(&self, summary: &Summary) {
+        if self.limits.destinations == 0 {
+            return;
+        }
+        let mut destinations: Vec<(&std::net::SocketAddr, &usize)> =
+            summary.opened_destinations.iter().collect();
+        destinations.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+        let mut series: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+        for (rank, (destination, count)) in destinations.into_iter().enumerate() {
+            let label = if rank < self.limits.destinations {
+                destination.to_string()
+            } else {
+                "_other".to_owned()
+            };
+            *series.entry(label).or_default() += *count as i64;
+        }
+        let Ok(mut published) = self.established_published.lock() else {
+            return;
+        };
+        for label in published
+            .iter()
+            .filter(|label| !series.contains_key(*label))
+        {
+            let _ = self.destination_established.remove_label_values(&[label]);
+        }
+        for (label, count) in &series {
+            self.destination_established
+                .with_label_values(&[label])
+                .set(*count);
+        }
+        *published = series.into_keys().collect();
+    }
+
     /// Sets the socket gauges from one walk.
     pub fn observe(&self, summary: &Summary) {
         self.tracked.set(summary.tracked as i64);
@@ -774,6 +826,7 @@ impl Metrics {
         }
         self.attribution_dropped.inc_by(dropped);
         self.observe_namespace_keepalive(summary);
+        self.observe_established(summary);
 
         let mut destinations: Vec<(&std::net::IpAddr, &usize)> =
             summary.at_risk_destinations.iter().collect();
@@ -1051,6 +1104,10 @@ mod tests {
             .destination_connects
             .with_label_values(&["198.51.100.2:5432"])
             .inc();
+        metrics
+            .destination_established
+            .with_label_values(&["198.51.100.2:443"])
+            .set(1);
         let mut exported = std::collections::BTreeSet::new();
         for family in metrics.registry.gather() {
             let name = family.name().to_owned();
@@ -1362,6 +1419,7 @@ mod tests {
             idle_since_receive_seconds: None,
             idle_before_seconds: Some(400.0),
             reuse: None,
+            explanation: None,
             error: None,
             retransmissions: None,
             reason: None,

@@ -2,7 +2,7 @@
 //! sockets a middlebox's idle timeout will kill. Pure logic, unit-tested.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     num::NonZeroU32,
     sync::Arc,
@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::{
     attribution::Attribution,
-    config::{IdleTimeout, PathConfig},
+    config::{IdleTimeout, OnIdle, PathBehaviour, PathConfig, PathKind},
     fix::{self, Fix},
 };
 
@@ -41,6 +41,14 @@ impl Risk {
         match self {
             Self::NoKeepalive => "no_keepalive",
             Self::KeepaliveTooSlow => "keepalive_too_slow",
+        }
+    }
+
+    /// The risk in words, for `TrackedSocket::why`.
+    pub fn words(self) -> &'static str {
+        match self {
+            Self::NoKeepalive => "keepalive off",
+            Self::KeepaliveTooSlow => "a keepalive slower than the path's timeout",
         }
     }
 }
@@ -97,6 +105,12 @@ pub struct TrackedSocket {
     pub path_idle_timeout_seconds: Option<u32>,
     /// The config rule that set the timeout; null for the default.
     pub path_rule: Option<String>,
+    /// What sits on the path (`kind` of the rule: `nat_gateway`, `nlb`,
+    /// `gwlb`, `vpc_endpoint`, `firewall`, `none`); null where no kind is named.
+    pub path_kind: Option<&'static str>,
+    /// What the path does to the next packet of a flow it forgot: `reset`
+    /// or `drop`; null on a path without an idle timeout.
+    pub path_on_idle: Option<&'static str>,
     /// Seconds until the middlebox forgets the flow if nothing crosses it,
     /// counting ACKs of keepalive probes as traffic; negative once past.
     pub time_left_seconds: Option<f64>,
@@ -106,6 +120,9 @@ pub struct TrackedSocket {
     /// At-risk sockets only: the one change that keeps the path alive
     /// (`fix::Fix`); null otherwise.
     pub fix: Option<Fix>,
+    /// At-risk sockets only: what the path will do to it, in words ("the
+    /// GWLB forgets a flow idle 350 s and drops its next packet: ...").
+    pub why: Option<String>,
     /// Retransmission timeouts in a row without an ACK (kernel
     /// `icsk_retransmits`): 0 while the peer answers.
     pub retransmits: u8,
@@ -218,6 +235,7 @@ impl Classifier {
             probes_unanswered: record.probes_out,
             retransmits: record.retransmits,
             retransmitting_since_reuse: record.retransmitting_since_reuse != 0,
+            opened_here: record.opened_here != 0,
             risk: None,
         };
         socket.risk = match self.coverage(&socket) {
@@ -273,6 +291,7 @@ impl Classifier {
             timer_runs: self.keepalive_timer_seen.then_some(socket.timer_runs),
         };
         let attribution = owner.map_or_else(Arc::default, |owner| Arc::clone(&owner.attribution));
+        let behaviour = self.path_behaviour(socket.path_rule);
         let fix = socket
             .risk
             .zip(path_timeout)
@@ -294,6 +313,15 @@ impl Classifier {
                 PathRule::Loopback => Some("loopback".to_owned()),
                 PathRule::Default => None,
             },
+            path_kind: self.path_kind(socket.path_rule).map(PathKind::as_str),
+            path_on_idle: behaviour.map(|path| path.on_idle.as_str()),
+            why: socket.risk.and(behaviour).map(|path| {
+                format!(
+                    "idle {idle_seconds:.0} s with {}; {}",
+                    socket.risk.map_or("", Risk::words),
+                    path.forgets()
+                )
+            }),
             time_left_seconds: path_timeout.map(|timeout| f64::from(timeout) - path_idle),
             keepalive,
             at_risk: socket.risk.is_some(),
@@ -306,6 +334,41 @@ impl Classifier {
             cgroup_id: owner.and_then(|owner| owner.cgroup_id),
             attribution,
         }
+    }
+
+    /// What sits on the path a rule chose.
+    fn path_kind(&self, rule: PathRule) -> Option<PathKind> {
+        match rule {
+            PathRule::Config(index) => self.paths.kind(index as usize),
+            PathRule::Loopback => Some(PathKind::None),
+            PathRule::Default => None,
+        }
+    }
+
+    /// The behaviour of the path a rule chose; None without an idle timeout.
+    pub fn path_behaviour(&self, rule: PathRule) -> Option<PathBehaviour> {
+        let (timeout, on_idle) = match rule {
+            PathRule::Config(index) => (
+                self.paths.timeout(index as usize),
+                self.paths.on_idle(index as usize)?,
+            ),
+            PathRule::Loopback => return None,
+            // `--idle-timeout`, the NAT gateway's by default: a reset.
+            PathRule::Default => (self.default_timeout, OnIdle::Reset),
+        };
+        match timeout {
+            IdleTimeout::After(seconds) => Some(PathBehaviour {
+                kind: self.path_kind(rule),
+                on_idle,
+                timeout_seconds: seconds.get(),
+            }),
+            IdleTimeout::Never => None,
+        }
+    }
+
+    /// The behaviour of a record's path; None without an idle timeout.
+    pub fn path_behaviour_of(&self, record: &SocketRecord) -> Option<PathBehaviour> {
+        self.path_behaviour(self.compact(record, NO_OWNER).path_rule)
     }
 
     /// A record classified on its own (events), attributed to the owner the
@@ -356,7 +419,7 @@ pub struct Socket {
     probes_answered: u32,
     timer_runs: u32,
     path_timeout: Option<NonZeroU32>,
-    path_rule: PathRule,
+    pub path_rule: PathRule,
     /// Index into `Snapshot::owners`, or `NO_OWNER`.
     pub owner: u32,
     is_ipv6: bool,
@@ -368,6 +431,8 @@ pub struct Socket {
     probes_unanswered: u8,
     retransmits: u8,
     retransmitting_since_reuse: bool,
+    /// This node opened it (`SocketRecord::opened_here`).
+    pub opened_here: bool,
     pub risk: Option<Risk>,
 }
 
@@ -383,6 +448,21 @@ impl Socket {
 
     pub fn remote_ip(&self) -> IpAddr {
         address(self.is_ipv6, &self.remote_addr)
+    }
+
+    pub fn local_port(&self) -> u16 {
+        self.local_port
+    }
+
+    /// Inode of the socket's network namespace.
+    pub fn netns(&self) -> u32 {
+        self.netns
+    }
+
+    /// The destination as a NAT gateway counts it: address and port.
+    pub fn remote(&self) -> SocketAddr {
+        // A dual-stack socket's IPv4-mapped peer is the IPv4 destination.
+        SocketAddr::new(self.remote_ip().to_canonical(), self.remote_port)
     }
 }
 
@@ -641,6 +721,9 @@ pub struct Summary {
     pub at_risk: HashMap<(Risk, [String; 3]), usize>,
     /// At-risk sockets by remote address.
     pub at_risk_destinations: WalkMap<IpAddr, usize>,
+    /// ESTABLISHED connections this node opened, by destination (address
+    /// and port): what a NAT gateway's 55,000 per destination counts.
+    pub opened_destinations: WalkMap<SocketAddr, usize>,
     /// Sockets idle at least the threshold on a path with a timeout, by
     /// keepalive coverage (indexed like `Coverage::ALL`).
     pub long_idle: [usize; Coverage::ALL.len()],
@@ -672,6 +755,12 @@ impl Summary {
         for socket in &snapshot.sockets {
             if let Some(coverage) = snapshot.classifier.coverage(socket) {
                 summary.long_idle[coverage as usize] += 1;
+            }
+            if socket.opened_here {
+                *summary
+                    .opened_destinations
+                    .entry(socket.remote())
+                    .or_default() += 1;
             }
             if let Some(risk) = socket.risk {
                 *per_owner.entry((risk, socket.owner)).or_default() += 1;
@@ -735,6 +824,52 @@ impl Filter {
             && self
                 .min_idle
                 .is_none_or(|min_idle| classifier.seconds(socket.idle()) >= min_idle)
+    }
+}
+
+/// The ESTABLISHED connections that existed before idlemon loaded and that
+/// this node opened, as far as can be told: the kernel marks only the active
+/// opens it sees complete, so at the first scan a connection it did not mark
+/// is taken for an active open when its local port is none of its network
+/// namespace's listening ports (an accepted connection has its listener's
+/// port, and the kernel never picks a listener's port for a connect). An
+/// accepted connection whose listener has closed since is counted wrongly;
+/// an application that binds a listener's port before connecting (with
+/// SO_REUSEPORT) is missed. Kept by socket and 4-tuple until they close, so
+/// that a socket allocated at a closed one's address is not taken for it.
+#[derive(Debug, Default)]
+pub struct OpenedBeforeStart(HashSet<(u64, u16, SocketAddr)>);
+
+impl OpenedBeforeStart {
+    /// Classifies the unmarked sockets of the first scan; `listening` holds
+    /// each namespace's (by inode) listening ports.
+    pub fn classify(snapshot: &Snapshot, listening: &HashMap<u32, HashSet<u16>>) -> Self {
+        Self(
+            snapshot
+                .sockets
+                .iter()
+                .filter(|socket| {
+                    !socket.opened_here
+                        && listening
+                            .get(&socket.netns())
+                            .is_some_and(|ports| !ports.contains(&socket.local_port()))
+                })
+                .map(|socket| (socket.sock, socket.local_port(), socket.remote()))
+                .collect(),
+        )
+    }
+
+    /// Adds those still open to `summary`'s count, and forgets the closed.
+    pub fn count(&mut self, snapshot: &Snapshot, summary: &mut Summary) {
+        let mut open = HashSet::with_capacity(self.0.len());
+        for socket in &snapshot.sockets {
+            let key = (socket.sock, socket.local_port(), socket.remote());
+            if !socket.opened_here && self.0.contains(&key) {
+                *summary.opened_destinations.entry(key.2).or_default() += 1;
+                open.insert(key);
+            }
+        }
+        self.0 = open;
     }
 }
 
@@ -869,6 +1004,45 @@ mod tests {
         assert_eq!(
             classifier("").classify(&record).risk,
             Some(Risk::KeepaliveTooSlow)
+        );
+    }
+
+    #[test]
+    fn at_risk_sockets_say_what_their_path_kind_will_do() {
+        let gwlb = classifier("[[path]]\nname = \"fw\"\ncidr = \"52.1.0.0/16\"\nkind = \"gwlb\"\n");
+        let socket = gwlb.classify(&record(400, false));
+        assert_eq!(socket.risk, Some(Risk::NoKeepalive));
+        assert_eq!(
+            (socket.path_kind, socket.path_on_idle),
+            (Some("gwlb"), Some("drop"))
+        );
+        assert_eq!(socket.path_idle_timeout_seconds, Some(350));
+        assert_eq!(
+            socket.why.as_deref(),
+            Some(
+                "idle 400 s with keepalive off; the GWLB forgets a flow idle 350 s and drops its next packet: the request hangs while the kernel retransmits, until tcp_retries2 or TCP_USER_TIMEOUT gives up with ETIMEDOUT (about 15 minutes by default)"
+            )
+        );
+        // The default path resets, as a NAT gateway does; no kind is named.
+        let socket = classifier("").classify(&record(400, true));
+        assert_eq!(
+            (socket.path_kind, socket.path_on_idle),
+            (None, Some("reset"))
+        );
+        assert!(
+            socket.why.as_deref().is_some_and(|why| why.starts_with(
+                "idle 400 s with a keepalive slower than the path's timeout; the path's middlebox forgets a flow idle 350 s and answers its next packet with a reset"
+            )),
+            "{:?}",
+            socket.why
+        );
+        // Safe sockets carry no why; kind none is never at risk.
+        assert_eq!(classifier("").classify(&record(10, false)).why, None);
+        let none = classifier("[[path]]\ncidr = \"52.1.0.0/16\"\nkind = \"none\"\n");
+        let socket = none.classify(&record(5000, false));
+        assert_eq!(
+            (socket.risk, socket.why, socket.path_kind),
+            (None, None, Some("none"))
         );
     }
 
@@ -1154,5 +1328,40 @@ mod tests {
             min_idle: None,
         };
         assert_eq!(snapshot.select(&not_at_risk), vec![3, 0]);
+    }
+
+    #[test]
+    fn connections_older_than_idlemon_are_active_opens_unless_on_a_listening_port() {
+        let listening = HashMap::from([(0, HashSet::from([8080]))]);
+        let mut outbound = record(10, false);
+        outbound.sock = 1;
+        outbound.local_port = 40001;
+        let mut accepted = record(10, false);
+        accepted.sock = 2;
+        accepted.local_port = 8080;
+        let mut marked = record(10, false);
+        marked.sock = 3;
+        marked.opened_here = 1;
+        let first = snapshot(classifier(""), &[outbound, accepted, marked]);
+        let mut older = OpenedBeforeStart::classify(&first, &listening);
+        let mut summary = Summary::of(&first);
+        let destination: SocketAddr = "52.1.2.3:443".parse().expect("address");
+        // The marked one counts by its mark, the outbound one by the heuristic.
+        assert_eq!(summary.opened_destinations.get(&destination), Some(&1));
+        older.count(&first, &mut summary);
+        assert_eq!(summary.opened_destinations.get(&destination), Some(&2));
+
+        // The old connection closed; a new accepted socket at its address is
+        // not taken for it (another local port), nor counted once it is gone.
+        let mut reused = accepted;
+        reused.sock = 1;
+        let next = snapshot(classifier(""), &[reused, marked]);
+        let mut summary = Summary::of(&next);
+        older.count(&next, &mut summary);
+        assert_eq!(summary.opened_destinations.get(&destination), Some(&1));
+        let again = snapshot(classifier(""), &[outbound, marked]);
+        let mut summary = Summary::of(&again);
+        older.count(&again, &mut summary);
+        assert_eq!(summary.opened_destinations.get(&destination), Some(&1));
     }
 }
