@@ -29,10 +29,10 @@ use std::{
     time::Duration,
 };
 
+use kit::fake_api::{self, FakeApi, Reply};
 use kit::{
     Daemon, Keepalive, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, echo, wait_for,
 };
-use kit::fake_api::{self, FakeApi, Reply};
 use serde_json::Value;
 
 const NAT_TIMEOUT: u32 = 4;
