@@ -16,18 +16,12 @@
     reason = "a test fails loudly on any unexpected error"
 )]
 
-mod common;
-#[path = "common/fake_api.rs"]
-mod fake_api;
+use idlemon_testkit as kit;
 
 use std::{
     ffi::CString,
-    io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _},
-        unix::process::CommandExt as _,
-    },
+    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::Stdio,
     sync::mpsc,
@@ -35,8 +29,10 @@ use std::{
     time::Duration,
 };
 
-use common::{Daemon, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, wait_for};
-use fake_api::{FakeApi, Reply};
+use kit::fake_api::{self, FakeApi, Reply};
+use kit::{
+    Daemon, Keepalive, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, echo, wait_for,
+};
 use serde_json::Value;
 
 const NAT_TIMEOUT: u32 = 4;
@@ -140,17 +136,6 @@ fn config(cgroup: &TestCgroup, port: u16, mode: &str) -> TempFile {
             cgroup.name
         ),
     )
-}
-
-fn start_daemon(config: &TempFile) -> Daemon {
-    Daemon::start(&[
-        "--idle-threshold",
-        "2",
-        "--scan-interval",
-        "0.5",
-        "--config",
-        config.path(),
-    ])
 }
 
 /// What a client process reported.
@@ -294,49 +279,20 @@ fn zz_client_process() {
     } else {
         let target: SocketAddr = fields[0].parse().unwrap();
         let own: i32 = fields[1].parse().unwrap();
+        let keepalive = match u32::try_from(own) {
+            Ok(0) => Keepalive::Off,
+            Ok(seconds) => Keepalive::Every(seconds),
+            Err(_) => Keepalive::On,
+        };
         (
-            connect_with(target, own),
+            kit::connect(target, keepalive),
             Some(fields[2].parse::<u64>().unwrap()),
         )
     };
-    let option = |stream: &TcpStream, level, name| {
-        let mut value = 0i32;
-        let mut length = size_of::<i32>() as libc::socklen_t;
-        // SAFETY: a valid socket and buffer.
-        let rc = unsafe {
-            libc::getsockopt(
-                stream.as_raw_fd(),
-                level,
-                name,
-                (&raw mut value).cast(),
-                &mut length,
-            )
-        };
-        assert_eq!(rc, 0);
-        value
-    };
-    let keepalive = |stream: &TcpStream| {
-        [
-            option(stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-            option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
-            option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
-            option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
-        ]
-    };
+    let keepalive = kit::socket::keepalive_options;
     let at_connect = keepalive(&stream);
     if fields.get(3) == Some(&"weaken") {
-        let off = 0i32;
-        // SAFETY: a valid socket and a 4-byte value.
-        let rc = unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_KEEPALIVE,
-                (&raw const off).cast(),
-                4,
-            )
-        };
-        assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+        kit::socket::turn_keepalive_off(&stream);
     }
     let mut stream = stream;
     let result = match target_idle {
@@ -356,59 +312,6 @@ fn zz_client_process() {
         "CLIENT {} {a},{b},{c},{d} {e},{f},{g},{h} {result}",
         stream.local_addr().unwrap()
     );
-}
-
-/// Connects with SO_KEEPALIVE and TCP_KEEPIDLE/TCP_KEEPINTVL of `own`
-/// seconds set before connect (0: no keepalive), as applications that set
-/// their own keepalive do.
-fn connect_with(target: SocketAddr, own: i32) -> TcpStream {
-    if target.is_ipv6() {
-        // An IPv4-mapped address: a dual-stack socket reaching an IPv4 peer.
-        assert_eq!(own, 0, "own keepalive only on IPv4 sockets");
-        return TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
-    }
-    // SAFETY: plain socket calls on a socket this function owns.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0);
-        let set = |level, name, value: i32| {
-            let rc = libc::setsockopt(fd, level, name, (&raw const value).cast(), 4);
-            assert_eq!(rc, 0);
-        };
-        if own != 0 {
-            set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-        }
-        if own > 0 {
-            set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, own);
-            set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, own);
-        }
-        let SocketAddr::V4(v4) = target else {
-            panic!("IPv4 target")
-        };
-        let address = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(v4.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let rc = libc::connect(
-            fd,
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
-        TcpStream::from_raw_fd(fd)
-    }
-}
-
-fn echo(stream: &mut TcpStream) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(b"ping")?;
-    let mut reply = [0u8; 4];
-    stream.read_exact(&mut reply)?;
-    Ok(())
 }
 
 fn enforcement_events(daemon: &Daemon, wanted: usize) -> Vec<Value> {
@@ -443,7 +346,7 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
     const PORT: u16 = 8301;
     let cgroup = TestCgroup::new("on");
     let config = config(&cgroup, PORT, "on");
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(PORT, 5);
 
@@ -603,7 +506,7 @@ fn dry_run_decides_and_reports_but_changes_nothing() {
     const PORT: u16 = 8302;
     let cgroup = TestCgroup::new("dry-run");
     let config = config(&cgroup, PORT, "dry-run");
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(PORT, 1);
 
@@ -663,7 +566,7 @@ fn a_config_whose_first_probe_would_miss_the_timeout_is_refused() {
     );
     let netns = Netns::new("refused");
     let output = netns
-        .command(common::IDLEMON)
+        .command(&kit::idlemon())
         .args(["--config", config.path()])
         .output()
         .unwrap();
@@ -690,7 +593,7 @@ fn accepted_connections_are_enforced_when_configured() {
             cgroup.name
         ),
     );
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     let server = run_client(&path.server, Some(&cgroup), Plan::Serve { port: PORT });
     // Refused until the server process listens: bounded retries.
@@ -720,7 +623,7 @@ fn stopping_idlemon_leaves_fixed_sockets_as_they_are() {
     const PORT: u16 = 8305;
     let cgroup = TestCgroup::new("stop");
     let config = config(&cgroup, PORT, "on");
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(PORT, 1);
     let client = run_client(
@@ -779,7 +682,7 @@ fn a_connection_opened_before_idlemon_started_is_enforced_at_start() {
             .then_some(())
     });
     assert!(connected.is_some(), "the client connected");
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     let client = finished(&client);
     assert_eq!(client.keepalive[0], 0, "no keepalive when it connected");
     assert_eq!(
@@ -814,7 +717,7 @@ fn a_systemd_unit_is_selected_by_its_name() {
             unit.trim_end_matches(".service")
         ),
     );
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(PORT, 2);
     let inside = run_client(
@@ -866,17 +769,11 @@ fn selecting_text(timeout: u32, selectors: &str) -> String {
 /// connections, and other tests on it may add thousands of events.
 fn events_of(daemon: &Daemon, kind: &str, wanted: usize) -> Vec<Value> {
     let found = wait_for(Duration::from_secs(30), || {
-        let mut of_kind = Vec::new();
-        let mut after = 0;
-        for _ in 0..1000 {
-            let (_, body) = daemon.get(&format!("/events?limit=10000&after={after}"));
-            let events: Vec<Value> = serde_json::from_str(&body).unwrap();
-            let Some(last) = events.last().and_then(|event| event["id"].as_u64()) else {
-                break;
-            };
-            after = last;
-            of_kind.extend(events.into_iter().filter(|event| event["kind"] == kind));
-        }
+        let of_kind: Vec<Value> = daemon
+            .events()
+            .into_iter()
+            .filter(|event| event["kind"] == kind)
+            .collect();
         (of_kind.len() >= wanted).then_some(of_kind)
     });
     found.unwrap_or_else(|| {
@@ -1091,7 +988,7 @@ fn sighup_rereads_the_selection_and_fixes_newly_selected_connections() {
         LONG_TIMEOUT,
         &format!("cgroups = [\"{}\"]", first.name),
     );
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     wait_for_enforced_cgroups(&daemon, 1.0);
     let path = NatPath::new(LONG_TIMEOUT);
     path.echo_server(PORT, 1);
@@ -1164,7 +1061,7 @@ fn weakened(override_weakening: bool, port: u16) -> (Client, Value, Daemon) {
             cgroup.name
         ),
     );
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     assert_eq!(
         daemon.metric("idlemon_probe_info{hook=\"enforce_setsockopt\",kind=\"cgroup_sockopt\"}"),
         Some(1.0),

@@ -5,12 +5,6 @@
 //! Plain HTTP/1.1 on a loopback port inside the test's network namespace;
 //! every connection is closed after one response.
 
-#![allow(
-    dead_code,
-    clippy::unwrap_used,
-    reason = "a test helper; tests fail loudly"
-)]
-
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{TcpListener, TcpStream},
@@ -22,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::Netns;
+use crate::Netns;
 
 /// Where the fake server listens, inside the daemon's namespace.
 pub const ADDRESS: &str = "127.0.0.1:8443";

@@ -33,10 +33,10 @@ use anyhow::{Context as _, anyhow};
 
 use super::{
     Bench,
-    bpf::{self, RunTimeStats},
     daemon::Daemon,
     interrupted,
-    netns::Netns,
+    kernel::{self, RunTimeStats},
+    netns::{self, Netns},
     table::{Check, Summary, Table},
 };
 
@@ -45,22 +45,15 @@ use super::{
 const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 
 pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
-    let netns = Netns::create("enforce")?;
+    let netns = netns::create("enforce");
     // A veth pair (the kernel may lack the dummy driver): only the address
     // matters, which the namespace reaches through its local table.
-    netns.exec(&[
-        "ip", "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
-    ])?;
-    netns.exec(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{SERVER}/24"),
-        "dev",
-        "bench0",
-    ])?;
-    netns.exec(&["ip", "link", "set", "bench0", "up"])?;
-    netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    netns.ip(&[
+        "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
+    ]);
+    netns.ip(&["addr", "add", &format!("{SERVER}/24"), "dev", "bench0"]);
+    netns.ip(&["link", "set", "bench0", "up"]);
+    netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     let cgroup = BenchCgroup::create()?;
     let config =
         std::env::temp_dir().join(format!("idlemon-bench-{}-enforce.toml", std::process::id()));
@@ -82,7 +75,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     )?;
     daemon.wait_ready(Duration::from_secs(60))?;
     let listener = netns
-        .run(|| TcpListener::bind((SERVER, 0)))?
+        .run(|| TcpListener::bind((SERVER, 0)))
         .context("cannot listen on the veth address")?;
     // SAFETY: a valid listening socket; listening again only sets the backlog.
     if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
@@ -125,11 +118,11 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
                 }
             }
             let after = daemon.metrics()?;
-            let objects = bpf::objects_of(daemon.pid())?;
+            let objects = kernel::objects_of(daemon.pid())?;
             let stats = RunTimeStats::enable()?;
-            let stats_before = bpf::prog_stats(&objects.progs)?;
+            let stats_before = kernel::prog_stats(&objects.progs)?;
             let stats_rate = measure(&netns, &cgroup, true, target, window)?;
-            let stats_after = bpf::prog_stats(&objects.progs)?;
+            let stats_after = kernel::prog_stats(&objects.progs)?;
             drop(stats);
             let stats_metrics = daemon.metrics()?;
             let mut calls_a = Vec::new();
@@ -153,9 +146,9 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
                 }
             }
             let stats = RunTimeStats::enable()?;
-            let calls_stats_before = bpf::prog_stats(&objects.progs)?;
+            let calls_stats_before = kernel::prog_stats(&objects.progs)?;
             let calls_stats_rate = measure_setsockopt(&netns, &cgroup, true, target, window)?;
-            let calls_stats_after = bpf::prog_stats(&objects.progs)?;
+            let calls_stats_after = kernel::prog_stats(&objects.progs)?;
             drop(stats);
             calls.push((
                 calls_a,
@@ -332,7 +325,7 @@ fn measure_setsockopt(
             calls += 1000;
         }
         Ok((calls, start.elapsed()))
-    })??;
+    })?;
     Ok(calls as f64 / elapsed.as_secs_f64().max(1e-9))
 }
 
@@ -371,7 +364,7 @@ fn measure(
             opened += 1;
         }
         (opened, start.elapsed())
-    })?;
+    });
     Ok(opened as f64 / elapsed.as_secs_f64().max(1e-9))
 }
 
