@@ -418,7 +418,12 @@ fn a_flood_of_resets_with_a_stalled_log_reader_keeps_the_evidence() {
     );
     assert!(dropped > 0.0, "a log nobody reads took every event");
 
+    // The daemon sees the whole host: events that other traffic causes
+    // while the pages are taken add to what the paging returns, though the
+    // history never held more than its bound at once.
+    let logged_before = daemon.metric_sum("idlemon_events_total", "");
     let events = daemon.events();
+    let arrived = daemon.metric_sum("idlemon_events_total", "") - logged_before;
     let reset = events
         .iter()
         .find(|event| event["kind"] == "reset_received" && event["local"] == local.as_str())
@@ -430,8 +435,8 @@ fn a_flood_of_resets_with_a_stalled_log_reader_keeps_the_evidence() {
         });
     assert_eq!(reset["classification"], "idle_timeout_suspected");
     assert!(
-        events.len() <= 10_000,
-        "history holds {} events",
+        events.len() as f64 <= 10_000.0 + arrived,
+        "history holds {} events ({arrived} arrived while paging)",
         events.len()
     );
     let rss_after = rss_kib(daemon.pid());
