@@ -170,6 +170,10 @@ pub struct BenchArgs {
     /// Rounds of A, B1, B2 and F windows per kernel in the vm part (default 4, quick 2).
     #[arg(long)]
     vm_rounds: Option<usize>,
+    /// Bench this idlemon binary (another build, for before/after figures)
+    /// instead of building target/release/idlemon.
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -311,7 +315,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
     }
     netns::remove_leftovers();
-    let binary = crate::workspace_root().join("target/release/idlemon");
+    let binary = args
+        .binary
+        .clone()
+        .unwrap_or_else(|| crate::workspace_root().join("target/release/idlemon"));
     if !binary.exists() {
         bail!(
             "{} is missing: cargo xtask bench builds it first",

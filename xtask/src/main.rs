@@ -97,7 +97,9 @@ fn main() -> anyhow::Result<()> {
         } => test(unit, no_container, filter.as_deref()),
         Action::Bench(args) => {
             setup::run()?;
-            build(true)?;
+            if args.binary.is_none() {
+                build(true)?;
+            }
             bench::run(&args)
         }
         Action::VmTest(args) => {
