@@ -150,3 +150,70 @@ fn is_loopback(ip: IpAddr) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HZ: u32 = 100;
+
+    fn classifier(paths: &str) -> Classifier {
+        Classifier {
+            hz: HZ,
+            idle_threshold: Duration::from_secs(300),
+            default_timeout: IdleTimeout::After(NonZeroU32::new(350).expect("non-zero")),
+            paths: PathConfig::parse(paths, "test.toml").expect("valid config"),
+            keepalive_timer_seen: false,
+        }
+    }
+
+    /// Idle `idle` seconds on a 350 s path, keepalive after `keepalive` seconds.
+    fn facts(idle: u32, keepalive: Option<u32>) -> Facts {
+        Facts {
+            idle: idle * HZ,
+            path_timeout: NonZeroU32::new(350),
+            keepalive_enabled: keepalive.is_some(),
+            keepalive_idle: keepalive.unwrap_or(7200) * HZ,
+        }
+    }
+
+    #[test]
+    fn the_verdict_needs_idle_past_the_threshold_and_keepalive_no_faster_than_the_path() {
+        let classifier = classifier("");
+        assert_eq!(classifier.risk(&facts(299, None)), None);
+        assert_eq!(classifier.risk(&facts(300, None)), Some(Risk::NoKeepalive));
+        assert_eq!(
+            classifier.risk(&facts(300, Some(350))),
+            Some(Risk::KeepaliveTooSlow)
+        );
+        assert_eq!(classifier.risk(&facts(300, Some(349))), None);
+        assert_eq!(
+            classifier.coverage(&facts(300, Some(349))),
+            Some(Coverage::Effective)
+        );
+        let no_middlebox = Facts {
+            path_timeout: None,
+            ..facts(5000, None)
+        };
+        assert_eq!(classifier.coverage(&no_middlebox), None);
+    }
+
+    #[test]
+    fn paths_come_from_the_config_then_loopback_then_the_default() {
+        let classifier =
+            classifier("[[path]]\nname = \"db\"\ncidr = \"10.1.0.0/16\"\nidle_timeout = 900\n");
+        let ip = |text: &str| text.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            classifier.path(ip("10.1.2.3"), 5432),
+            (PathRule::Config(0), NonZeroU32::new(900))
+        );
+        assert_eq!(
+            classifier.path(ip("::ffff:127.0.0.1"), 80),
+            (PathRule::Loopback, None)
+        );
+        assert_eq!(
+            classifier.path(ip("52.1.2.3"), 443),
+            (PathRule::Default, NonZeroU32::new(350))
+        );
+    }
+}
