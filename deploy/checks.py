@@ -65,6 +65,7 @@ METRICS = {
     "idlemon_retransmit_timeouts_total", "idlemon_connect_failures_total",
     "idlemon_syn_retransmits_total", "idlemon_destination_connect_failures_total",
     "idlemon_destination_connects_succeeded_total",
+    "idlemon_destination_established_connections",
 }
 HISTOGRAMS = {"idlemon_idle_before_reset_seconds", "idlemon_walk_duration_seconds"}
 # Besides idlemon's own: Prometheus's `up` per target, and the process

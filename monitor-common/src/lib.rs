@@ -246,7 +246,12 @@ pub struct SocketRecord {
     /// without a RST, and the socket will die of ETIMEDOUT unless it
     /// recovers. Only where `info` was looked up (`INFO_KNOWN`).
     pub retransmitting_since_reuse: u8,
-    pub _pad: [u8; 2],
+    /// 1 when the hooks saw this node open the connection (SYN_SENT ->
+    /// ESTABLISHED since idlemon loaded: `ACTIVE_OPENS`), 0 otherwise: an
+    /// accepted one, one older than idlemon, or not counted at all (only
+    /// with `--destination-labels`, for NAT port pressure).
+    pub opened_here: u8,
+    pub _pad: u8,
     pub info: SocketInfo,
 }
 const _: () = assert!(size_of::<SocketRecord>() == 128);

@@ -21,9 +21,10 @@ use monitor_common::{
 };
 
 use crate::kernel::{
-    Depth, Memory, SockTyped, Typed, forget_recorded, idle_threshold, jiffies32, offset, recorded,
-    snapshot,
+    Depth, Memory, SockTyped, Typed, count_opened, forget_recorded, idle_threshold, jiffies32,
+    offset, recorded, snapshot,
 };
+use crate::maps::ACTIVE_OPENS;
 
 /// `IPPROTO_TCP`, as `sock.sk_protocol` holds it.
 const IPPROTO_TCP: u16 = 6;
@@ -129,8 +130,16 @@ fn try_walk_tcp(ctx: *mut c_void) -> Result<i32, i32> {
     } else {
         forget_recorded(record);
     }
+    record.opened_here = opened_here(record.sock);
     write(seq, record);
     Ok(0)
+}
+
+/// `SocketRecord::opened_here`: a lookup per socket, only when counted.
+#[inline(always)]
+fn opened_here(sk: u64) -> u8 {
+    // SAFETY: a lookup; the value is not read.
+    u8::from(count_opened() && unsafe { ACTIVE_OPENS.get(sk) }.is_some())
 }
 
 /// Hands one record to the reader of the iterator whose meta gave `seq`.
@@ -214,6 +223,7 @@ fn try_walk_files(ctx: *mut c_void) -> Result<i32, i32> {
     } else {
         forget_recorded(record);
     }
+    record.opened_here = opened_here(record.sock);
     // SAFETY: `meta` is non-null with every file.
     write(unsafe { *meta }, record);
     Ok(0)

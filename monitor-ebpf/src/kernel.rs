@@ -59,6 +59,18 @@ pub(crate) static KERNEL_LAYOUT: KernelLayout = KernelLayout {
 #[unsafe(no_mangle)]
 static IDLE_THRESHOLD_JIFFIES: u32 = u32::MAX;
 
+/// 1: remember the connections this node opens (`ACTIVE_OPENS`), for the
+/// per-destination count of established active opens (NAT port pressure).
+/// 0 unless user space exports that count: then no hook pays for it.
+#[unsafe(no_mangle)]
+static COUNT_OPENED: u32 = 0;
+
+#[inline(always)]
+pub fn count_opened() -> bool {
+    // SAFETY: as in `offset!`.
+    unsafe { core::ptr::read_volatile(&raw const COUNT_OPENED) != 0 }
+}
+
 /// One member offset of the running kernel.
 macro_rules! offset {
     ($field:ident) => {

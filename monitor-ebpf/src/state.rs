@@ -12,14 +12,15 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
-use monitor_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_MAX_STATE, TCP_SYN_SENT};
+use monitor_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_MAX_STATE, TCP_SYN_SENT, counter};
 
 use crate::{
     death::{
         count_syn_retransmits, on_close_from_established, on_close_from_syn_sent, on_connected,
     },
     keepalive::learn_keepalive_timer,
-    maps::{count, forget},
+    kernel::count_opened,
+    maps::{ACTIVE_OPENS, count, forget},
     send::record_owner,
 };
 
@@ -80,6 +81,9 @@ fn try_state(sk: u64, old_state: i32, new_state: i32) -> Result<u32, u32> {
         count_syn_retransmits(sk);
         if new_state == TCP_ESTABLISHED as u32 {
             let _ = on_connected(sk);
+            if count_opened() && ACTIVE_OPENS.insert(sk, 1, 0).is_err() {
+                count(counter::SOCKET_TABLE_FULL, 1);
+            }
         }
     }
     if new_state == TCP_SYN_SENT as u32 {
@@ -92,6 +96,10 @@ fn try_state(sk: u64, old_state: i32, new_state: i32) -> Result<u32, u32> {
             let _ = on_close_from_established(sk);
         } else if old_state == i32::from(TCP_SYN_SENT) {
             let _ = on_close_from_syn_sent(sk);
+        }
+        // A failed connect was never an active open that completed.
+        if count_opened() && old_state != i32::from(TCP_SYN_SENT) {
+            let _ = ACTIVE_OPENS.remove(sk);
         }
         forget(sk);
     }

@@ -41,6 +41,9 @@ pub struct Advice {
     pub risks: BTreeMap<String, usize>,
     /// Where they go, the most frequent first (at most five).
     pub destinations: Vec<String>,
+    /// What their paths do to a flow left idle too long, in the words of
+    /// each path's `kind` (distinct, from the sockets' `why`).
+    pub paths: Vec<String>,
     /// The one fix for all of them: the application's (or enforcement's)
     /// when any socket has keepalive off, since no sysctl helps those; else
     /// the sysctls at the lowest value any of its paths needs.
@@ -70,7 +73,13 @@ pub fn advise(sockets: &[Value]) -> Vec<Advice> {
         .map(|((namespace, workload), sockets)| {
             let mut risks = BTreeMap::new();
             let mut destinations: BTreeMap<String, usize> = BTreeMap::new();
+            let mut paths: BTreeSet<String> = BTreeSet::new();
             for socket in &sockets {
+                // "idle 400 s with keepalive off; the GWLB forgets ...": the path's part.
+                if let Some((_, path)) = socket["why"].as_str().and_then(|why| why.split_once("; "))
+                {
+                    paths.insert(path.to_owned());
+                }
                 let risk = socket["risk"].as_str().unwrap_or("unknown").to_owned();
                 *risks.entry(risk).or_insert(0) += 1;
                 let remote = socket["remote"].as_str().unwrap_or("?").to_owned();
@@ -88,6 +97,7 @@ pub fn advise(sockets: &[Value]) -> Vec<Advice> {
                     .take(DESTINATIONS)
                     .map(|(remote, _)| remote)
                     .collect(),
+                paths: paths.into_iter().collect(),
                 fix: one_fix(&sockets),
             }
         })
@@ -188,6 +198,9 @@ pub fn render(advice: &[Advice]) -> String {
             risks.join(", "),
             item.destinations.join(", ")
         );
+        for path in &item.paths {
+            let _ = writeln!(out, "  Path: {path}.");
+        }
         let fix = &item.fix;
         let runbook = fix["runbook"].as_str().unwrap_or("deploy/runbook.md");
         if fix["kind"] == "sysctl" {
@@ -312,6 +325,26 @@ mod tests {
         assert!(text.contains("  Fix: in the application, turn SO_KEEPALIVE on, with TCP_KEEPIDLE 2 s (deploy/runbook.md#b).\n  Or, without a code change, idlemon's keepalive enforcement, in its config file:\n    [enforce]\n"), "{text}");
         assert!(
             text.contains("shop/deployment/cart: 1 at-risk socket (1 keepalive_too_slow)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn each_path_kind_says_what_it_does_once() {
+        let gwlb = "the GWLB forgets a flow idle 350 s and drops its next packet";
+        let nat =
+            "the NAT gateway forgets a flow idle 350 s and answers its next packet with a reset";
+        let mut sockets = Vec::new();
+        for (idle, path) in [(400, gwlb), (500, gwlb), (400, nat)] {
+            let mut socket = socket("deployment/api", "p1", "10.0.0.9:5432", application(60));
+            socket["why"] = json!(format!("idle {idle} s with keepalive off; {path}"));
+            sockets.push(socket);
+        }
+        let advice = advise(&sockets);
+        assert_eq!(advice[0].paths, [gwlb, nat]);
+        let text = render(&advice);
+        assert!(
+            text.contains(&format!("\n  Path: {gwlb}.\n  Path: {nat}.\n  Fix: ")),
             "{text}"
         );
     }

@@ -164,7 +164,9 @@ pub struct DaemonArgs {
     /// Export idlemon_at_risk_destination_sockets{destination} for the N
     /// destinations with the most at-risk sockets, and
     /// idlemon_destination_connect_failures_total{destination,reason} for the
-    /// first N destinations whose connects failed (0: off).
+    /// first N destinations whose connects failed, and
+    /// idlemon_destination_established_connections{destination} for the N
+    /// destinations with the most connections this node opened (0: off).
     #[arg(long, env = "IDLEMON_DESTINATION_LABELS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub destination_labels: u64,
 

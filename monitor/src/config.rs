@@ -11,7 +11,8 @@
 //! name = "in-vpc"               # optional label, shown in the JSON API
 //! cidr = "10.0.0.0/8"           # required: an IPv4 or IPv6 CIDR (a bare address means /32 or /128)
 //! ports = [5432, "8000-8100"]   # optional: ports or inclusive ranges; absent means every port
-//! idle_timeout = "none"         # required: seconds (a positive integer) or "none" (no middlebox on this path)
+//! idle_timeout = "none"         # seconds (a positive integer) or "none" (no middlebox on this path);
+//!                               # required unless `kind` implies it
 //!
 //! [[path]]
 //! name = "internal-nlb"
@@ -20,9 +21,30 @@
 //! idle_timeout = 6000
 //! ```
 //!
+//! A rule may say what sits on the path with `kind`, which sets the timeout and what the
+//! middlebox does to the next packet of a flow it forgot (`on_idle`), from AWS's
+//! documentation; the explanations of deaths and fixes then name it ("the GWLB forgot the
+//! flow after 350 s idle and dropped the next packet"):
+//!
+//! | `kind`           | `idle_timeout`                  | `on_idle`                       |
+//! |------------------|---------------------------------|---------------------------------|
+//! | `"nat_gateway"`  | 350, fixed                      | `"reset"` only                  |
+//! | `"vpc_endpoint"` | 350, fixed                      | `"reset"` only                  |
+//! | `"nlb"`          | 350 by default, 60 to 6000      | `"reset"` only                  |
+//! | `"gwlb"`         | 350 by default, 60 to 6000      | `"drop"` by default, or `"reset"` (`send_tcp_reset.on_idle_timeout`) |
+//! | `"firewall"`     | required                        | `"drop"` by default, or `"reset"` |
+//! | `"none"`         | `"none"` (may be left out)      | not allowed: nothing times out  |
+//! | absent           | required                        | `"reset"` by default, or `"drop"` |
+//!
+//! A reset path predicts an ECONNRESET at the first send after idle (a `reset_received`
+//! event); a drop path predicts retransmissions until `tcp_retries2` or TCP_USER_TIMEOUT
+//! give up with ETIMEDOUT (a `retransmit_timeout` event). Anything outside the table, such
+//! as `kind = "nlb"` with `on_idle = "drop"` or `idle_timeout = 30`, is an error at its line.
+//!
 //! Further rules:
-//! - Only the top-level key `path` is allowed, and only the four keys above inside it;
-//!   any other key is an error, so a misspelt key cannot silently leave a rule half-applied.
+//! - Only the top-level keys `path` and `enforce` are allowed, and only the keys above
+//!   inside them; any other key is an error, so a misspelt key cannot silently leave a
+//!   rule half-applied.
 //! - A CIDR with host bits set is accepted as its network: `10.1.2.3/8` means `10.0.0.0/8`.
 //! - Ports are 1 to 65535; a range `"first-last"` includes both ends and needs
 //!   first ≤ last; a single port may also be written as a string (`"443"`). An empty
@@ -46,6 +68,10 @@
 //!                               # (and everything below them); absent: every workload
 //! units = ["billing.service"]   # systemd units on plain hosts: /system.slice/NAME
 //!                               # (".service" added to a name without a unit type)
+//! namespaces = ["payments"]     # Kubernetes namespaces (DNS-1123 labels: lowercase letters,
+//!                               # digits and -, at most 63); absent: every namespace
+//! pod_labels = { app = "billing" } # a pod label selector: every label must match (Kubernetes
+//!                               # label names and values); absent: every pod
 //! idle_percent = 50             # TCP_KEEPIDLE = this percentage of the path's idle timeout (1-80)
 //! interval = 30                 # TCP_KEEPINTVL, seconds (1-32767)
 //! count = 5                     # TCP_KEEPCNT (1-127)
@@ -54,6 +80,7 @@
 //! ```
 
 use std::cmp::Reverse;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{AddrParseError, IpAddr};
 use std::num::NonZeroU32;
@@ -62,7 +89,7 @@ use std::path::{Path, PathBuf};
 
 use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
 
 /// Far above any real middlebox (NLBs stop at 6000 s); a bigger value is a typo, not a timeout.
@@ -75,6 +102,169 @@ pub enum IdleTimeout {
     After(NonZeroU32),
     /// No middlebox tracks the flow, so it may idle forever.
     Never,
+}
+
+/// What sits on a path (`kind`): its defaults, and the words that explain what it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// An AWS NAT gateway: 350 s, fixed; a packet of a forgotten flow gets a RST.
+    NatGateway,
+    /// A Network Load Balancer: 350 s by default, 60-6000 s; resets.
+    Nlb,
+    /// A Gateway Load Balancer: 350 s by default, 60-6000 s; drops silently unless
+    /// `send_tcp_reset.on_idle_timeout` is on (`on_idle = "reset"`).
+    Gwlb,
+    /// An interface VPC endpoint (PrivateLink): 350 s, fixed; resets.
+    VpcEndpoint,
+    /// A firewall or security-group connection tracking: a timeout of its own
+    /// (required); drops by default.
+    Firewall,
+    /// Nothing that tracks flows: never at risk from idle, never enforced.
+    None,
+}
+
+impl PathKind {
+    pub const ALL: [Self; 6] = [
+        Self::NatGateway,
+        Self::Nlb,
+        Self::Gwlb,
+        Self::VpcEndpoint,
+        Self::Firewall,
+        Self::None,
+    ];
+
+    /// The config value, the JSON value and the `path_kind` label.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NatGateway => "nat_gateway",
+            Self::Nlb => "nlb",
+            Self::Gwlb => "gwlb",
+            Self::VpcEndpoint => "vpc_endpoint",
+            Self::Firewall => "firewall",
+            Self::None => "none",
+        }
+    }
+
+    /// The middlebox in a sentence: "the GWLB forgot the flow".
+    #[must_use]
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::NatGateway => "the NAT gateway",
+            Self::Nlb => "the NLB",
+            Self::Gwlb => "the GWLB",
+            Self::VpcEndpoint => "the VPC endpoint",
+            Self::Firewall => "the firewall",
+            Self::None => "nothing on the path",
+        }
+    }
+
+    /// The timeout when `idle_timeout` is left out (AWS's documented defaults); None: required.
+    fn default_timeout(self) -> Option<NonZeroU32> {
+        match self {
+            Self::NatGateway | Self::Nlb | Self::Gwlb | Self::VpcEndpoint => NonZeroU32::new(350),
+            Self::Firewall | Self::None => None,
+        }
+    }
+
+    /// The timeouts the middlebox can be configured with, in seconds.
+    fn timeout_range(self) -> (u32, u32) {
+        match self {
+            Self::NatGateway | Self::VpcEndpoint => (350, 350),
+            Self::Nlb | Self::Gwlb => (60, 6000),
+            Self::Firewall | Self::None => (1, MAX_IDLE_TIMEOUT_SECS),
+        }
+    }
+
+    fn default_on_idle(self) -> OnIdle {
+        match self {
+            Self::NatGateway | Self::Nlb | Self::VpcEndpoint | Self::None => OnIdle::Reset,
+            Self::Gwlb | Self::Firewall => OnIdle::Drop,
+        }
+    }
+
+    /// Whether the middlebox can forget a flow silently (NAT gateways, NLBs and VPC
+    /// endpoints always answer with a RST).
+    fn can_drop(self) -> bool {
+        matches!(self, Self::Gwlb | Self::Firewall)
+    }
+}
+
+/// What a middlebox does with the next packet of a flow it forgot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnIdle {
+    /// Answers with a RST: the application gets ECONNRESET at once.
+    Reset,
+    /// Drops it: the sender retransmits until `tcp_retries2` or TCP_USER_TIMEOUT gives
+    /// up, then ETIMEDOUT, often 15 minutes later.
+    Drop,
+}
+
+impl OnIdle {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reset => "reset",
+            Self::Drop => "drop",
+        }
+    }
+}
+
+/// A path with an idle timeout as the explanations word it: what sits there, and what it
+/// does to a flow it forgot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathBehaviour {
+    /// None: the rule names no kind, or the default path (`--idle-timeout`).
+    pub kind: Option<PathKind>,
+    pub on_idle: OnIdle,
+    pub timeout_seconds: u32,
+}
+
+impl PathBehaviour {
+    /// "the GWLB", or "the path's middlebox" where no kind is named.
+    #[must_use]
+    pub fn who(&self) -> &'static str {
+        self.kind.map_or("the path's middlebox", PathKind::describe)
+    }
+
+    /// What happens to a flow left idle too long, in the present tense:
+    /// "the GWLB forgets a flow idle 350 s and drops its next packet: ...".
+    #[must_use]
+    pub fn forgets(&self) -> String {
+        let timeout = self.timeout_seconds;
+        match self.on_idle {
+            OnIdle::Reset => format!(
+                "{} forgets a flow idle {timeout} s and answers its next packet with a reset (ECONNRESET at once)",
+                self.who()
+            ),
+            OnIdle::Drop => format!(
+                "{} forgets a flow idle {timeout} s and drops its next packet: the request hangs while the kernel retransmits, until tcp_retries2 or TCP_USER_TIMEOUT gives up with ETIMEDOUT (about 15 minutes by default)",
+                self.who()
+            ),
+        }
+    }
+
+    /// What the path did to a flow that idled `idle_seconds`, for the event that followed
+    /// (`reset`: a RST arrived; else the kernel gave up after `retransmissions`).
+    #[must_use]
+    pub fn forgot(&self, idle_seconds: f64, reset: bool, retransmissions: u32) -> String {
+        let (who, timeout) = (self.who(), self.timeout_seconds);
+        let forgot = format!(
+            "{who} forgot the flow after {idle_seconds:.0} s idle (its timeout: {timeout} s)"
+        );
+        match (self.on_idle, reset) {
+            (OnIdle::Reset, true) => format!("{forgot} and answered the next packet with a reset"),
+            (OnIdle::Drop, false) => format!(
+                "{forgot} and dropped the next packet; the kernel retransmitted it {retransmissions} times, then gave up with ETIMEDOUT"
+            ),
+            (OnIdle::Drop, true) => format!(
+                "idle {idle_seconds:.0} s, past the {timeout} s timeout of {who}, which drops forgotten flows without a reset: this reset came from elsewhere (the server's own idle timeout, or another middlebox)"
+            ),
+            (OnIdle::Reset, false) => format!(
+                "{forgot}; it answers with a reset, but none arrived (lost, or something on the path drops): the kernel retransmitted {retransmissions} times, then gave up with ETIMEDOUT"
+            ),
+        }
+    }
 }
 
 /// The timeout that applies to one destination, and which rule chose it.
@@ -144,6 +334,10 @@ pub struct EnforceConfig {
     pub mode: Option<EnforceMode>,
     /// cgroup v2 directories, relative to the cgroup root, each starting with `/`; empty: all.
     pub cgroups: Vec<String>,
+    /// Kubernetes namespaces whose pods' sockets are enforced; empty: every namespace.
+    pub namespaces: Vec<String>,
+    /// A pod label selector: every label must match; empty: every pod.
+    pub pod_labels: BTreeMap<String, String>,
     pub cgroup_root: Option<PathBuf>,
     pub idle_percent: u32,
     pub interval_seconds: u32,
@@ -156,6 +350,8 @@ impl Default for EnforceConfig {
         Self {
             mode: None,
             cgroups: Vec::new(),
+            namespaces: Vec::new(),
+            pod_labels: BTreeMap::new(),
             cgroup_root: None,
             idle_percent: 50,
             interval_seconds: 30,
@@ -188,6 +384,10 @@ struct Rule {
     /// `None` matches every port.
     ports: Option<Box<[PortRange]>>,
     timeout: IdleTimeout,
+    /// None: no `kind`, a timeout given by itself.
+    kind: Option<PathKind>,
+    /// None when the timeout is `Never`.
+    on_idle: Option<OnIdle>,
     label: Box<str>,
 }
 
@@ -223,8 +423,14 @@ impl PathConfig {
             line: line_of(text, offset),
             message,
         };
-        let file: RawFile = toml::from_str(text)
-            .map_err(|e| invalid(e.span().map_or(0, |s| s.start), e.message().to_owned()))?;
+        let file: RawFile = toml::from_str(text).map_err(|e| {
+            // TOML has keys where serde has fields.
+            let message = match e.message().strip_prefix("unknown field `") {
+                Some(rest) => format!("unknown key `{rest}"),
+                None => e.message().to_owned(),
+            };
+            invalid(e.span().map_or(0, |s| s.start), message)
+        })?;
         let mut rules = file
             .path
             .iter()
@@ -291,6 +497,18 @@ impl PathConfig {
         self.rules[index].timeout
     }
 
+    /// What sits on the path of rule `index` (from `find`); None: the rule names no kind.
+    #[must_use]
+    pub fn kind(&self, index: usize) -> Option<PathKind> {
+        self.rules[index].kind
+    }
+
+    /// What the middlebox of rule `index` does to a forgotten flow; None: no timeout.
+    #[must_use]
+    pub fn on_idle(&self, index: usize) -> Option<OnIdle> {
+        self.rules[index].on_idle
+    }
+
     /// The name (or cidr text) of rule `index` (from `find`).
     #[must_use]
     pub fn label(&self, index: usize) -> &str {
@@ -309,11 +527,17 @@ impl Rule {
 
     fn from_raw(raw: &Spanned<RawRule>, text: &str) -> Result<Self, Invalid> {
         let rule = raw.get_ref();
-        let (Some(cidr), Some(timeout)) = (&rule.cidr, &rule.idle_timeout) else {
-            let missing = match (&rule.cidr, &rule.idle_timeout) {
-                (None, None) => "keys `cidr` and `idle_timeout`",
-                (None, Some(_)) => "key `cidr`",
-                (Some(_), _) => "key `idle_timeout`",
+        let kind = match &rule.kind {
+            Some(kind) => Some((parse_kind(kind, text)?, kind)),
+            None => None,
+        };
+        // A kind that implies its timeout makes `idle_timeout` optional.
+        let timeout_implied = kind.is_some_and(|(kind, _)| kind.default_timeout().is_some());
+        let Some(cidr) = &rule.cidr else {
+            let missing = if rule.idle_timeout.is_none() && !timeout_implied {
+                "keys `cidr` and `idle_timeout`"
+            } else {
+                "key `cidr`"
             };
             return Err(Invalid::new(
                 raw.span(),
@@ -343,12 +567,151 @@ impl Rule {
             None => None,
         };
 
+        let timeout = match &rule.idle_timeout {
+            Some(value) => Some((parse_timeout(value, text)?, value)),
+            None => None,
+        };
+        let on_idle = match &rule.on_idle {
+            Some(value) => Some((parse_on_idle(value, text)?, value)),
+            None => None,
+        };
+        let (timeout, on_idle) = path_behaviour(raw.span(), kind, timeout, on_idle, text)?;
+
         Ok(Self {
             net,
             ports,
-            timeout: parse_timeout(timeout, text)?,
+            timeout,
+            kind: kind.map(|(kind, _)| kind),
+            on_idle,
             label: name.unwrap_or(cidr_text).into(),
         })
+    }
+}
+
+/// The timeout and idle behaviour of a rule from its `kind`, `idle_timeout` and `on_idle`,
+/// refusing the combinations the kind rules out.
+fn path_behaviour(
+    rule: Range<usize>,
+    kind: Option<(PathKind, &Spanned<Raw>)>,
+    timeout: Option<(IdleTimeout, &Spanned<Raw>)>,
+    on_idle: Option<(OnIdle, &Spanned<Raw>)>,
+    text: &str,
+) -> Result<(IdleTimeout, Option<OnIdle>), Invalid> {
+    let timeout = match (kind, timeout) {
+        (None, None) => {
+            return Err(Invalid::new(
+                rule,
+                "[[path]] table is missing required key `idle_timeout`".into(),
+            ));
+        }
+        (None, Some((timeout, _))) => timeout,
+        (Some((kind, _)), None) => match kind {
+            PathKind::None => IdleTimeout::Never,
+            _ => match kind.default_timeout() {
+                Some(secs) => IdleTimeout::After(secs),
+                None => {
+                    return Err(Invalid::new(
+                        rule,
+                        format!(
+                            "[[path]] table with kind = \"{}\" is missing required key `idle_timeout` ({} timeouts differ)",
+                            kind.as_str(),
+                            kind.describe()
+                        ),
+                    ));
+                }
+            },
+        },
+        (Some((PathKind::None, _)), Some((IdleTimeout::Never, _))) => IdleTimeout::Never,
+        (Some((PathKind::None, _)), Some((IdleTimeout::After(_), value))) => {
+            return Err(Invalid::new(
+                value.span(),
+                format!(
+                    "idle_timeout = {} contradicts kind = \"none\" (no middlebox, so no idle timeout); leave it out",
+                    written(value, text)
+                ),
+            ));
+        }
+        (Some((kind, _)), Some((IdleTimeout::Never, value))) => {
+            return Err(Invalid::new(
+                value.span(),
+                format!(
+                    "idle_timeout = \"none\" contradicts kind = \"{}\": {} forgets idle flows (use kind = \"none\" for a path without a middlebox)",
+                    kind.as_str(),
+                    kind.describe()
+                ),
+            ));
+        }
+        (Some((kind, _)), Some((IdleTimeout::After(secs), value))) => {
+            let (low, high) = kind.timeout_range();
+            if secs.get() < low || secs.get() > high {
+                let allowed = if low == high {
+                    format!("is fixed at {low} seconds")
+                } else {
+                    format!("must be from {low} to {high} seconds")
+                };
+                return Err(Invalid::new(
+                    value.span(),
+                    format!(
+                        "idle_timeout of {} {allowed}, got {}",
+                        kind.describe(),
+                        written(value, text)
+                    ),
+                ));
+            }
+            IdleTimeout::After(secs)
+        }
+    };
+    if timeout == IdleTimeout::Never {
+        if let Some((_, value)) = on_idle {
+            return Err(Invalid::new(
+                value.span(),
+                "on_idle has no meaning on a path without an idle timeout".into(),
+            ));
+        }
+        return Ok((timeout, None));
+    }
+    let on_idle = match (kind, on_idle) {
+        (Some((kind, _)), Some((OnIdle::Drop, value))) if !kind.can_drop() => {
+            return Err(Invalid::new(
+                value.span(),
+                format!(
+                    "on_idle = \"drop\" contradicts kind = \"{}\": {} answers a forgotten flow with a reset",
+                    kind.as_str(),
+                    kind.describe()
+                ),
+            ));
+        }
+        (_, Some((on_idle, _))) => on_idle,
+        (Some((kind, _)), None) => kind.default_on_idle(),
+        // Without a kind, the NAT gateway's behaviour, which idlemon assumed before kinds.
+        (None, None) => OnIdle::Reset,
+    };
+    Ok((timeout, Some(on_idle)))
+}
+
+fn parse_kind(value: &Spanned<Raw>, text: &str) -> Result<PathKind, Invalid> {
+    const EXPECTED: &str = "kind must be \"nat_gateway\", \"nlb\", \"gwlb\", \"vpc_endpoint\", \"firewall\" or \"none\"";
+    let name = expect_str(value, text, EXPECTED)?;
+    PathKind::ALL
+        .into_iter()
+        .find(|kind| kind.as_str() == name)
+        .ok_or_else(|| {
+            Invalid::new(
+                value.span(),
+                format!("{EXPECTED}, got {}", written(value, text)),
+            )
+        })
+}
+
+fn parse_on_idle(value: &Spanned<Raw>, text: &str) -> Result<OnIdle, Invalid> {
+    const EXPECTED: &str = "on_idle must be \"reset\" or \"drop\"";
+    match expect_str(value, text, EXPECTED)? {
+        "reset" => Ok(OnIdle::Reset),
+        "drop" => Ok(OnIdle::Drop),
+        _ => Err(Invalid::new(
+            value.span(),
+            format!("{EXPECTED}, got {}", written(value, text)),
+        )),
     }
 }
 
@@ -374,16 +737,11 @@ impl EnforceConfig {
             });
         }
         if let Some(cgroups) = &table.cgroups {
-            let Raw::Array(entries) = cgroups.get_ref() else {
-                return Err(Invalid::new(
-                    cgroups.span(),
-                    format!(
-                        "cgroups must be an array of cgroup paths such as \"/system.slice/app.service\", got {}",
-                        written(cgroups, text)
-                    ),
-                ));
-            };
-            for entry in entries {
+            for entry in expect_array(
+                cgroups,
+                text,
+                "cgroups must be an array of cgroup paths such as \"/system.slice/app.service\"",
+            )? {
                 let path = expect_str(entry, text, "cgroups entries must be strings")?;
                 if !path.starts_with('/') || path.split('/').any(|part| part == "..") {
                     return Err(Invalid::new(
@@ -398,16 +756,11 @@ impl EnforceConfig {
             }
         }
         if let Some(units) = &table.units {
-            let Raw::Array(entries) = units.get_ref() else {
-                return Err(Invalid::new(
-                    units.span(),
-                    format!(
-                        "units must be an array of systemd unit names such as \"billing.service\", got {}",
-                        written(units, text)
-                    ),
-                ));
-            };
-            for entry in entries {
+            for entry in expect_array(
+                units,
+                text,
+                "units must be an array of systemd unit names such as \"billing.service\"",
+            )? {
                 let name = expect_str(entry, text, "units entries must be strings")?;
                 if name.is_empty() || name.contains('/') || name.starts_with('.') {
                     return Err(Invalid::new(
@@ -425,6 +778,63 @@ impl EnforceConfig {
                     format!("{name}.service")
                 };
                 config.cgroups.push(format!("/system.slice/{unit}"));
+            }
+        }
+        if let Some(namespaces) = &table.namespaces {
+            for entry in expect_array(
+                namespaces,
+                text,
+                "namespaces must be an array of Kubernetes namespace names such as \"payments\"",
+            )? {
+                let name = expect_str(entry, text, "namespaces entries must be strings")?;
+                if !is_dns_label(name) {
+                    return Err(Invalid::new(
+                        entry.span(),
+                        format!(
+                            "namespaces entry {} must be a Kubernetes namespace name (lowercase letters, digits and -, starting and ending with a letter or digit, at most 63 characters)",
+                            written(entry, text)
+                        ),
+                    ));
+                }
+                config.namespaces.push(name.to_owned());
+            }
+        }
+        if let Some(labels) = &table.pod_labels {
+            if labels.get_ref().is_empty() {
+                // An empty selector selects every pod, which an absent key already says.
+                return Err(Invalid::new(
+                    labels.span(),
+                    "pod_labels must not be empty; leave it out to select every pod".into(),
+                ));
+            }
+            for (key, value) in labels.get_ref() {
+                if !is_label_key(key.get_ref()) {
+                    return Err(Invalid::new(
+                        key.span(),
+                        format!(
+                            "pod_labels key {:?} is not a Kubernetes label name (an optional DNS subdomain and /, then at most 63 letters, digits, -, _ or ., starting and ending with a letter or digit)",
+                            key.get_ref()
+                        ),
+                    ));
+                }
+                let shown = key.get_ref();
+                let label = expect_str(
+                    value,
+                    text,
+                    &format!("pod_labels value of {shown} must be a string"),
+                )?;
+                if !is_label_value(label) {
+                    return Err(Invalid::new(
+                        value.span(),
+                        format!(
+                            "pod_labels value {} of {shown} is not a Kubernetes label value (at most 63 letters, digits, -, _ or ., starting and ending with a letter or digit)",
+                            written(value, text)
+                        ),
+                    ));
+                }
+                config
+                    .pod_labels
+                    .insert(key.get_ref().clone(), label.to_owned());
             }
         }
         if let Some(root) = &table.cgroup_root {
@@ -479,6 +889,55 @@ impl EnforceConfig {
             };
         }
         Ok(config)
+    }
+}
+
+/// A DNS-1123 label, as Kubernetes namespace names are: at most 63 lowercase letters,
+/// digits and `-`, starting and ending with a letter or digit.
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// A label name: an optional prefix (a DNS-1123 subdomain, at most 253 characters) and `/`,
+/// then a name of at most 63 characters that `is_label_value` accepts and is not empty.
+fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let prefix_ok =
+        prefix.is_none_or(|prefix| prefix.len() <= 253 && prefix.split('.').all(is_dns_label));
+    prefix_ok && !name.is_empty() && is_label_value(name)
+}
+
+/// A label value: empty, or at most 63 letters, digits, `-`, `_` and `.`, starting and
+/// ending with a letter or digit.
+fn is_label_value(value: &str) -> bool {
+    let edge = |b: Option<u8>| b.is_none_or(|b| b.is_ascii_alphanumeric());
+    value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && edge(value.bytes().next())
+        && edge(value.bytes().next_back())
+}
+
+fn expect_array<'r>(
+    value: &'r Spanned<Raw>,
+    text: &str,
+    what: &str,
+) -> Result<&'r [Spanned<Raw>], Invalid> {
+    match value.get_ref() {
+        Raw::Array(entries) => Ok(entries),
+        _ => Err(Invalid::new(
+            value.span(),
+            format!("{what}, got {}", written(value, text)),
+        )),
     }
 }
 
@@ -640,20 +1099,27 @@ fn parse_port_entry(entry: &Spanned<Raw>, text: &str) -> Result<PortRange, Inval
 }
 
 // Deserialization keeps every value loosely typed (`Raw`) and spanned, so type and range
-// errors can be reported afterwards with our own wording and the value's line. Table keys
-// are checked while deserializing: the toml deserializer attaches the key's own span to an
-// error raised there. Both tables are deserialized by hand instead of with
-// `#[serde(deny_unknown_fields)]` because serde's unknown-field message has a fixed wording.
+// errors can be reported afterwards with our own wording and the value's line. The tables
+// are serde derives that refuse unknown keys: the toml deserializer attaches the key's own
+// span to that error, and `parse` words it as TOML does ("key", not serde's "field").
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawFile {
+    #[serde(default, deserialize_with = "rule_list")]
     path: Vec<Spanned<RawRule>>,
     enforce: Option<Spanned<RawEnforce>>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [enforce] table")]
 struct RawEnforce {
     mode: Option<Spanned<Raw>>,
     cgroups: Option<Spanned<Raw>>,
     units: Option<Spanned<Raw>>,
+    namespaces: Option<Spanned<Raw>>,
+    /// Any keys (label names, checked afterwards); serde words a value that is no table.
+    pod_labels: Option<Spanned<BTreeMap<Spanned<String>, Spanned<Raw>>>>,
     cgroup_root: Option<Spanned<Raw>>,
     idle_percent: Option<Spanned<Raw>>,
     interval: Option<Spanned<Raw>>,
@@ -661,11 +1127,41 @@ struct RawEnforce {
     accepted: Option<Spanned<Raw>>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[path]] table")]
 struct RawRule {
     name: Option<Spanned<Raw>>,
     cidr: Option<Spanned<Raw>>,
     ports: Option<Spanned<Raw>>,
+    kind: Option<Spanned<Raw>>,
     idle_timeout: Option<Spanned<Raw>>,
+    on_idle: Option<Spanned<Raw>>,
+}
+
+/// The value of `path`. Serde's own expectation for a `Vec` reads "a sequence", which
+/// says nothing to someone who wrote `[path]` for `[[path]]`; this visitor only words it.
+fn rule_list<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<Spanned<RawRule>>, D::Error> {
+    struct ListVisitor;
+
+    impl<'de> Visitor<'de> for ListVisitor {
+        type Value = Vec<Spanned<RawRule>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an array of [[path]] tables")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut rules = Vec::new();
+            while let Some(rule) = seq.next_element()? {
+                rules.push(rule);
+            }
+            Ok(rules)
+        }
+    }
+
+    deserializer.deserialize_seq(ListVisitor)
 }
 
 /// A TOML value with only the distinctions the checks need.
@@ -680,219 +1176,8 @@ enum Raw {
     Other,
 }
 
-#[derive(Clone, Copy)]
-enum FileKey {
-    Path,
-    Enforce,
-}
-
-const FILE_KEYS: &[(&str, FileKey)] = &[("path", FileKey::Path), ("enforce", FileKey::Enforce)];
-
-#[derive(Clone, Copy)]
-enum EnforceKey {
-    Mode,
-    Cgroups,
-    Units,
-    CgroupRoot,
-    IdlePercent,
-    Interval,
-    Count,
-    Accepted,
-}
-
-const ENFORCE_KEYS: &[(&str, EnforceKey)] = &[
-    ("mode", EnforceKey::Mode),
-    ("cgroups", EnforceKey::Cgroups),
-    ("units", EnforceKey::Units),
-    ("cgroup_root", EnforceKey::CgroupRoot),
-    ("idle_percent", EnforceKey::IdlePercent),
-    ("interval", EnforceKey::Interval),
-    ("count", EnforceKey::Count),
-    ("accepted", EnforceKey::Accepted),
-];
-
-#[derive(Clone, Copy)]
-enum RuleKey {
-    Name,
-    Cidr,
-    Ports,
-    IdleTimeout,
-}
-
-const RULE_KEYS: &[(&str, RuleKey)] = &[
-    ("name", RuleKey::Name),
-    ("cidr", RuleKey::Cidr),
-    ("ports", RuleKey::Ports),
-    ("idle_timeout", RuleKey::IdleTimeout),
-];
-
-/// Deserializes a table key into one of `keys`, or fails naming the allowed ones.
-struct KeySeed<K: 'static>(&'static [(&'static str, K)]);
-
-impl<'de, K: Copy> DeserializeSeed<'de> for KeySeed<K> {
-    type Value = K;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<K, D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
-
-impl<K: Copy> Visitor<'_> for KeySeed<K> {
-    type Value = K;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a key")
-    }
-
-    fn visit_str<E: de::Error>(self, key: &str) -> Result<K, E> {
-        if let Some(&(_, known)) = self.0.iter().find(|(name, _)| *name == key) {
-            return Ok(known);
-        }
-        let names: Vec<&str> = self.0.iter().map(|&(name, _)| name).collect();
-        let expected = match names.as_slice() {
-            [only] => (*only).to_owned(),
-            _ => format!("one of {}", names.join(", ")),
-        };
-        Err(E::custom(format_args!(
-            "unknown key `{key}` (expected {expected})"
-        )))
-    }
-}
-
-impl<'de> Deserialize<'de> for RawFile {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct FileVisitor;
-
-        impl<'de> Visitor<'de> for FileVisitor {
-            type Value = RawFile;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a table")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawFile, A::Error> {
-                let mut path = Vec::new();
-                let mut enforce = None;
-                while let Some(key) = map.next_key_seed(KeySeed(FILE_KEYS))? {
-                    match key {
-                        FileKey::Path => path = map.next_value::<RuleList>()?.0,
-                        FileKey::Enforce => enforce = Some(map.next_value()?),
-                    }
-                }
-                Ok(RawFile { path, enforce })
-            }
-        }
-
-        deserializer.deserialize_map(FileVisitor)
-    }
-}
-
-/// The value of `path`; a type of its own only so a wrong type gets a helpful message.
-struct RuleList(Vec<Spanned<RawRule>>);
-
-impl<'de> Deserialize<'de> for RuleList {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ListVisitor;
-
-        impl<'de> Visitor<'de> for ListVisitor {
-            type Value = RuleList;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an array of [[path]] tables")
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RuleList, A::Error> {
-                let mut rules = Vec::new();
-                while let Some(rule) = seq.next_element()? {
-                    rules.push(rule);
-                }
-                Ok(RuleList(rules))
-            }
-        }
-
-        deserializer.deserialize_seq(ListVisitor)
-    }
-}
-
-impl<'de> Deserialize<'de> for RawRule {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct RuleVisitor;
-
-        impl<'de> Visitor<'de> for RuleVisitor {
-            type Value = RawRule;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a [[path]] table")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawRule, A::Error> {
-                let mut rule = RawRule {
-                    name: None,
-                    cidr: None,
-                    ports: None,
-                    idle_timeout: None,
-                };
-                // TOML itself rejects duplicate keys, so each slot is filled at most once.
-                while let Some(key) = map.next_key_seed(KeySeed(RULE_KEYS))? {
-                    let slot = match key {
-                        RuleKey::Name => &mut rule.name,
-                        RuleKey::Cidr => &mut rule.cidr,
-                        RuleKey::Ports => &mut rule.ports,
-                        RuleKey::IdleTimeout => &mut rule.idle_timeout,
-                    };
-                    *slot = Some(map.next_value()?);
-                }
-                Ok(rule)
-            }
-        }
-
-        deserializer.deserialize_map(RuleVisitor)
-    }
-}
-
-impl<'de> Deserialize<'de> for RawEnforce {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EnforceVisitor;
-
-        impl<'de> Visitor<'de> for EnforceVisitor {
-            type Value = RawEnforce;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an [enforce] table")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEnforce, A::Error> {
-                let mut table = RawEnforce {
-                    mode: None,
-                    cgroups: None,
-                    units: None,
-                    cgroup_root: None,
-                    idle_percent: None,
-                    interval: None,
-                    count: None,
-                    accepted: None,
-                };
-                while let Some(key) = map.next_key_seed(KeySeed(ENFORCE_KEYS))? {
-                    let slot = match key {
-                        EnforceKey::Mode => &mut table.mode,
-                        EnforceKey::Cgroups => &mut table.cgroups,
-                        EnforceKey::Units => &mut table.units,
-                        EnforceKey::CgroupRoot => &mut table.cgroup_root,
-                        EnforceKey::IdlePercent => &mut table.idle_percent,
-                        EnforceKey::Interval => &mut table.interval,
-                        EnforceKey::Count => &mut table.count,
-                        EnforceKey::Accepted => &mut table.accepted,
-                    };
-                    *slot = Some(map.next_value()?);
-                }
-                Ok(table)
-            }
-        }
-
-        deserializer.deserialize_map(EnforceVisitor)
-    }
-}
-
+// `Raw` is the one hand-written impl: serde derives no "any value, spanned all the way
+// down" type (an untagged enum buffers its input, which loses the spans of array entries).
 impl<'de> Deserialize<'de> for Raw {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct RawVisitor;
@@ -1368,7 +1653,7 @@ idle_timeout = 0
         let e = PathConfig::parse(text, "idlemon.toml").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "idlemon.toml:3: unknown key `cidrs` (expected one of name, cidr, ports, idle_timeout)"
+            "idlemon.toml:3: unknown key `cidrs`, expected one of `name`, `cidr`, `ports`, `kind`, `idle_timeout`, `on_idle`"
         );
     }
 
@@ -1386,16 +1671,13 @@ idle_timeout = 0
         assert_eq!(line, 3);
         assert_eq!(
             message,
-            "unknown key `idle_timeout` (expected one of path, enforce)"
+            "unknown key `idle_timeout`, expected `path` or `enforce`"
         );
 
         let (line, message) =
             error("[[path]]\ncidr = \"10.0.0.0/8\"\nidle_timeout = 5\n[[paths]]\n");
         assert_eq!(line, 4);
-        assert_eq!(
-            message,
-            "unknown key `paths` (expected one of path, enforce)"
-        );
+        assert_eq!(message, "unknown key `paths`, expected `path` or `enforce`");
     }
 
     #[test]
@@ -1697,6 +1979,284 @@ idle_timeout = 0
             let (at, message) = error(text);
             assert_eq!(at, line, "{text}: {message}");
             assert!(message.contains(wanted), "{text}: {message}");
+        }
+    }
+
+    fn path(index_text: &str) -> (IdleTimeout, Option<PathKind>, Option<OnIdle>) {
+        let c = config(&format!("[[path]]\ncidr = \"10.0.0.0/8\"\n{index_text}"));
+        let index = c.find("10.0.0.1".parse().unwrap(), 80).unwrap();
+        (c.timeout(index), c.kind(index), c.on_idle(index))
+    }
+
+    #[test]
+    fn path_kinds_and_their_aws_defaults() {
+        use OnIdle::{Drop, Reset};
+        for (lines, wanted) in [
+            (
+                "kind = \"nat_gateway\"\n",
+                (secs(350), Some(PathKind::NatGateway), Some(Reset)),
+            ),
+            (
+                "kind = \"nat_gateway\"\nidle_timeout = 350\non_idle = \"reset\"\n",
+                (secs(350), Some(PathKind::NatGateway), Some(Reset)),
+            ),
+            (
+                "kind = \"vpc_endpoint\"\n",
+                (secs(350), Some(PathKind::VpcEndpoint), Some(Reset)),
+            ),
+            (
+                "kind = \"nlb\"\n",
+                (secs(350), Some(PathKind::Nlb), Some(Reset)),
+            ),
+            (
+                "kind = \"nlb\"\nidle_timeout = 6000\n",
+                (secs(6000), Some(PathKind::Nlb), Some(Reset)),
+            ),
+            (
+                "kind = \"gwlb\"\n",
+                (secs(350), Some(PathKind::Gwlb), Some(Drop)),
+            ),
+            (
+                "kind = \"gwlb\"\nidle_timeout = 60\non_idle = \"reset\"\n",
+                (secs(60), Some(PathKind::Gwlb), Some(Reset)),
+            ),
+            (
+                "kind = \"firewall\"\nidle_timeout = 3600\n",
+                (secs(3600), Some(PathKind::Firewall), Some(Drop)),
+            ),
+            (
+                "kind = \"firewall\"\nidle_timeout = 3600\non_idle = \"reset\"\n",
+                (secs(3600), Some(PathKind::Firewall), Some(Reset)),
+            ),
+            (
+                "kind = \"none\"\n",
+                (IdleTimeout::Never, Some(PathKind::None), None),
+            ),
+            (
+                "kind = \"none\"\nidle_timeout = \"none\"\n",
+                (IdleTimeout::Never, Some(PathKind::None), None),
+            ),
+            // Without a kind: the timeout given, and a reset as before kinds existed.
+            ("idle_timeout = 90\n", (secs(90), None, Some(Reset))),
+            (
+                "idle_timeout = 90\non_idle = \"drop\"\n",
+                (secs(90), None, Some(Drop)),
+            ),
+            (
+                "idle_timeout = \"none\"\n",
+                (IdleTimeout::Never, None, None),
+            ),
+        ] {
+            assert_eq!(path(lines), wanted, "{lines}");
+        }
+    }
+
+    #[test]
+    fn contradictory_path_kinds_are_refused_at_their_line() {
+        let head = "[[path]]\ncidr = \"10.0.0.0/8\"\n";
+        for (lines, line, wanted) in [
+            (
+                "kind = \"alb\"\n",
+                3,
+                "kind must be \"nat_gateway\", \"nlb\", \"gwlb\", \"vpc_endpoint\", \"firewall\" or \"none\", got \"alb\"",
+            ),
+            (
+                "kind = 5\n",
+                3,
+                "kind must be \"nat_gateway\", \"nlb\", \"gwlb\", \"vpc_endpoint\", \"firewall\" or \"none\", got 5",
+            ),
+            (
+                "kind = \"nat_gateway\"\nidle_timeout = 600\n",
+                4,
+                "idle_timeout of the NAT gateway is fixed at 350 seconds, got 600",
+            ),
+            (
+                "kind = \"vpc_endpoint\"\nidle_timeout = 60\n",
+                4,
+                "idle_timeout of the VPC endpoint is fixed at 350 seconds, got 60",
+            ),
+            (
+                "kind = \"nlb\"\nidle_timeout = 30\n",
+                4,
+                "idle_timeout of the NLB must be from 60 to 6000 seconds, got 30",
+            ),
+            (
+                "kind = \"gwlb\"\n\nidle_timeout = 6001\n",
+                5,
+                "idle_timeout of the GWLB must be from 60 to 6000 seconds, got 6001",
+            ),
+            (
+                "kind = \"nlb\"\non_idle = \"drop\"\n",
+                4,
+                "on_idle = \"drop\" contradicts kind = \"nlb\": the NLB answers a forgotten flow with a reset",
+            ),
+            (
+                "kind = \"nat_gateway\"\non_idle = \"drop\"\n",
+                4,
+                "on_idle = \"drop\" contradicts kind = \"nat_gateway\"",
+            ),
+            (
+                "kind = \"gwlb\"\non_idle = \"silently\"\n",
+                4,
+                "on_idle must be \"reset\" or \"drop\", got \"silently\"",
+            ),
+            (
+                "kind = \"gwlb\"\nidle_timeout = \"none\"\n",
+                4,
+                "idle_timeout = \"none\" contradicts kind = \"gwlb\"",
+            ),
+            (
+                "kind = \"none\"\nidle_timeout = 350\n",
+                4,
+                "idle_timeout = 350 contradicts kind = \"none\"",
+            ),
+            (
+                "kind = \"none\"\non_idle = \"reset\"\n",
+                4,
+                "on_idle has no meaning on a path without an idle timeout",
+            ),
+            (
+                "idle_timeout = \"none\"\non_idle = \"drop\"\n",
+                4,
+                "on_idle has no meaning on a path without an idle timeout",
+            ),
+            (
+                "\nkind = \"firewall\"\n",
+                1,
+                "[[path]] table with kind = \"firewall\" is missing required key `idle_timeout`",
+            ),
+            (
+                "on_idle = \"drop\"\n",
+                1,
+                "[[path]] table is missing required key `idle_timeout`",
+            ),
+        ] {
+            let (at, message) = error(&format!("{head}{lines}"));
+            assert_eq!(at, line, "{lines}: {message}");
+            assert!(message.starts_with(wanted), "{lines}: {message}");
+        }
+        // A kind that implies its timeout needs only the cidr.
+        let (at, message) = error("[[path]]\nkind = \"nlb\"\n");
+        assert_eq!(
+            (at, message.as_str()),
+            (1, "[[path]] table is missing required key `cidr`")
+        );
+    }
+
+    #[test]
+    fn enforce_namespaces_and_pod_labels() {
+        let parsed = config(
+            "[enforce]\nnamespaces = [\"payments\", \"kube-system\", \"a1\"]\npod_labels = { app = \"billing\", \"app.kubernetes.io/part-of\" = \"shop\", tier = \"\" }\n",
+        )
+        .enforce;
+        assert_eq!(parsed.namespaces, ["payments", "kube-system", "a1"]);
+        assert_eq!(
+            parsed.pod_labels,
+            BTreeMap::from([
+                ("app".to_owned(), "billing".to_owned()),
+                ("app.kubernetes.io/part-of".to_owned(), "shop".to_owned()),
+                ("tier".to_owned(), String::new()),
+            ])
+        );
+        let table = config("[enforce.pod_labels]\napp = \"billing\"\n").enforce;
+        assert_eq!(table.pod_labels.len(), 1);
+        assert!(config("[enforce]\n").enforce.namespaces.is_empty());
+        assert!(config("[enforce]\n").enforce.pod_labels.is_empty());
+    }
+
+    #[test]
+    fn bad_namespaces_and_pod_labels_name_the_line() {
+        let long = "a".repeat(64);
+        for (text, line, wanted) in [
+            (
+                "[enforce]\nnamespaces = \"payments\"\n".to_owned(),
+                2,
+                "namespaces must be an array of Kubernetes namespace names such as \"payments\", got \"payments\"",
+            ),
+            (
+                "[enforce]\nnamespaces = [\n  \"ok\",\n  \"Payments\",\n]\n".to_owned(),
+                4,
+                "namespaces entry \"Payments\" must be a Kubernetes namespace name",
+            ),
+            (
+                "[enforce]\nnamespaces = [\"-x\"]\n".to_owned(),
+                2,
+                "namespaces entry \"-x\" must be",
+            ),
+            (
+                "[enforce]\nnamespaces = [\"a.b\"]\n".to_owned(),
+                2,
+                "namespaces entry \"a.b\" must be",
+            ),
+            (
+                format!("[enforce]\nnamespaces = [\"{long}\"]\n"),
+                2,
+                "namespaces entry",
+            ),
+            (
+                "[enforce]\nnamespaces = [\"\"]\n".to_owned(),
+                2,
+                "namespaces entry \"\" must be",
+            ),
+            (
+                "[enforce]\nnamespaces = [5]\n".to_owned(),
+                2,
+                "namespaces entries must be strings, got 5",
+            ),
+            (
+                "[enforce]\npod_labels = { }\n".to_owned(),
+                2,
+                "pod_labels must not be empty",
+            ),
+            (
+                "[enforce]\npod_labels = \"app=billing\"\n".to_owned(),
+                2,
+                "invalid type: string \"app=billing\", expected a map",
+            ),
+            (
+                "[enforce.pod_labels]\napp = \"billing\"\n\"bad key\" = \"x\"\n".to_owned(),
+                3,
+                "pod_labels key \"bad key\" is not a Kubernetes label name",
+            ),
+            (
+                "[enforce]\npod_labels = { \"-app\" = \"x\" }\n".to_owned(),
+                2,
+                "pod_labels key \"-app\"",
+            ),
+            (
+                "[enforce]\npod_labels = { \"Example.com/app\" = \"x\" }\n".to_owned(),
+                2,
+                "pod_labels key \"Example.com/app\"",
+            ),
+            (
+                "[enforce]\npod_labels = { \"example.com/\" = \"x\" }\n".to_owned(),
+                2,
+                "pod_labels key \"example.com/\"",
+            ),
+            (
+                "[enforce.pod_labels]\napp = 5\n".to_owned(),
+                2,
+                "pod_labels value of app must be a string, got 5",
+            ),
+            (
+                "[enforce.pod_labels]\n\napp = \"bill ing\"\n".to_owned(),
+                3,
+                "pod_labels value \"bill ing\" of app is not a Kubernetes label value",
+            ),
+            (
+                format!("[enforce.pod_labels]\napp = \"{long}\"\n"),
+                2,
+                "pod_labels value",
+            ),
+            (
+                "[enforce]\npod_label = { app = \"x\" }\n".to_owned(),
+                2,
+                "unknown key `pod_label`",
+            ),
+        ] {
+            let (at, message) = error(&text);
+            assert_eq!(at, line, "{text}: {message}");
+            assert!(message.starts_with(wanted), "{text}: {message}");
         }
     }
 }

@@ -175,6 +175,11 @@ pub struct EventRecord {
     pub idle_before_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reuse: Option<Reuse>,
+    /// Resets and retransmission timeouts classified `idle_timeout_suspected`:
+    /// what the path did, in the words of its `kind` ("the GWLB forgot the
+    /// flow after 352 s idle (its timeout: 350 s) and dropped the next packet; ...").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<String>,
     /// The socket error, for deaths and failed connects (e.g. ETIMEDOUT).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -384,6 +389,16 @@ impl Explainer {
         }
     }
 
+    /// `EventRecord::explanation` of a death classified `idle_timeout_suspected`.
+    fn explanation(&self, event: &Event, record: &EventRecord, reset: bool) -> Option<String> {
+        if record.classification != Some(Classification::IdleTimeoutSuspected) {
+            return None;
+        }
+        let idle = record.idle_before_seconds?;
+        let path = self.classifier.path_behaviour_of(&event.socket)?;
+        Some(path.forgot(idle, reset, event.retransmissions))
+    }
+
     pub fn explain(&mut self, event: &Event, unix_seconds: f64) -> Option<EventRecord> {
         let kind = match event.kind {
             event_kind::RESET_RECEIVED => Kind::ResetReceived,
@@ -420,6 +435,7 @@ impl Explainer {
             idle_since_receive_seconds: socket.as_ref().map(|s| s.last_receive_seconds),
             idle_before_seconds: None,
             reuse: None,
+            explanation: None,
             error: None,
             retransmissions: None,
             reason: None,
@@ -465,6 +481,9 @@ impl Explainer {
                 let timeout = socket.as_ref().and_then(|s| s.path_idle_timeout_seconds);
                 record.classification = Some(Classification::of(idle_before, timeout));
                 record.idle_before_seconds = idle_before;
+                if kind == Kind::ResetReceived {
+                    record.explanation = self.explanation(event, &record, true);
+                }
                 record.reuse = reuse;
             }
             Kind::KeepaliveTimeout | Kind::ConnectionError => {
@@ -486,6 +505,7 @@ impl Explainer {
                 let timeout = socket.as_ref().and_then(|s| s.path_idle_timeout_seconds);
                 record.classification = Some(Classification::of(idle_before, timeout));
                 record.idle_before_seconds = idle_before;
+                record.explanation = self.explanation(event, &record, false);
                 record.reuse = reuse;
             }
             Kind::ConnectFailed => {
@@ -893,6 +913,97 @@ mod tests {
         death.error = libc::ETIMEDOUT as u32;
         let death = explainer().explain(&death, 0.0).expect("known kind");
         assert_eq!(death.error.as_deref(), Some("ETIMEDOUT"));
+    }
+
+    fn explainer_with(config: &str) -> Explainer {
+        Explainer::new(Arc::new(Classifier {
+            hz: HZ,
+            idle_threshold: Duration::from_secs(2),
+            default_timeout: IdleTimeout::After(NonZeroU32::new(5).expect("non-zero")),
+            paths: PathConfig::parse(config, "test.toml").expect("valid config"),
+            keepalive_timer_seen: false,
+        }))
+    }
+
+    /// A death after 400 s idle (a send after idle, then no ACK) on a path
+    /// of `kind`, explained in that kind's words.
+    fn explained_death(config: &str, kind: u8) -> EventRecord {
+        let mut explainer = explainer_with(config);
+        let mut death = event(kind, 0, 400);
+        death.jiffies = 100_000 + 20 * HZ;
+        death.error = libc::ETIMEDOUT as u32;
+        death.retransmissions = 6;
+        death.socket.retransmitting_since_reuse = 1;
+        death.socket.info.reuse_at = 100_000 + 19 * HZ;
+        death.socket.info.reuse_idle = 400 * HZ;
+        explainer.explain(&death, 1_000.0).expect("known kind")
+    }
+
+    #[test]
+    fn deaths_are_explained_in_the_words_of_the_path_kind() {
+        const GWLB: &str = "[[path]]\ncidr = \"198.51.100.0/24\"\nkind = \"gwlb\"\n";
+        let death = explained_death(GWLB, event_kind::RETRANSMIT_TIMEOUT);
+        assert_eq!(
+            death.explanation.as_deref(),
+            Some(
+                "the GWLB forgot the flow after 400 s idle (its timeout: 350 s) and dropped the next packet; the kernel retransmitted it 6 times, then gave up with ETIMEDOUT"
+            )
+        );
+        let socket = death.socket.expect("socket");
+        assert_eq!(socket.path_kind, Some("gwlb"));
+        assert_eq!(socket.path_on_idle, Some("drop"));
+        // A reset is not what a dropping GWLB sends: the explanation says so.
+        let reset = explained_death(GWLB, event_kind::RESET_RECEIVED);
+        assert!(
+            reset.explanation.as_deref().is_some_and(|text| text
+                .contains("drops forgotten flows without a reset: this reset came from elsewhere")),
+            "{:?}",
+            reset.explanation
+        );
+
+        let nat = "[[path]]\ncidr = \"198.51.100.0/24\"\nkind = \"nat_gateway\"\n";
+        let reset = explained_death(nat, event_kind::RESET_RECEIVED);
+        assert_eq!(
+            reset.explanation.as_deref(),
+            Some(
+                "the NAT gateway forgot the flow after 400 s idle (its timeout: 350 s) and answered the next packet with a reset"
+            )
+        );
+        // A reset GWLB whose RST never came.
+        let reset_gwlb =
+            "[[path]]\ncidr = \"198.51.100.0/24\"\nkind = \"gwlb\"\non_idle = \"reset\"\n";
+        let death = explained_death(reset_gwlb, event_kind::RETRANSMIT_TIMEOUT);
+        assert!(
+            death
+                .explanation
+                .as_deref()
+                .is_some_and(|text| text.starts_with("the GWLB forgot the flow")
+                    && text.contains("none arrived")),
+            "{:?}",
+            death.explanation
+        );
+        // Without a kind: the path's middlebox, resetting (the default path too).
+        let death = explained_death("", event_kind::RESET_RECEIVED);
+        assert!(
+            death
+                .explanation
+                .as_deref()
+                .is_some_and(|text| text.starts_with(
+                    "the path's middlebox forgot the flow after 400 s idle (its timeout: 5 s)"
+                )),
+            "{:?}",
+            death.explanation
+        );
+        // A path without a timeout explains nothing, and is classified other.
+        let none = "[[path]]\ncidr = \"198.51.100.0/24\"\nkind = \"none\"\n";
+        let death = explained_death(none, event_kind::RETRANSMIT_TIMEOUT);
+        assert_eq!(death.classification, Some(Classification::Other));
+        assert_eq!(death.explanation, None);
+        let socket = death.socket.expect("socket");
+        assert_eq!(
+            (socket.path_kind, socket.path_on_idle),
+            (Some("none"), None)
+        );
     }
 
     /// The path forgot the flow and dropped what followed: the send after

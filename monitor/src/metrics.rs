@@ -732,6 +732,9 @@ mod tests {
                 netns: 7,
                 keepalive_time_seconds: 60,
             });
+        summary
+            .opened_destinations
+            .insert("198.51.100.2:443".parse().expect("address"), 1);
         metrics.publish_walk(&summary, WalkCost::default());
         let mut exported = std::collections::BTreeSet::new();
         for family in metrics.registry.gather() {
@@ -1192,6 +1195,7 @@ mod tests {
             idle_since_receive_seconds: None,
             idle_before_seconds: Some(400.0),
             reuse: None,
+            explanation: None,
             error: None,
             retransmissions: None,
             reason: None,

@@ -212,6 +212,9 @@ pub struct LoadSettings {
     pub layout: KernelLayout,
     pub idle_threshold_jiffies: u32,
     pub max_sockets: u32,
+    /// Remember the connections this node opens, for
+    /// idlemon_destination_established_connections (`--destination-labels`).
+    pub count_opened: bool,
     pub disabled: Vec<AttachKind>,
     /// Keepalive enforcement's mode and targets (mode 0: not attached).
     pub enforce: monitor_common::EnforceSettings,
@@ -230,7 +233,17 @@ pub fn load(settings: &LoadSettings, btf: &Btf, kernel_btf: &KernelBtf) -> anyho
             true,
         )
         .override_global("ENFORCE_SETTINGS", &settings.enforce, true)
+        .override_global("COUNT_OPENED", &u32::from(settings.count_opened), true)
         .map_max_entries("SOCKETS", settings.max_sockets)
+        // Never used unless counted: one entry then (a map cannot have none).
+        .map_max_entries(
+            "ACTIVE_OPENS",
+            if settings.count_opened {
+                settings.max_sockets
+            } else {
+                1
+            },
+        )
         .load(EBPF_OBJECT)
         .map_err(|error| explain_permission(anyhow::Error::new(error)))
         .context("cannot create idlemon's eBPF maps")?;

@@ -16,8 +16,8 @@ use std::{
 
 pub use self::{
     snapshot::{
-        NO_OWNER, NamespaceKeepalive, Owner, PreviousOwners, Snapshot, SnapshotBuilder, Socket,
-        Summary,
+        NO_OWNER, NamespaceKeepalive, OpenedBeforeStart, Owner, PreviousOwners, Snapshot,
+        SnapshotBuilder, Socket, Summary,
     },
     verdict::{Classifier, Coverage, Facts, PathRule, Risk},
     view::{Filter, Keepalive, Source, TrackedSocket},
@@ -45,6 +45,8 @@ pub fn comm(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use std::{
+        collections::HashSet,
+        net::SocketAddr,
         num::NonZeroU32,
         sync::Arc,
         time::{Duration, Instant},
@@ -182,6 +184,45 @@ mod tests {
         assert_eq!(
             classifier("").classify(&record).risk,
             Some(Risk::KeepaliveTooSlow)
+        );
+    }
+
+    #[test]
+    fn at_risk_sockets_say_what_their_path_kind_will_do() {
+        let gwlb = classifier("[[path]]\nname = \"fw\"\ncidr = \"52.1.0.0/16\"\nkind = \"gwlb\"\n");
+        let socket = gwlb.classify(&record(400, false));
+        assert_eq!(socket.risk, Some(Risk::NoKeepalive));
+        assert_eq!(
+            (socket.path_kind, socket.path_on_idle),
+            (Some("gwlb"), Some("drop"))
+        );
+        assert_eq!(socket.path_idle_timeout_seconds, Some(350));
+        assert_eq!(
+            socket.why.as_deref(),
+            Some(
+                "idle 400 s with keepalive off; the GWLB forgets a flow idle 350 s and drops its next packet: the request hangs while the kernel retransmits, until tcp_retries2 or TCP_USER_TIMEOUT gives up with ETIMEDOUT (about 15 minutes by default)"
+            )
+        );
+        // The default path resets, as a NAT gateway does; no kind is named.
+        let socket = classifier("").classify(&record(400, true));
+        assert_eq!(
+            (socket.path_kind, socket.path_on_idle),
+            (None, Some("reset"))
+        );
+        assert!(
+            socket.why.as_deref().is_some_and(|why| why.starts_with(
+                "idle 400 s with a keepalive slower than the path's timeout; the path's middlebox forgets a flow idle 350 s and answers its next packet with a reset"
+            )),
+            "{:?}",
+            socket.why
+        );
+        // Safe sockets carry no why; kind none is never at risk.
+        assert_eq!(classifier("").classify(&record(10, false)).why, None);
+        let none = classifier("[[path]]\ncidr = \"52.1.0.0/16\"\nkind = \"none\"\n");
+        let socket = none.classify(&record(5000, false));
+        assert_eq!(
+            (socket.risk, socket.why, socket.path_kind),
+            (None, None, Some("none"))
         );
     }
 
@@ -467,5 +508,40 @@ mod tests {
             min_idle: None,
         };
         assert_eq!(snapshot.select(&not_at_risk), vec![3, 0]);
+    }
+
+    #[test]
+    fn connections_older_than_idlemon_are_active_opens_unless_on_a_listening_port() {
+        let listening = HashMap::from([(0, HashSet::from([8080]))]);
+        let mut outbound = record(10, false);
+        outbound.sock = 1;
+        outbound.local_port = 40001;
+        let mut accepted = record(10, false);
+        accepted.sock = 2;
+        accepted.local_port = 8080;
+        let mut marked = record(10, false);
+        marked.sock = 3;
+        marked.opened_here = 1;
+        let first = snapshot(classifier(""), &[outbound, accepted, marked]);
+        let mut older = OpenedBeforeStart::classify(&first, &listening);
+        let mut summary = Summary::of(&first);
+        let destination: SocketAddr = "52.1.2.3:443".parse().expect("address");
+        // The marked one counts by its mark, the outbound one by the heuristic.
+        assert_eq!(summary.opened_destinations.get(&destination), Some(&1));
+        older.count(&first, &mut summary);
+        assert_eq!(summary.opened_destinations.get(&destination), Some(&2));
+
+        // The old connection closed; a new accepted socket at its address is
+        // not taken for it (another local port), nor counted once it is gone.
+        let mut reused = accepted;
+        reused.sock = 1;
+        let next = snapshot(classifier(""), &[reused, marked]);
+        let mut summary = Summary::of(&next);
+        older.count(&next, &mut summary);
+        assert_eq!(summary.opened_destinations.get(&destination), Some(&1));
+        let again = snapshot(classifier(""), &[outbound, marked]);
+        let mut summary = Summary::of(&again);
+        older.count(&again, &mut summary);
+        assert_eq!(summary.opened_destinations.get(&destination), Some(&1));
     }
 }

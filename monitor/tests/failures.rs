@@ -37,6 +37,18 @@ fn nat_config() -> TempFile {
     )
 }
 
+/// The same, with the test NAT named a firewall (which drops forgotten flows).
+fn firewall_config() -> TempFile {
+    TempFile::new(
+        "failures-firewall.toml",
+        &format!(
+            "[[path]]\ncidr = \"0.0.0.0/0\"\nkind = \"none\"\n\
+             [[path]]\ncidr = \"::/0\"\nkind = \"none\"\n\
+             [[path]]\nname = \"test-nat\"\ncidr = \"{SERVER_IP}/32\"\nkind = \"firewall\"\nidle_timeout = {NAT_TIMEOUT}\n"
+        ),
+    )
+}
+
 fn start_daemon(config: &TempFile) -> Daemon {
     Daemon::start(&[
         "--idle-threshold",
@@ -79,7 +91,7 @@ fn wait_event(daemon: &Daemon, kind: &str, end: &str, address: &str) -> Value {
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn a_path_that_drops_forgotten_flows_ends_in_an_explained_retransmit_timeout() {
-    let config = nat_config();
+    let config = firewall_config();
     let daemon = start_daemon(&config);
     let path = NatPath::dropping(NAT_TIMEOUT);
     path.client.sysctl("net.ipv4.tcp_retries2", "4");
@@ -133,6 +145,15 @@ fn a_path_that_drops_forgotten_flows_ends_in_an_explained_retransmit_timeout() {
     assert_eq!(death["pid"], std::process::id());
     assert_eq!(death["comm"], common::own_comm().as_str());
     assert_eq!(death["socket"]["path_rule"], "test-nat");
+    // In the words of the path's kind.
+    assert_eq!(death["socket"]["path_kind"], "firewall");
+    assert_eq!(death["socket"]["path_on_idle"], "drop");
+    let explanation = death["explanation"].as_str().unwrap();
+    assert!(
+        explanation.starts_with("the firewall forgot the flow after ")
+            && explanation.contains(&format!("idle (its timeout: {NAT_TIMEOUT} s) and dropped the next packet; the kernel retransmitted it ")),
+        "{explanation}"
+    );
 
     assert_eq!(
         daemon.counter(
@@ -271,4 +292,87 @@ fn a_closed_port_is_a_refused_connect() {
         ),
         1.0
     );
+}
+
+/// NAT port pressure: the connections the client namespace holds through
+/// the NAT to one destination are counted in
+/// idlemon_destination_established_connections for that destination, and
+/// exactly those: the server namespace's accepted ends of the same
+/// connections (whose remote is the NAT's address) are not, and closed
+/// connections leave the count. Connections older than the daemon count too
+/// (their local port is no listener's), their accepted ends not (theirs is).
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn held_connections_to_one_destination_are_counted_and_accepted_ones_are_not() {
+    const OLDER: usize = 2;
+    const HELD: usize = 7;
+    const CLOSED: usize = 3;
+    let config = nat_config();
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(8131, OLDER + HELD);
+    let open = |count: usize| -> Vec<TcpStream> {
+        (0..count)
+            .map(|_| {
+                let mut stream = path.connect(8131, Keepalive::Off);
+                echo(&mut stream).unwrap();
+                stream
+            })
+            .collect()
+    };
+    let older = open(OLDER);
+    let daemon = start_daemon(&config);
+    let mut held = open(HELD);
+
+    let destination = format!("{SERVER_IP}:8131");
+    let series =
+        format!("idlemon_destination_established_connections{{destination=\"{destination}\"}}");
+    let counted = |wanted: usize| {
+        wait_for(Duration::from_secs(5), || {
+            daemon
+                .metric(&series)
+                .filter(|&count| count == wanted as f64)
+        })
+        .unwrap_or_else(|| panic!("{series} is {:?}, want {wanted}", daemon.metric(&series)))
+    };
+    counted(OLDER + HELD);
+    // Both ends are ESTABLISHED sockets the daemon tracks.
+    let sockets = daemon.sockets("");
+    for stream in &held {
+        let local = stream.local_addr().unwrap();
+        assert!(
+            find_socket(&sockets, path.client.inode(), local).is_some(),
+            "{local} not tracked"
+        );
+    }
+    // The server's ends are accepted connections from the NAT's address:
+    // none is a destination. (Only this test's: the host's other namespaces
+    // may hold other tests' connections.)
+    let accepted: Vec<String> = sockets
+        .iter()
+        .filter(|socket| socket["netns"] == path.server.inode() && socket["local"] == destination)
+        .map(|socket| socket["remote"].as_str().unwrap().to_owned())
+        .collect();
+    let (_, text) = daemon.get("/metrics");
+    for remote in &accepted {
+        assert!(remote.starts_with(common::NAT_SERVER_SIDE_IP), "{remote}");
+        assert_eq!(
+            daemon.metric(&format!(
+                "idlemon_destination_established_connections{{destination=\"{remote}\"}}"
+            )),
+            None,
+            "accepted connection from {remote} counted:\n{text}"
+        );
+    }
+    let accepted_tracked = accepted.len();
+    assert_eq!(accepted_tracked, OLDER + HELD, "the server's accepted ends");
+
+    held.truncate(HELD - CLOSED);
+    counted(OLDER + HELD - CLOSED);
+    drop(older);
+    counted(HELD - CLOSED);
+    held.clear();
+    wait_for(Duration::from_secs(5), || {
+        daemon.metric(&series).is_none().then_some(())
+    })
+    .unwrap_or_else(|| panic!("{series} stays after every connection closed"));
 }

@@ -172,6 +172,23 @@ impl Walker {
         self.read_records(create_iterator(files_link)?, visit)
     }
 
+    /// The ports that TCP sockets of `namespace` listen on (IPv4 and IPv6),
+    /// from its `/proc/net/tcp` and `tcp6`.
+    pub fn listening_ports(
+        &self,
+        namespace: &Namespace,
+    ) -> Result<std::collections::HashSet<u16>, WalkError> {
+        self.inside(namespace, || {
+            let mut ports = std::collections::HashSet::new();
+            for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+                if let Ok(text) = fs::read_to_string(table) {
+                    ports.extend(listening_ports(&text));
+                }
+            }
+            ports
+        })
+    }
+
     /// The ESTABLISHED and CLOSE_WAIT sockets of `namespace`, as its
     /// `CurrEstab` counter has them; None when that cannot be read.
     pub fn established(&self, namespace: &Namespace) -> Result<Option<u64>, WalkError> {
@@ -279,6 +296,21 @@ fn shares_host_table(entries: &str) -> Option<bool> {
         .parse::<i64>()
         .ok()
         .map(|entries| entries < 0)
+}
+
+/// The local ports of LISTEN (`st` 0A) sockets in a `/proc/net/tcp` or
+/// `tcp6` table: `  0: 0100007F:1F90 00000000:0000 0A ...`.
+pub fn listening_ports(table: &str) -> impl Iterator<Item = u16> + '_ {
+    table.lines().skip(1).filter_map(|line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1)?;
+        let state = fields.nth(1)?;
+        if state != "0A" {
+            return None;
+        }
+        let (_, port) = local.rsplit_once(':')?;
+        u16::from_str_radix(port, 16).ok()
+    })
 }
 
 /// `CurrEstab` of this thread's network namespace.
@@ -395,5 +427,15 @@ mod tests {
         // file and the directory are counted and left alone.
         assert_eq!(namespaces.len(), 1);
         assert_eq!(skipped, 3);
+    }
+
+    #[test]
+    fn listening_ports_of_a_proc_net_tcp_table() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:9C41 0200007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
+   2: 00000000000000000000000000000000:01BB 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0
+";
+        assert_eq!(listening_ports(table).collect::<Vec<_>>(), [8080, 443]);
     }
 }

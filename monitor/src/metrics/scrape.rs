@@ -171,6 +171,11 @@ const TABLE_ENTRIES_HELP: &str =
 const RESETS_RECEIVED: &str = "idlemon_resets_received_total";
 const RESETS_RECEIVED_HELP: &str = "RSTs received on established sockets, by classification \
                  (unclassified: their events were lost).";
+const ESTABLISHED: &str = "idlemon_destination_established_connections";
+const ESTABLISHED_HELP: &str = "ESTABLISHED connections this node opened (not accepted ones), by destination \
+                 (address:port), for the top --destination-labels destinations (the rest under \
+                 destination=\"_other\"): what a NAT gateway's 55,000 connections per \
+                 destination and NAT address count; absent unless enabled.";
 const DESTINATION_CONNECTS: &str = "idlemon_destination_connects_succeeded_total";
 const DESTINATION_CONNECTS_HELP: &str = "Connects that succeeded, for the destinations of \
                  idlemon_destination_connect_failures_total (beside failures, whether other \
@@ -204,8 +209,11 @@ pub struct WalkSeries {
     long_idle: [usize; Coverage::ALL.len()],
     /// By (reason, the chosen owner labels in `OwnerLabels::names` order).
     at_risk: BTreeMap<Vec<String>, usize>,
-    /// By destination; empty when the metric is off.
+    /// At-risk sockets by destination address; empty when the metric is off.
     destinations: BTreeMap<String, usize>,
+    /// Connections this node opened by destination address and port;
+    /// empty when the metric is off.
+    established: BTreeMap<String, usize>,
     /// (netns, namespace, pod) and the keepalive time in seconds.
     namespace_keepalive: Vec<([String; 3], u64)>,
     cost: WalkCost,
@@ -268,29 +276,40 @@ impl WalkSeries {
             ));
         }
 
-        let mut destinations = BTreeMap::new();
-        if limits.destinations > 0 {
-            let mut ranked: Vec<(&IpAddr, &usize)> = summary.at_risk_destinations.iter().collect();
-            ranked.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
-            for (rank, (destination, count)) in ranked.into_iter().enumerate() {
-                let label = if rank < limits.destinations {
-                    destination.to_string()
-                } else {
-                    "_other".to_owned()
-                };
-                *destinations.entry(label).or_default() += *count;
-            }
-        }
         let series = Self {
             tracked: summary.tracked,
             long_idle: summary.long_idle,
             at_risk,
-            destinations,
+            destinations: top(&summary.at_risk_destinations, limits.destinations),
+            established: top(&summary.opened_destinations, limits.destinations),
             namespace_keepalive,
             cost,
         };
         (series, dropped)
     }
+}
+
+/// The `limit` busiest destinations by name, the rest folded into
+/// `_other`; none when the limit is 0 (the metric is off).
+fn top<K: Ord + ToString>(
+    counts: &std::collections::HashMap<K, usize, impl std::hash::BuildHasher>,
+    limit: usize,
+) -> BTreeMap<String, usize> {
+    let mut series = BTreeMap::new();
+    if limit == 0 {
+        return series;
+    }
+    let mut ranked: Vec<(&K, &usize)> = counts.iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    for (rank, (destination, count)) in ranked.into_iter().enumerate() {
+        let label = if rank < limit {
+            destination.to_string()
+        } else {
+            "_other".to_owned()
+        };
+        *series.entry(label).or_default() += *count;
+    }
+    series
 }
 
 /// What the collector reads: the latest walk's series, the kernel's
@@ -359,6 +378,7 @@ impl Scraped {
                 DESTINATION_CONNECTS_HELP,
                 vec!["destination"],
             ));
+            families.push((ESTABLISHED, ESTABLISHED_HELP, vec!["destination"]));
         }
         let descs = families
             .into_iter()
@@ -481,6 +501,13 @@ impl Scraped {
                 AT_RISK_DESTINATIONS,
                 AT_RISK_DESTINATIONS_HELP,
                 walk.destinations.iter().map(|(destination, count)| {
+                    (labelled([("destination", destination)]), *count as f64)
+                }),
+            ));
+            families.push(gauge(
+                ESTABLISHED,
+                ESTABLISHED_HELP,
+                walk.established.iter().map(|(destination, count)| {
                     (labelled([("destination", destination)]), *count as f64)
                 }),
             ));

@@ -1,7 +1,13 @@
 //! The snapshot: one walk's result, every socket in a compact form with its
 //! verdict, their owners, and the counts the gauges are made of.
 
-use std::{collections::HashMap, net::IpAddr, num::NonZeroU32, sync::Arc, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    num::NonZeroU32,
+    sync::Arc,
+    time::Instant,
+};
 
 use monitor_common::{AF_INET, SocketRecord};
 
@@ -56,6 +62,7 @@ impl Classifier {
             probes_unanswered: record.probes_out,
             retransmits: record.retransmits,
             retransmitting_since_reuse: record.retransmitting_since_reuse != 0,
+            opened_here: record.opened_here != 0,
             risk: None,
         };
         socket.risk = self.risk(&socket.facts());
@@ -94,7 +101,7 @@ pub struct Socket {
     pub(super) probes_answered: u32,
     pub(super) timer_runs: u32,
     pub(super) path_timeout: Option<NonZeroU32>,
-    pub(super) path_rule: PathRule,
+    pub path_rule: PathRule,
     /// Index into `Snapshot::owners`, or `NO_OWNER`.
     pub owner: u32,
     pub(super) is_ipv6: bool,
@@ -106,6 +113,8 @@ pub struct Socket {
     pub(super) probes_unanswered: u8,
     pub(super) retransmits: u8,
     pub(super) retransmitting_since_reuse: bool,
+    /// This node opened it (`SocketRecord::opened_here`).
+    pub opened_here: bool,
     pub risk: Option<Risk>,
 }
 
@@ -131,6 +140,21 @@ impl Socket {
 
     pub fn remote_ip(&self) -> IpAddr {
         address(self.is_ipv6, &self.remote_addr)
+    }
+
+    pub fn local_port(&self) -> u16 {
+        self.local_port
+    }
+
+    /// Inode of the socket's network namespace.
+    pub fn netns(&self) -> u32 {
+        self.netns
+    }
+
+    /// The destination as a NAT gateway counts it: address and port.
+    pub fn remote(&self) -> SocketAddr {
+        // A dual-stack socket's IPv4-mapped peer is the IPv4 destination.
+        SocketAddr::new(self.remote_ip().to_canonical(), self.remote_port)
     }
 }
 
@@ -346,6 +370,9 @@ pub struct Summary {
     pub at_risk: HashMap<(Risk, [String; 3]), usize>,
     /// At-risk sockets by remote address.
     pub at_risk_destinations: WalkMap<IpAddr, usize>,
+    /// ESTABLISHED connections this node opened, by destination (address
+    /// and port): what a NAT gateway's 55,000 per destination counts.
+    pub opened_destinations: WalkMap<SocketAddr, usize>,
     /// Sockets idle at least the threshold on a path with a timeout, by
     /// keepalive coverage (indexed like `Coverage::ALL`).
     pub long_idle: [usize; Coverage::ALL.len()],
@@ -377,6 +404,12 @@ impl Summary {
         for socket in &snapshot.sockets {
             if let Some(coverage) = snapshot.classifier.coverage(&socket.facts()) {
                 summary.long_idle[coverage as usize] += 1;
+            }
+            if socket.opened_here {
+                *summary
+                    .opened_destinations
+                    .entry(socket.remote())
+                    .or_default() += 1;
             }
             if let Some(risk) = socket.risk {
                 *per_owner.entry((risk, socket.owner)).or_default() += 1;
@@ -422,5 +455,51 @@ impl Summary {
             .filter(|((reason, _), _)| *reason == risk)
             .map(|(_, count)| count)
             .sum()
+    }
+}
+
+/// The ESTABLISHED connections that existed before idlemon loaded and that
+/// this node opened, as far as can be told: the kernel marks only the active
+/// opens it sees complete, so at the first scan a connection it did not mark
+/// is taken for an active open when its local port is none of its network
+/// namespace's listening ports (an accepted connection has its listener's
+/// port, and the kernel never picks a listener's port for a connect). An
+/// accepted connection whose listener has closed since is counted wrongly;
+/// an application that binds a listener's port before connecting (with
+/// SO_REUSEPORT) is missed. Kept by socket and 4-tuple until they close, so
+/// that a socket allocated at a closed one's address is not taken for it.
+#[derive(Debug, Default)]
+pub struct OpenedBeforeStart(HashSet<(u64, u16, SocketAddr)>);
+
+impl OpenedBeforeStart {
+    /// Classifies the unmarked sockets of the first scan; `listening` holds
+    /// each namespace's (by inode) listening ports.
+    pub fn classify(snapshot: &Snapshot, listening: &HashMap<u32, HashSet<u16>>) -> Self {
+        Self(
+            snapshot
+                .sockets
+                .iter()
+                .filter(|socket| {
+                    !socket.opened_here
+                        && listening
+                            .get(&socket.netns())
+                            .is_some_and(|ports| !ports.contains(&socket.local_port()))
+                })
+                .map(|socket| (socket.sock, socket.local_port(), socket.remote()))
+                .collect(),
+        )
+    }
+
+    /// Adds those still open to `summary`'s count, and forgets the closed.
+    pub fn count(&mut self, snapshot: &Snapshot, summary: &mut Summary) {
+        let mut open = HashSet::with_capacity(self.0.len());
+        for socket in &snapshot.sockets {
+            let key = (socket.sock, socket.local_port(), socket.remote());
+            if !socket.opened_here && self.0.contains(&key) {
+                *summary.opened_destinations.entry(key.2).or_default() += 1;
+                open.insert(key);
+            }
+        }
+        self.0 = open;
     }
 }

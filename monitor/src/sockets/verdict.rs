@@ -6,7 +6,7 @@ use std::{net::IpAddr, num::NonZeroU32, time::Duration};
 
 use serde::Serialize;
 
-use crate::config::{IdleTimeout, PathConfig};
+use crate::config::{IdleTimeout, OnIdle, PathBehaviour, PathConfig, PathKind};
 
 /// Why a socket is at risk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -26,6 +26,14 @@ impl Risk {
         match self {
             Self::NoKeepalive => "no_keepalive",
             Self::KeepaliveTooSlow => "keepalive_too_slow",
+        }
+    }
+
+    /// The risk in words, for `TrackedSocket::why`.
+    pub fn words(self) -> &'static str {
+        match self {
+            Self::NoKeepalive => "keepalive off",
+            Self::KeepaliveTooSlow => "a keepalive slower than the path's timeout",
         }
     }
 }
@@ -114,6 +122,36 @@ impl Classifier {
             IdleTimeout::Never => None,
         };
         (rule, timeout)
+    }
+
+    /// What sits on the path a rule chose.
+    pub fn path_kind(&self, rule: PathRule) -> Option<PathKind> {
+        match rule {
+            PathRule::Config(index) => self.paths.kind(index as usize),
+            PathRule::Loopback => Some(PathKind::None),
+            PathRule::Default => None,
+        }
+    }
+
+    /// The behaviour of the path a rule chose; None without an idle timeout.
+    pub fn path_behaviour(&self, rule: PathRule) -> Option<PathBehaviour> {
+        let (timeout, on_idle) = match rule {
+            PathRule::Config(index) => (
+                self.paths.timeout(index as usize),
+                self.paths.on_idle(index as usize)?,
+            ),
+            PathRule::Loopback => return None,
+            // `--idle-timeout`, the NAT gateway's by default: a reset.
+            PathRule::Default => (self.default_timeout, OnIdle::Reset),
+        };
+        match timeout {
+            IdleTimeout::After(seconds) => Some(PathBehaviour {
+                kind: self.path_kind(rule),
+                on_idle,
+                timeout_seconds: seconds.get(),
+            }),
+            IdleTimeout::Never => None,
+        }
     }
 
     /// Keepalive coverage of a socket idle at least the threshold on a path

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::{Classifier, NO_OWNER, Owner, PathRule, Risk, Socket, address};
 use crate::{
     attribution::Attribution,
+    config::{PathBehaviour, PathKind},
     fix::{self, Fix},
 };
 
@@ -64,6 +65,12 @@ pub struct TrackedSocket {
     pub path_idle_timeout_seconds: Option<u32>,
     /// The config rule that set the timeout; null for the default.
     pub path_rule: Option<String>,
+    /// What sits on the path (`kind` of the rule: `nat_gateway`, `nlb`,
+    /// `gwlb`, `vpc_endpoint`, `firewall`, `none`); null where no kind is named.
+    pub path_kind: Option<&'static str>,
+    /// What the path does to the next packet of a flow it forgot: `reset`
+    /// or `drop`; null on a path without an idle timeout.
+    pub path_on_idle: Option<&'static str>,
     /// Seconds until the middlebox forgets the flow if nothing crosses it,
     /// counting ACKs of keepalive probes as traffic; negative once past.
     pub time_left_seconds: Option<f64>,
@@ -73,6 +80,9 @@ pub struct TrackedSocket {
     /// At-risk sockets only: the one change that keeps the path alive
     /// (`fix::Fix`); null otherwise.
     pub fix: Option<Fix>,
+    /// At-risk sockets only: what the path will do to it, in words ("the
+    /// GWLB forgets a flow idle 350 s and drops its next packet: ...").
+    pub why: Option<String>,
     /// Retransmission timeouts in a row without an ACK (kernel
     /// `icsk_retransmits`): 0 while the peer answers.
     pub retransmits: u8,
@@ -131,6 +141,7 @@ impl Classifier {
             timer_runs: self.keepalive_timer_seen.then_some(socket.timer_runs),
         };
         let attribution = owner.map_or_else(Arc::default, |owner| Arc::clone(&owner.attribution));
+        let behaviour = self.path_behaviour(socket.path_rule);
         let fix = socket
             .risk
             .zip(path_timeout)
@@ -152,6 +163,15 @@ impl Classifier {
                 PathRule::Loopback => Some("loopback".to_owned()),
                 PathRule::Default => None,
             },
+            path_kind: self.path_kind(socket.path_rule).map(PathKind::as_str),
+            path_on_idle: behaviour.map(|path| path.on_idle.as_str()),
+            why: socket.risk.and(behaviour).map(|path| {
+                format!(
+                    "idle {idle_seconds:.0} s with {}; {}",
+                    socket.risk.map_or("", Risk::words),
+                    path.forgets()
+                )
+            }),
             time_left_seconds: path_timeout.map(|timeout| f64::from(timeout) - path_idle),
             keepalive,
             at_risk: socket.risk.is_some(),
@@ -164,6 +184,11 @@ impl Classifier {
             cgroup_id: owner.and_then(|owner| owner.cgroup_id),
             attribution,
         }
+    }
+
+    /// The behaviour of a record's path; None without an idle timeout.
+    pub fn path_behaviour_of(&self, record: &SocketRecord) -> Option<PathBehaviour> {
+        self.path_behaviour(self.compact(record, NO_OWNER).path_rule)
     }
 
     /// A record classified on its own (events), attributed to the owner the

@@ -25,12 +25,17 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let threads = bench.settings.churn_threads;
     let netns = Netns::create("churn")?;
     println!(
-        "open+close {rate:.0} loopback connections/s for {} s from {threads} paced thread(s), in network namespace {}; idlemon with default flags",
+        "open+close {rate:.0} loopback connections/s for {} s from {threads} paced thread(s), in network namespace {}; idlemon with --destination-labels 10 (active opens remembered per connect)",
         duration.as_secs(),
         netns.name
     );
     let stats = RunTimeStats::enable()?;
-    let mut daemon = Daemon::start(&bench.binary, &[])?;
+    // With the per-destination count of active opens on, every connect and
+    // close also updates ACTIVE_OPENS: the churn measures that cost too.
+    let mut daemon = Daemon::start(
+        &bench.binary,
+        &["--destination-labels".to_owned(), "10".to_owned()],
+    )?;
     daemon.wait_ready(Duration::from_secs(60))?;
     let objects = bpf::objects_of(daemon.pid())?;
     let socket_map = bpf::maps(&objects.maps)?
