@@ -620,6 +620,9 @@ ALL_OPTIONS = {
         "eventHistory": 1000000, "eventLog": "", "logFormat": "text", "logLevel": "idlemon=debug",
         "apiListen": "127.0.0.1:9782", "paths": PATHS_TOML,
         "enforce": {"mode": "dry-run", "cgroups": ["/kubepods.slice/kubepods-burstable.slice"],
+                    "namespaces": ["payments", "billing"],
+                    "podLabels": {"app": "billing", "app.kubernetes.io/part-of": "pay"},
+                    "override": True,
                     "idlePercent": 40, "interval": 20, "count": 4, "accepted": True},
         "extraArgs": ["--disable-attach=fentry"],
         "extraEnv": [{"name": "IDLEMON_KERNEL_BTF", "value": "/sys/kernel/btf/vmlinux"}],
@@ -675,6 +678,9 @@ BAD_VALUES = [
     ("an enforced cgroup with ..", {"idlemon": {"enforce": {"cgroups": ["/kubepods.slice/../system.slice"]}}}),
     ("an enforcement idle percent above idlemon's 80", {"idlemon": {"enforce": {"idlePercent": 90}}}),
     ("a misspelt enforcement key", {"idlemon": {"enforce": {"idle_percent": 40}}}),
+    ("an enforced namespace that is no namespace name", {"idlemon": {"enforce": {"namespaces": ["Payments"]}}}),
+    ("an enforced pod label whose value is no label value", {"idlemon": {"enforce": {"podLabels": {"app": "-x"}}}}),
+    ("enforcement podLabels as a list", {"idlemon": {"enforce": {"podLabels": ["app=billing"]}}}),
     ("extra args as one string", {"idlemon": {"extraArgs": "--disable-attach=fentry"}}),
     ("an extra env without a name", {"idlemon": {"extraEnv": [{"value": "1"}]}}),
     ("a port above 65535", {"metrics": {"port": 70000}}),
@@ -912,6 +918,9 @@ def helm_checks(out_dir, kustomize_rendered=None):
                 parsed = tomllib.loads(config["data"]["idlemon.toml"])
                 expected = dict(tomllib.loads(PATHS_TOML), enforce={
                     "mode": "dry-run", "cgroups": ["/kubepods.slice/kubepods-burstable.slice"],
+                    "namespaces": ["payments", "billing"],
+                    "pod_labels": {"app": "billing", "app.kubernetes.io/part-of": "pay"},
+                    "override": True,
                     "idle_percent": 40, "interval": 20, "count": 4, "accepted": True})
                 result.check(parsed == expected,
                              f"the ConfigMap's TOML is not idlemon.paths and idlemon.enforce's [enforce]: {parsed}")

@@ -72,8 +72,12 @@ pub mod counter {
     /// Keepalive enforcement decisions: slot `ENFORCEMENTS + reason`, one
     /// of `enforce::reason` (the mode is fixed for the daemon's lifetime).
     pub const ENFORCEMENTS: u32 = 32;
+    /// Applications that weakened the keepalive idlemon set on their
+    /// socket: slot `WEAKENED + enforce::weakened::REPORTED` (let through)
+    /// or `+ OVERRIDDEN` (`[enforce] override`: the enforced value kept).
+    pub const WEAKENED: u32 = ENFORCEMENTS + super::enforce::reason::COUNT;
     /// Number of slots in the array.
-    pub const SLOTS: u32 = ENFORCEMENTS + super::enforce::reason::COUNT;
+    pub const SLOTS: u32 = WEAKENED + 2;
 }
 
 /// Slots of the `WALK_OPTIONS` array, which user space sets before it walks
@@ -277,6 +281,9 @@ pub mod event_kind {
     /// An active open failed: `Event::error` says how (ETIMEDOUT: SYNs
     /// unanswered; ECONNREFUSED; EHOSTUNREACH or ENETUNREACH; ECONNRESET).
     pub const CONNECT_FAILED: u8 = 8;
+    /// An application turned off, or slowed, the keepalive idlemon set on
+    /// its socket (`Event::enforcement` says how; see `enforce::weakened`).
+    pub const KEEPALIVE_WEAKENED: u8 = 9;
 }
 
 /// A moment worth explaining later, sent through the `EVENTS` ring buffer
@@ -346,6 +353,24 @@ pub mod enforce {
         pub const COUNT: u32 = 8;
     }
 
+    /// An application's setsockopt on a socket idlemon enforced, seen by the
+    /// `cgroup/setsockopt` program. In a `KEEPALIVE_WEAKENED` event,
+    /// `KeepaliveDecision` holds: `reason` one of `KEEPALIVE_OFF` or
+    /// `IDLE_RAISED`; `idle_seconds`, `interval_seconds`, `count` and
+    /// `path_timeout_seconds` as idlemon set them; `passive` the value the
+    /// application asked for (0 for SO_KEEPALIVE off, else TCP_KEEPIDLE
+    /// seconds); `error` `REPORTED` or `OVERRIDDEN`.
+    pub mod weakened {
+        /// setsockopt(SOL_SOCKET, SO_KEEPALIVE, 0).
+        pub const KEEPALIVE_OFF: u32 = 1;
+        /// setsockopt(IPPROTO_TCP, TCP_KEEPIDLE, x) with x above what idlemon set.
+        pub const IDLE_RAISED: u32 = 2;
+        /// Let through: the application's value applies.
+        pub const REPORTED: u32 = 0;
+        /// `[enforce] override`: the value was rewritten to idlemon's.
+        pub const OVERRIDDEN: u32 = 1;
+    }
+
     /// `KeepaliveDecision::passive` of a connection that existed before
     /// idlemon started, fixed by the walk.
     pub const EXISTING: u32 = 2;
@@ -401,8 +426,27 @@ pub struct EnforceSettings {
     pub interval_seconds: u32,
     pub interval_jiffies: u32,
     pub count: u32,
+    /// 1: the `cgroup/setsockopt` program rewrites an application's
+    /// weakening of an enforced socket's keepalive (`[enforce] override`).
+    pub override_weakening: u32,
 }
-const _: () = assert!(size_of::<EnforceSettings>() == 40);
+const _: () = assert!(size_of::<EnforceSettings>() == 44);
+
+/// What idlemon set on a socket, kept by the enforcement programs (keyed by
+/// the socket's address) so that the `cgroup/setsockopt` program can tell
+/// an application's later weakening of it. Ports, host order, tell a reused
+/// address apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnforcedSocket {
+    pub idle_seconds: u32,
+    pub interval_seconds: u32,
+    pub count: u32,
+    pub path_timeout_seconds: u32,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+const _: () = assert!(size_of::<EnforcedSocket>() == 20);
 
 /// One path rule for the kernel: destinations `addr/mask` (IPv4 in the
 /// first word, network order), on the listed port ranges (none: every port).
@@ -463,5 +507,6 @@ mod user {
     unsafe impl aya::Pod for super::EnforceSettings {}
     unsafe impl aya::Pod for super::EnforcePath {}
     unsafe impl aya::Pod for super::ExistingSocket {}
+    unsafe impl aya::Pod for super::EnforcedSocket {}
     unsafe impl aya::Pod for super::Destination {}
 }

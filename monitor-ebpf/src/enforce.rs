@@ -16,18 +16,17 @@
 //! already fixed keep their settings.
 
 use aya_ebpf::{
-    bindings::bpf_sock_ops,
+    bindings::{bpf_sock_ops, bpf_sockopt},
     cty::c_void,
     helpers::bpf_setsockopt,
-    macros::map,
-    macros::sock_ops,
-    maps::{Array, HashMap},
-    programs::SockOpsContext,
+    macros::{cgroup_sockopt, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap},
+    programs::{SockOpsContext, SockoptContext},
 };
 use monitor_common::{
-    AF_INET, AF_INET6, EnforcePath, EnforceSettings, ExistingSocket, KeepaliveDecision,
-    SocketRecord, TCP_ESTABLISHED, counter,
-    enforce::{self, reason},
+    AF_INET, AF_INET6, EnforcePath, EnforceSettings, EnforcedSocket, ExistingSocket,
+    KeepaliveDecision, SocketRecord, TCP_ESTABLISHED, counter,
+    enforce::{self, reason, weakened},
     event_kind,
 };
 
@@ -50,6 +49,7 @@ static ENFORCE_SETTINGS: EnforceSettings = EnforceSettings {
     interval_seconds: 0,
     interval_jiffies: 0,
     count: 0,
+    override_weakening: 0,
 };
 
 /// The config file's path rules in precedence order (most specific CIDR
@@ -128,14 +128,19 @@ fn try_enforce(ops: *mut bpf_sock_ops) -> Result<u32, u32> {
     // The socket as it was, for the decision and for the audit event.
     let sk = field!(ops, __bindgen_anon_2.sk);
     let mut before = SocketRecord::default();
-    let readable = !sk.is_null()
-        && pointer_as_number(sk).is_some_and(|sk| {
-            let read = snapshot::<Untyped>(sk, &mut before, Depth::Event).is_ok();
-            recorded(sk, &mut before);
-            read
-        });
+    let address = if sk.is_null() {
+        None
+    } else {
+        pointer_as_number(sk)
+    };
+    let readable = address.is_some_and(|sk| {
+        let read = snapshot::<Untyped>(sk, &mut before, Depth::Event).is_ok();
+        recorded(sk, &mut before);
+        read
+    });
     let decision = decide_and_apply(
         ops.cast::<c_void>(),
+        address.unwrap_or(0),
         &before,
         readable,
         &path,
@@ -146,10 +151,12 @@ fn try_enforce(ops: *mut bpf_sock_ops) -> Result<u32, u32> {
 }
 
 /// Decides from the socket as it was (`before`) and, with `on`, sets the
-/// options through `target` (the sock_ops context, or the iterator's socket).
+/// options through `target` (the sock_ops context, or the iterator's socket)
+/// and remembers what it set on socket `sk` (its address) in `ENFORCED`.
 #[inline(always)]
 fn decide_and_apply(
     target: *mut c_void,
+    sk: u64,
     before: &SocketRecord,
     readable: bool,
     path: &Path,
@@ -214,9 +221,117 @@ fn decide_and_apply(
         if error != 0 {
             decision.reason = reason::FAILED;
             decision.error = error;
+        } else if sk != 0 {
+            let enforced = EnforcedSocket {
+                idle_seconds: path.idle_seconds,
+                interval_seconds: setting!(interval_seconds),
+                count: setting!(count),
+                path_timeout_seconds: path.timeout_seconds,
+                local_port: before.local_port,
+                remote_port: before.remote_port,
+            };
+            // An LRU map: a full one forgets the longest-unused socket,
+            // whose weakening then goes unseen.
+            let _ = ENFORCED.insert(&sk, &enforced, 0);
         }
     }
     decision
+}
+
+/// What idlemon set on each socket it enforced, by the socket's address
+/// (see `EnforcedSocket`).
+#[map]
+static ENFORCED: LruHashMap<u64, EnforcedSocket> = LruHashMap::with_max_entries(65_536, 0);
+
+/// An application's own setsockopt on a socket of the selected cgroups,
+/// before the kernel applies it (`BPF_CGROUP_SETSOCKOPT`, Linux 5.3+, run
+/// by `__sys_setsockopt()` for the socket's cgroup):
+/// https://elixir.bootlin.com/linux/v6.1/source/kernel/bpf/cgroup.c#L1759
+/// SO_KEEPALIVE off, or TCP_KEEPIDLE above the target, on a socket idlemon
+/// enforced (`ENFORCED`) is reported; with `[enforce] override` the value
+/// is rewritten to idlemon's, which the kernel then applies instead of the
+/// application's. Every other call costs two compares.
+#[cgroup_sockopt(setsockopt)]
+pub fn enforce_setsockopt(ctx: SockoptContext) -> i32 {
+    match try_setsockopt(ctx.sockopt) {
+        Ok(ret) => ret,
+        Err(ret) => ret,
+    }
+}
+
+fn try_setsockopt(opt: *mut bpf_sockopt) -> Result<i32, i32> {
+    let level = field!(opt, level);
+    let name = field!(opt, optname);
+    let keepalive = level == SOL_SOCKET && name == SO_KEEPALIVE;
+    if !keepalive && !(level == SOL_TCP && name == TCP_KEEPIDLE) {
+        return Ok(1);
+    }
+    let start = field!(opt, __bindgen_anon_2.optval);
+    let end = field!(opt, __bindgen_anon_3.optval_end);
+    if start as usize + size_of::<i32>() > end as usize {
+        return Ok(1);
+    }
+    // SAFETY: checked against `optval_end` just above.
+    let asked = unsafe { core::ptr::read_volatile(start.cast::<i32>()) };
+    if keepalive && asked != 0 {
+        return Ok(1);
+    }
+    let sk = field!(opt, __bindgen_anon_1.sk);
+    let Some(sk) = pointer_as_number(sk) else {
+        return Ok(1);
+    };
+    // SAFETY: a lookup; the value is copied.
+    let Some(enforced) = (unsafe { ENFORCED.get(&sk) }).copied() else {
+        return Ok(1);
+    };
+    if !keepalive && asked >= 0 && asked as u32 <= enforced.idle_seconds {
+        return Ok(1);
+    }
+    let mut before = SocketRecord::default();
+    if snapshot::<Untyped>(sk, &mut before, Depth::Event).is_err()
+        || before.local_port != enforced.local_port
+        || before.remote_port != enforced.remote_port
+    {
+        // Another socket at the address of one that closed.
+        let _ = ENFORCED.remove(&sk);
+        return Ok(1);
+    }
+    recorded(sk, &mut before);
+    let overridden = setting!(override_weakening) != 0;
+    if overridden {
+        let kept = if keepalive {
+            1
+        } else {
+            enforced.idle_seconds as i32
+        };
+        // SAFETY: as the read above.
+        unsafe { core::ptr::write_volatile(start.cast::<i32>(), kept) };
+    }
+    let outcome = if overridden {
+        weakened::OVERRIDDEN
+    } else {
+        weakened::REPORTED
+    };
+    count(counter::WEAKENED + outcome, 1);
+    let _ = emit_unhurried(event_kind::KEEPALIVE_WEAKENED, |event| {
+        event.socket = before;
+        event.socket_known = 1;
+        event.enforcement = KeepaliveDecision {
+            reason: if keepalive {
+                weakened::KEEPALIVE_OFF
+            } else {
+                weakened::IDLE_RAISED
+            },
+            mode: setting!(mode),
+            idle_seconds: enforced.idle_seconds,
+            interval_seconds: enforced.interval_seconds,
+            count: enforced.count,
+            path_timeout_seconds: enforced.path_timeout_seconds,
+            passive: asked.max(0) as u32,
+            error: outcome as i32,
+        };
+    });
+    Ok(1)
 }
 
 /// Counts the decision and reports it as an audit event.
@@ -332,7 +447,14 @@ fn try_enforce_existing(ctx: *mut c_void) -> Result<i32, i32> {
     let Some(path) = destination(address, before.family == AF_INET6, before.remote_port) else {
         return Ok(0);
     };
-    let decision = decide_and_apply(tp as *mut c_void, &before, true, &path, enforce::EXISTING);
+    let decision = decide_and_apply(
+        tp as *mut c_void,
+        tp,
+        &before,
+        true,
+        &path,
+        enforce::EXISTING,
+    );
     report(before, true, decision);
     Ok(0)
 }

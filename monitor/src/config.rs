@@ -76,6 +76,8 @@
 //! interval = 30                 # TCP_KEEPINTVL, seconds (1-32767)
 //! count = 5                     # TCP_KEEPCNT (1-127)
 //! accepted = false              # also accepted connections, not only outbound ones
+//! override = false              # rewrite an application's own SO_KEEPALIVE off / slower
+//!                               # TCP_KEEPIDLE on an enforced socket to idlemon's (else: reported)
 //! cgroup_root = "/sys/fs/cgroup" # the cgroup v2 mount; absent: found in /proc/self/mounts
 //! ```
 
@@ -343,6 +345,16 @@ pub struct EnforceConfig {
     pub interval_seconds: u32,
     pub count: u32,
     pub accepted: bool,
+    /// `override`: rewrite an application's weakening of an enforced socket's keepalive.
+    pub override_weakening: bool,
+}
+
+impl EnforceConfig {
+    /// Whether pods are selected by namespace or label (which needs the pod watch).
+    #[must_use]
+    pub fn selects_pods(&self) -> bool {
+        !self.namespaces.is_empty() || !self.pod_labels.is_empty()
+    }
 }
 
 impl Default for EnforceConfig {
@@ -357,6 +369,7 @@ impl Default for EnforceConfig {
             interval_seconds: 30,
             count: 5,
             accepted: false,
+            override_weakening: false,
         }
     }
 }
@@ -888,6 +901,20 @@ impl EnforceConfig {
                 }
             };
         }
+        if let Some(value) = &table.override_ {
+            config.override_weakening = match value.get_ref() {
+                Raw::Bool(value) => *value,
+                _ => {
+                    return Err(Invalid::new(
+                        value.span(),
+                        format!(
+                            "override must be true or false, got {}",
+                            written(value, text)
+                        ),
+                    ));
+                }
+            };
+        }
         Ok(config)
     }
 }
@@ -1125,6 +1152,8 @@ struct RawEnforce {
     interval: Option<Spanned<Raw>>,
     count: Option<Spanned<Raw>>,
     accepted: Option<Spanned<Raw>>,
+    #[serde(rename = "override")]
+    override_: Option<Spanned<Raw>>,
 }
 
 #[derive(Deserialize)]
@@ -2258,5 +2287,31 @@ idle_timeout = 0
             assert_eq!(at, line, "{text}: {message}");
             assert!(message.starts_with(wanted), "{text}: {message}");
         }
+    }
+
+    #[test]
+    fn enforce_override_is_a_boolean() {
+        assert!(
+            config("[enforce]\noverride = true\n")
+                .enforce
+                .override_weakening
+        );
+        assert!(!config("").enforce.override_weakening);
+        assert!(
+            config("[enforce]\nnamespaces = [\"payments\"]\n")
+                .enforce
+                .selects_pods()
+        );
+        assert!(
+            !config("[enforce]\ncgroups = [\"/a\"]\n")
+                .enforce
+                .selects_pods()
+        );
+        let (line, message) = error("[enforce]\n\noverride = \"yes\"\n");
+        assert_eq!(line, 3);
+        assert!(
+            message.contains("override must be true or false"),
+            "{message}"
+        );
     }
 }

@@ -52,7 +52,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let loaded = load(&args, &checked)?;
     let (shutdown, stopping) = watch::channel(false);
     let mut running = spawn(&args, checked, loaded, stopping)?;
-    let outcome = wait(&mut running.fatal).await;
+    let outcome = wait(&args, &mut running).await;
     shut_down(running, &shutdown).await;
     outcome
 }
@@ -120,7 +120,13 @@ struct Loaded {
     programs: probes::Loaded,
     /// Kernel ticks per second (CONFIG_HZ).
     hz: u32,
-    enforce_mode: EnforceMode,
+    /// Keepalive enforcement as the config asked for it (SIGHUP compares).
+    enforce_plan: enforce::Plan,
+    /// Keepalive enforcement's links, while it runs.
+    enforcer: Option<enforce::Enforcer>,
+    /// The pod watch's cache, shared by enforcement's selectors, the
+    /// attribution and the scanner.
+    pods: Arc<PodCache>,
 }
 
 /// Resolves the kernel's layout from its BTF, loads and attaches the
@@ -181,15 +187,19 @@ fn load(args: &DaemonArgs, checked: &Checked) -> anyhow::Result<Loaded> {
         path_rules = checked.paths.rules(),
         "programs loaded"
     );
+    let pods = Arc::new(PodCache::default());
+    let mut enforcer = None;
     if enforce_plan.mode != EnforceMode::Off {
-        let (status, attached) =
-            enforce::start(&mut programs.ebpf, &enforce_plan, &args.disable_attach);
-        programs.hooks.push(status);
-        if !attached.is_empty() {
-            let existing =
-                enforce::fix_existing(&mut programs.ebpf, &btf, &attached, &args.proc_root);
-            programs.hooks.push(existing);
-        }
+        let (statuses, started) = enforce::Enforcer::start(
+            &mut programs.ebpf,
+            &enforce_plan,
+            &args.disable_attach,
+            &btf,
+            &args.proc_root,
+            checked.kube_api.is_some().then_some(&*pods),
+        );
+        programs.hooks.extend(statuses);
+        enforcer = started;
     }
     drop((btf, kernel_btf));
     // Parsing the kernel's BTF and loading took tens of MB that are free now.
@@ -198,19 +208,27 @@ fn load(args: &DaemonArgs, checked: &Checked) -> anyhow::Result<Loaded> {
     Ok(Loaded {
         programs,
         hz,
-        enforce_mode: enforce_plan.mode,
+        enforce_plan,
+        enforcer,
+        pods,
     })
 }
 
 /// What keeps the programs attached, in the order it is dropped: the
 /// iterators' links, then the object with every other link.
-#[expect(
-    dead_code,
-    reason = "never read: held until shutdown, where dropping them detaches the programs"
-)]
 struct Attached {
+    #[expect(
+        dead_code,
+        reason = "never read: held until shutdown, where dropping it detaches the walk"
+    )]
     walk_link: FdLink,
+    #[expect(
+        dead_code,
+        reason = "never read: held until shutdown, where dropping it detaches the walk"
+    )]
     files_link: Option<FdLink>,
+    /// Every other program's links; keepalive enforcement attaches and
+    /// detaches its cgroup links through it while running.
     ebpf: Ebpf,
 }
 
@@ -226,6 +244,16 @@ struct Running {
     ready: Arc<AtomicBool>,
     /// Errors that end the daemon (the scanner stranded outside its namespace).
     fatal: tokio::sync::mpsc::UnboundedReceiver<anyhow::Error>,
+    metrics: Arc<Metrics>,
+    /// What SIGHUP needs to read the config again.
+    hz: u32,
+    idle_timeout: NonZeroU32,
+    enforce_plan: enforce::Plan,
+    /// Keepalive enforcement, kept in step with the pod watch, the cgroups
+    /// that appear and SIGHUP by `wait`.
+    enforcer: Option<enforce::Enforcer>,
+    pods: Arc<PodCache>,
+    pod_changes: watch::Receiver<u64>,
 }
 
 /// Starts the pod watch, the event reader, the scanner, the HTTP servers,
@@ -255,12 +283,18 @@ fn spawn(
             owner_labels: crate::metrics::OwnerLabels::of(&args.owner_labels),
         },
     )?);
-    if loaded.enforce_mode != EnforceMode::Off {
-        metrics.enable_enforcement(loaded.enforce_mode.as_str());
+    if loaded.enforce_plan.mode != EnforceMode::Off {
+        metrics.enable_enforcement(loaded.enforce_plan.mode.as_str());
+    }
+    if let Some(enforcer) = &loaded.enforcer {
+        metrics
+            .enforced_cgroups
+            .set(enforcer.attached().count() as i64);
     }
     let node = crate::events::node_name(args.node_name.as_deref());
     metrics.node_info(&node, &crate::metrics::kernel_release());
-    let pods = Arc::new(PodCache::default());
+    let pods = loaded.pods;
+    let pod_changes = pods.changes();
     if let Some(api) = checked.kube_api {
         pods::spawn_watch(
             api,
@@ -309,6 +343,7 @@ fn spawn(
         default_timeout: IdleTimeout::After(checked.idle_timeout),
         paths: checked.paths,
         keepalive_timer_seen,
+        weakened: Default::default(),
     });
     let (snapshots_tx, snapshots) =
         watch::channel(Arc::new(Snapshot::empty(Arc::clone(&classifier))));
@@ -344,7 +379,7 @@ fn spawn(
         ScannerConfig {
             classifier,
             liveness: Arc::clone(&liveness),
-            pods,
+            pods: Arc::clone(&pods),
             interval: args.scan_interval,
             by_files: args.socket_walk == crate::cli::SocketWalk::Auto,
             proc_root: args.proc_root.clone(),
@@ -368,6 +403,13 @@ fn spawn(
         rescan: rescan.clone(),
         ready: Arc::clone(&ready),
         degraded: degraded.clone(),
+        enforcement_without: hooks
+            .iter()
+            .filter(|hook| {
+                hook.hook.starts_with("enforce") && hook.kind.is_none() && !hook.degraded
+            })
+            .map(|hook| format!("{} ({})", hook.hook, hook.lost.unwrap_or("")))
+            .collect(),
         history,
         liveness,
         long_polls: Arc::new(Semaphore::new(http::LONG_POLLS_MAX)),
@@ -395,7 +437,13 @@ fn spawn(
     }
     tasks.push((
         "readiness",
-        watch_first_walk(snapshots, degraded, Arc::clone(&ready), metrics, stopping),
+        watch_first_walk(
+            snapshots,
+            degraded,
+            Arc::clone(&ready),
+            Arc::clone(&metrics),
+            stopping,
+        ),
     ));
     Ok(Running {
         tasks,
@@ -408,19 +456,52 @@ fn spawn(
         rescan,
         ready,
         fatal,
+        metrics: Arc::clone(&metrics),
+        hz: loaded.hz,
+        idle_timeout: checked.idle_timeout,
+        enforce_plan: loaded.enforce_plan,
+        enforcer: loaded.enforcer,
+        pods,
+        pod_changes,
     })
 }
 
-/// Until SIGINT, SIGTERM (Ok) or a fatal error in a task (Err).
-async fn wait(
-    fatal: &mut tokio::sync::mpsc::UnboundedReceiver<anyhow::Error>,
-) -> anyhow::Result<()> {
+/// Until SIGINT, SIGTERM (Ok) or a fatal error in a task (Err). Meanwhile
+/// SIGHUP reads the config again, and keepalive enforcement's links follow
+/// its selection as pods change and selected cgroups appear.
+async fn wait(args: &DaemonArgs, running: &mut Running) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    tokio::select! {
-        _ = sigint.recv() => { info!("SIGINT: shutting down"); Ok(()) }
-        _ = sigterm.recv() => { info!("SIGTERM: shutting down"); Ok(()) }
-        Some(error) = fatal.recv() => Err(error),
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    // Pod cgroups appear after the pod does, and units start later:
+    // the selection is looked at again now and then, not only on changes.
+    let mut resync = tokio::time::interval(ENFORCE_RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let enforcing = running.enforcer.is_some();
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()) }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()) }
+            Some(error) = running.fatal.recv() => return Err(error),
+            _ = sighup.recv() => reload(
+                args,
+                running.idle_timeout,
+                running.hz,
+                &running.enforce_plan,
+                running.enforcer.as_mut(),
+                &running.metrics,
+            ),
+            Ok(()) = running.pod_changes.changed(), if enforcing => {}
+            _ = resync.tick(), if enforcing => {}
+        }
+        // Every wakeup but the shutdown ones brings the links in step.
+        if let Some(enforcer) = running.enforcer.as_mut() {
+            enforcer.sync(&mut running.attached.ebpf, &running.pods);
+            running
+                .metrics
+                .enforced_cgroups
+                .set(enforcer.attached().count() as i64);
+        }
     }
 }
 
@@ -495,6 +576,70 @@ fn watch_first_walk(
             }
         }
     })
+}
+
+/// How often keepalive enforcement looks for selected cgroups that
+/// appeared (or went) without a pod change: a pod's cgroup is made after
+/// the API server has the pod.
+const ENFORCE_RESYNC: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// SIGHUP: reads `--config` again. A valid file's enforcement selection
+/// (cgroups, units, namespaces, pod labels) applies at once, and the
+/// existing connections of what it newly selects are fixed by the next
+/// sync; the rest of the file takes a restart (said in the log). An invalid
+/// file changes nothing: the error is logged and counted.
+fn reload(
+    args: &DaemonArgs,
+    idle_timeout: NonZeroU32,
+    hz: u32,
+    running: &enforce::Plan,
+    enforcer: Option<&mut enforce::Enforcer>,
+    metrics: &Metrics,
+) {
+    let Some(path) = &args.config else {
+        info!("SIGHUP: no --config file to read again");
+        return;
+    };
+    let plan = PathConfig::from_file(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|paths| {
+            enforce::Plan::new(args.enforce_keepalive, &paths, idle_timeout, hz)
+                .context("invalid keepalive enforcement settings ([enforce])")
+        });
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(error) => {
+            metrics.config_reloads.with_label_values(&["invalid"]).inc();
+            warn!(
+                config = %path.display(),
+                error = %format!("{error:#}"),
+                "SIGHUP: the config file is invalid; the running config stays"
+            );
+            return;
+        }
+    };
+    metrics.config_reloads.with_label_values(&["ok"]).inc();
+    let unchanged_otherwise = plan.mode == running.mode
+        && plan.settings == running.settings
+        && plan.paths == running.paths
+        && plan.cgroup_root == running.cgroup_root;
+    if !unchanged_otherwise {
+        warn!(
+            config = %path.display(),
+            "SIGHUP: only the [enforce] selection (cgroups, units, namespaces, pod_labels) \
+             applies without a restart; the other changes take one"
+        );
+    }
+    match enforcer {
+        Some(enforcer) => {
+            let changed = enforcer.reselect(plan.selection);
+            info!(config = %path.display(), selection_changed = changed, "SIGHUP: config read again");
+        }
+        None => info!(
+            config = %path.display(),
+            "SIGHUP: config read again; keepalive enforcement is not running"
+        ),
+    }
 }
 
 /// Each HTTP connection and each network namespace walked costs a file

@@ -31,10 +31,11 @@ pub enum Kind {
     RetransmitTimeout,
     ConnectionError,
     ConnectFailed,
+    KeepaliveWeakened,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::ResetReceived,
         Kind::ResetSent,
         Kind::SendAfterIdle,
@@ -43,6 +44,7 @@ impl Kind {
         Kind::RetransmitTimeout,
         Kind::ConnectionError,
         Kind::ConnectFailed,
+        Kind::KeepaliveWeakened,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +57,7 @@ impl Kind {
             Self::RetransmitTimeout => "retransmit_timeout",
             Self::ConnectionError => "connection_error",
             Self::ConnectFailed => "connect_failed",
+            Self::KeepaliveWeakened => "keepalive_weakened",
         }
     }
 }
@@ -210,6 +213,64 @@ pub struct EventRecord {
     /// For `keepalive_enforced`: the decision, with the settings before and after.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enforcement: Option<Enforcement>,
+    /// For `keepalive_weakened`: what the application asked, and what
+    /// idlemon had set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weakening: Option<Weakening>,
+}
+
+/// An application's setsockopt that turned off, or slowed, the keepalive
+/// idlemon enforced on its socket (seen by the `cgroup/setsockopt` program).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Weakening {
+    /// `report`: the application's value applies; `override` (`[enforce]
+    /// override = true`): rewritten to idlemon's, the keepalive stays.
+    pub mode: &'static str,
+    /// `keepalive_off` (SO_KEEPALIVE 0) or `idle_raised` (TCP_KEEPIDLE
+    /// above idlemon's).
+    pub change: &'static str,
+    pub path_idle_timeout_seconds: u32,
+    /// The keepalive idlemon had set.
+    pub old: KeepaliveSettings,
+    /// What the application asked for.
+    pub new: KeepaliveSettings,
+}
+
+impl Weakening {
+    fn of(decision: &monitor_common::KeepaliveDecision) -> Self {
+        use monitor_common::enforce::weakened;
+        let old = KeepaliveSettings {
+            enabled: true,
+            idle_seconds: f64::from(decision.idle_seconds),
+            interval_seconds: f64::from(decision.interval_seconds),
+            count: decision.count.min(u32::from(u8::MAX)) as u8,
+        };
+        let keepalive_off = decision.reason == weakened::KEEPALIVE_OFF;
+        let new = KeepaliveSettings {
+            enabled: !keepalive_off,
+            idle_seconds: if keepalive_off {
+                old.idle_seconds
+            } else {
+                f64::from(decision.passive)
+            },
+            ..old.clone()
+        };
+        Self {
+            mode: if decision.error == weakened::OVERRIDDEN as i32 {
+                "override"
+            } else {
+                "report"
+            },
+            change: if keepalive_off {
+                "keepalive_off"
+            } else {
+                "idle_raised"
+            },
+            path_idle_timeout_seconds: decision.path_timeout_seconds,
+            old,
+            new,
+        }
+    }
 }
 
 /// A keepalive enforcement decision about one new connection.
@@ -409,6 +470,7 @@ impl Explainer {
             event_kind::RETRANSMIT_TIMEOUT => Kind::RetransmitTimeout,
             event_kind::CONNECTION_ERROR => Kind::ConnectionError,
             event_kind::CONNECT_FAILED => Kind::ConnectFailed,
+            event_kind::KEEPALIVE_WEAKENED => Kind::KeepaliveWeakened,
             _ => return None,
         };
         let id = self.next_id;
@@ -457,6 +519,7 @@ impl Explainer {
             socket: None,
             evidence: false,
             enforcement: None,
+            weakening: None,
         };
         let info = &event.socket.info;
         match kind {
@@ -491,6 +554,16 @@ impl Explainer {
             }
             Kind::KeepaliveEnforced => {
                 record.enforcement = Some(enforcement(event, socket.as_ref()));
+            }
+            Kind::KeepaliveWeakened => {
+                let weakening = Weakening::of(&event.enforcement);
+                self.classifier.weakened.record(
+                    event.socket.sock,
+                    event.socket.local_port,
+                    event.socket.remote_port,
+                    weakening.clone(),
+                );
+                record.weakening = Some(weakening);
             }
             Kind::RetransmitTimeout => {
                 record.error = Some(errno_name(event.error));
@@ -735,6 +808,7 @@ mod tests {
             default_timeout: IdleTimeout::After(NonZeroU32::new(5).expect("non-zero")),
             paths: PathConfig::default(),
             keepalive_timer_seen: false,
+            weakened: Default::default(),
         }))
     }
 
@@ -922,6 +996,7 @@ mod tests {
             default_timeout: IdleTimeout::After(NonZeroU32::new(5).expect("non-zero")),
             paths: PathConfig::parse(config, "test.toml").expect("valid config"),
             keepalive_timer_seen: false,
+            weakened: Default::default(),
         }))
     }
 

@@ -41,6 +41,7 @@ pub fn event(bytes: &[u8]) {
         default_timeout: IdleTimeout::After(NonZeroU32::new(350).unwrap_or(NonZeroU32::MIN)),
         paths: PathConfig::default(),
         keepalive_timer_seen: true,
+        weakened: Default::default(),
     };
     let mut explainer = Explainer::new(Arc::new(classifier));
     if let Some(record) = explainer.explain(&event, 1_700_000_000.0) {

@@ -60,6 +60,9 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// What is missing while degraded, for /readyz.
     pub degraded: Vec<String>,
+    /// What keepalive enforcement runs without while ready (an optional
+    /// program the kernel refused), for /readyz.
+    pub enforcement_without: Vec<String>,
     pub history: Arc<History>,
     pub liveness: Arc<Liveness>,
     /// Places for `/events?wait=` long polls; none left: 429.
@@ -280,7 +283,15 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.ready.load(Ordering::Relaxed) {
-        "ready\n".into_response()
+        if state.enforcement_without.is_empty() {
+            "ready\n".into_response()
+        } else {
+            format!(
+                "ready; keepalive enforcement runs without: {}\n",
+                state.enforcement_without.join("; ")
+            )
+            .into_response()
+        }
     } else if !state.degraded.is_empty() {
         (
             StatusCode::SERVICE_UNAVAILABLE,

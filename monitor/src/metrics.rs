@@ -152,6 +152,10 @@ pub struct Metrics {
     event_log_dropped: IntCounterVec,
     pub http_refusals: IntCounterVec,
     pub api_walks: IntCounter,
+    /// cgroup directories keepalive enforcement is attached to.
+    pub enforced_cgroups: IntGauge,
+    /// SIGHUP rereads of the config file, by result (ok, invalid).
+    pub config_reloads: IntCounterVec,
 }
 
 /// The running kernel's release (`uname -r`), for idlemon_node_info.
@@ -422,6 +426,23 @@ impl Metrics {
 
         let scraped = Arc::new(Scraped::new(limits)?);
         register(Box::new(ScrapeCollector(Arc::clone(&scraped))))?;
+        let enforced_cgroups = IntGauge::new(
+            "idlemon_keepalive_enforced_cgroups",
+            "cgroup directories keepalive enforcement is attached to (selected cgroups, units and \
+             pods; 1 for the root when nothing is selected).",
+        )?;
+        register(Box::new(enforced_cgroups.clone()))?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "idlemon_config_reloads_total",
+                "Rereads of --config on SIGHUP, by result: ok, or invalid (the running config stays).",
+            ),
+            &["result"],
+        )?;
+        for result in ["ok", "invalid"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        register(Box::new(config_reloads.clone()))?;
 
         Ok(Self {
             registry,
@@ -449,6 +470,8 @@ impl Metrics {
             event_log_dropped,
             http_refusals,
             api_walks,
+            enforced_cgroups,
+            config_reloads,
         })
     }
 
@@ -1063,6 +1086,7 @@ mod tests {
             default_timeout: IdleTimeout::After(NonZeroU32::new(350).expect("non-zero")),
             paths: PathConfig::default(),
             keepalive_timer_seen: false,
+            weakened: Default::default(),
         });
         // Sockets of process `pid` (in its own network namespace) to
         // `remote`, idle `idle` seconds, with keepalive on or off.
@@ -1212,6 +1236,7 @@ mod tests {
             socket: None,
             evidence: true,
             enforcement: None,
+            weakening: None,
         }
     }
 

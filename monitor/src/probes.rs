@@ -34,6 +34,10 @@ pub enum AttachKind {
     /// A cgroup `sock_ops` program (keepalive enforcement).
     #[value(name = "sock_ops")]
     SockOps,
+    /// A `cgroup/setsockopt` program (an application's weakening of an
+    /// enforced socket's keepalive).
+    #[value(name = "cgroup_sockopt")]
+    CgroupSockopt,
     /// An iterator (keepalive enforcement of existing connections).
     Iter,
 }
@@ -47,6 +51,7 @@ impl AttachKind {
             Self::RawTp => "raw_tp",
             Self::Tracepoint => "tracepoint",
             Self::SockOps => "sock_ops",
+            Self::CgroupSockopt => "cgroup_sockopt",
             Self::Iter => "iter",
         }
     }
@@ -92,6 +97,51 @@ const fn candidate(kind: AttachKind, program: &'static str, target: &'static str
 }
 
 use AttachKind::{Fentry, Kprobe, RawTp, TpBtf, Tracepoint};
+
+/// Keepalive enforcement's programs, attached by `monitor/src/enforce` to
+/// the selected cgroups (and the walk, per network namespace) only when
+/// `--enforce-keepalive` is not off. The target is the attach point's kind.
+pub const ENFORCE_HOOKS: &[Hook] = &[
+    Hook {
+        name: "enforce",
+        candidates: &[candidate(
+            AttachKind::SockOps,
+            "enforce_keepalive",
+            "cgroup",
+        )],
+        if_none: IfNoneFits::Degrade(
+            "keepalive enforcement is off: it needs cgroup v2 and sock_ops with bpf_setsockopt (Linux 5.9+)",
+        ),
+    },
+    Hook {
+        name: "enforce_setsockopt",
+        candidates: &[candidate(
+            AttachKind::CgroupSockopt,
+            "enforce_setsockopt",
+            "cgroup",
+        )],
+        if_none: IfNoneFits::Optional(
+            "an application's weakening of an enforced socket's keepalive is not seen",
+        ),
+    },
+    Hook {
+        name: "enforce_existing",
+        candidates: &[candidate(AttachKind::Iter, "enforce_existing", "tcp")],
+        if_none: IfNoneFits::Optional("connections older than idlemon are not enforced"),
+    },
+];
+
+/// What is lost without enforcement hook `name` (`ENFORCE_HOOKS`).
+#[must_use]
+pub fn enforce_hook_lost(name: &str) -> Option<&'static str> {
+    ENFORCE_HOOKS
+        .iter()
+        .find(|hook| hook.name == name)
+        .and_then(|hook| match hook.if_none {
+            IfNoneFits::Fail => None,
+            IfNoneFits::Degrade(lost) | IfNoneFits::Optional(lost) => Some(lost),
+        })
+}
 
 /// Every hook idlemon uses. The socket walk (`iter/tcp`) is not here: it has
 /// a single form and idlemon cannot run without it.
@@ -402,7 +452,7 @@ fn attach(ebpf: &mut Ebpf, candidate: &Candidate, btf: &Btf) -> anyhow::Result<(
             program.load()?;
             program.attach(category, name)?;
         }
-        AttachKind::SockOps | AttachKind::Iter => {
+        AttachKind::SockOps | AttachKind::CgroupSockopt | AttachKind::Iter => {
             return Err(anyhow!(
                 "{} programs are attached by monitor/src/enforce.rs",
                 candidate.kind

@@ -20,7 +20,7 @@ pub use self::{
         SnapshotBuilder, Socket, Summary,
     },
     verdict::{Classifier, Coverage, Facts, PathRule, Risk},
-    view::{Filter, Keepalive, Source, TrackedSocket},
+    view::{Filter, Keepalive, Source, TrackedSocket, Weakenings},
 };
 
 /// The maps a walk updates once per socket: foldhash, randomly seeded per
@@ -70,6 +70,7 @@ mod tests {
             default_timeout: IdleTimeout::After(NonZeroU32::new(350).expect("non-zero")),
             paths: PathConfig::parse(paths, "test.toml").expect("valid config"),
             keepalive_timer_seen: false,
+            weakened: Default::default(),
         }
     }
 

@@ -12,9 +12,7 @@
     reason = "a test fails loudly on any unexpected error"
 )]
 
-mod common;
-#[path = "common/fake_api.rs"]
-mod fake_api;
+use idlemon_testkit as kit;
 
 use std::{
     fs,
@@ -25,8 +23,8 @@ use std::{
     time::Duration,
 };
 
-use common::{Daemon, Netns, TempFile, wait_for};
-use fake_api::{FakeApi, Reply};
+use kit::fake_api::{self, FakeApi, Reply};
+use kit::{Daemon, Netns, TempFile, wait_for};
 
 const POD_UID: &str = "6f1e8d8a-2b0c-4a51-9d7f-3c4e5b6a7d8e";
 

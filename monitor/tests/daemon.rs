@@ -7,7 +7,7 @@
     reason = "a test fails loudly on any unexpected error"
 )]
 
-mod common;
+use idlemon_testkit as kit;
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -15,9 +15,9 @@ use std::{
     time::Duration,
 };
 
-use common::{
-    Daemon, IDLEMON, Netns, assert_programs_back_to, idlemon_programs, metric,
-    settled_idlemon_programs, wait_for,
+use kit::{
+    Daemon, Netns, assert_programs_back_to, idlemon_programs, metric, settled_idlemon_programs,
+    wait_for,
 };
 
 #[test]
@@ -96,15 +96,15 @@ fn fails(command: &mut Command) -> String {
 fn bad_input_is_one_line_and_leaves_nothing_attached() {
     let baseline = settled_idlemon_programs();
 
-    let message = fails(Command::new(IDLEMON).arg("--no-such-flag"));
+    let message = fails(Command::new(kit::idlemon()).arg("--no-such-flag"));
     assert!(message.contains("--no-such-flag"), "{message}");
 
-    let message = fails(Command::new(IDLEMON).args(["--listen", "localhost:notaport"]));
+    let message = fails(Command::new(kit::idlemon()).args(["--listen", "localhost:notaport"]));
     assert!(message.contains("--listen"), "{message}");
 
     let taken = Netns::new("taken");
     let _occupant = taken.run(|| TcpListener::bind("127.0.0.1:9781").unwrap());
-    let message = fails(&mut taken.command(IDLEMON));
+    let message = fails(&mut taken.command(&kit::idlemon()));
     assert!(
         message.contains("cannot listen on 127.0.0.1:9781"),
         "{message}"
@@ -114,11 +114,11 @@ fn bad_input_is_one_line_and_leaves_nothing_attached() {
         "--drop=cap_bpf,cap_perfmon,cap_sys_admin",
         "--",
         "-c",
-        &format!("exec {IDLEMON} --listen 127.0.0.1:0"),
+        &format!("exec {} --listen 127.0.0.1:0", kit::idlemon()),
     ]));
     assert!(message.contains("CAP_BPF"), "{message}");
 
-    let message = fails(Command::new(IDLEMON).arg("--idle-threshold=-5"));
+    let message = fails(Command::new(kit::idlemon()).arg("--idle-threshold=-5"));
     assert!(message.contains("--idle-threshold"), "{message}");
 
     assert_programs_back_to(baseline, "after failed starts");

@@ -16,16 +16,12 @@
     reason = "a test fails loudly on any unexpected error"
 )]
 
-mod common;
+use idlemon_testkit as kit;
 
 use std::{
     ffi::CString,
-    io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _},
-        unix::process::CommandExt as _,
-    },
+    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::Stdio,
     sync::mpsc,
@@ -33,10 +29,16 @@ use std::{
     time::Duration,
 };
 
-use common::{Daemon, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, wait_for};
+use kit::fake_api::{self, FakeApi, Reply};
+use kit::{
+    Daemon, Keepalive, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, echo, wait_for,
+};
 use serde_json::Value;
 
 const NAT_TIMEOUT: u32 = 4;
+/// A NAT timeout for tests where idlemon fixes a connection some time after
+/// it connected (a walk): long enough that the fix surely comes first.
+const LONG_TIMEOUT: u32 = 8;
 /// Three times the NAT's timeout.
 const IDLE_SECONDS: u64 = 12;
 const CLIENT_ENV: &str = "IDLEMON_ENFORCE_CLIENT";
@@ -89,6 +91,27 @@ impl TestCgroup {
         };
         (cgroup, unit)
     }
+
+    /// A pod's cgroup as kubelet's systemd driver makes it
+    /// (`kubepods-besteffort-pod<uid with _>.slice`), inside a slice of
+    /// this test.
+    fn pod(uid: &str) -> Self {
+        let plain = Self::new("probe");
+        let root = plain.path.parent().unwrap().to_owned();
+        drop(plain);
+        let slice = root.join(format!("idlemon-test-{}-pods.slice", std::process::id()));
+        let directory = format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
+        let path = slice.join(&directory);
+        std::fs::create_dir_all(&path).unwrap();
+        Self {
+            name: format!(
+                "/idlemon-test-{}-pods.slice/{directory}",
+                std::process::id()
+            ),
+            path,
+            made_parent: Some(slice),
+        }
+    }
 }
 
 impl Drop for TestCgroup {
@@ -113,17 +136,6 @@ fn config(cgroup: &TestCgroup, port: u16, mode: &str) -> TempFile {
             cgroup.name
         ),
     )
-}
-
-fn start_daemon(config: &TempFile) -> Daemon {
-    Daemon::start(&[
-        "--idle-threshold",
-        "2",
-        "--scan-interval",
-        "0.5",
-        "--config",
-        config.path(),
-    ])
 }
 
 /// What a client process reported.
@@ -158,6 +170,10 @@ enum Plan {
     Serve { port: u16 },
     /// As `Idle` without keepalive, idle this many seconds.
     IdleFor { port: u16, seconds: u64 },
+    /// As `IdleFor`, turning SO_KEEPALIVE off right after connect (after
+    /// idlemon turned it on), as an application that manages its own
+    /// keepalive may.
+    Weaken { port: u16, seconds: u64 },
 }
 
 /// Runs a client process in `netns`, moved into `cgroup` first (when given).
@@ -181,6 +197,7 @@ fn run_client(netns: &Netns, cgroup: Option<&TestCgroup>, plan: Plan) -> mpsc::R
         Plan::Loopback(address) => format!("loopback:{address}"),
         Plan::Serve { port } => format!("serve {SERVER_IP}:{port}"),
         Plan::IdleFor { port, seconds } => format!("{SERVER_IP}:{port} 0 {seconds}"),
+        Plan::Weaken { port, seconds } => format!("{SERVER_IP}:{port} 0 {seconds} weaken"),
     };
     let mut command = netns.command(std::env::current_exe().unwrap().to_str().unwrap());
     command
@@ -236,7 +253,7 @@ fn run_client(netns: &Netns, cgroup: Option<&TestCgroup>, plan: Plan) -> mpsc::R
 
 fn finished(client: &mpsc::Receiver<Client>) -> Client {
     client
-        .recv_timeout(Duration::from_secs(IDLE_SECONDS + 30))
+        .recv_timeout(Duration::from_secs(3 * u64::from(LONG_TIMEOUT) + 30))
         .expect("the client process finished")
 }
 
@@ -262,36 +279,21 @@ fn zz_client_process() {
     } else {
         let target: SocketAddr = fields[0].parse().unwrap();
         let own: i32 = fields[1].parse().unwrap();
+        let keepalive = match u32::try_from(own) {
+            Ok(0) => Keepalive::Off,
+            Ok(seconds) => Keepalive::Every(seconds),
+            Err(_) => Keepalive::On,
+        };
         (
-            connect_with(target, own),
+            kit::connect(target, keepalive),
             Some(fields[2].parse::<u64>().unwrap()),
         )
     };
-    let option = |stream: &TcpStream, level, name| {
-        let mut value = 0i32;
-        let mut length = size_of::<i32>() as libc::socklen_t;
-        // SAFETY: a valid socket and buffer.
-        let rc = unsafe {
-            libc::getsockopt(
-                stream.as_raw_fd(),
-                level,
-                name,
-                (&raw mut value).cast(),
-                &mut length,
-            )
-        };
-        assert_eq!(rc, 0);
-        value
-    };
-    let keepalive = |stream: &TcpStream| {
-        [
-            option(stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-            option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
-            option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
-            option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
-        ]
-    };
+    let keepalive = kit::socket::keepalive_options;
     let at_connect = keepalive(&stream);
+    if fields.get(3) == Some(&"weaken") {
+        kit::socket::turn_keepalive_off(&stream);
+    }
     let mut stream = stream;
     let result = match target_idle {
         None => "ok".to_owned(),
@@ -312,75 +314,8 @@ fn zz_client_process() {
     );
 }
 
-/// Connects with SO_KEEPALIVE and TCP_KEEPIDLE/TCP_KEEPINTVL of `own`
-/// seconds set before connect (0: no keepalive), as applications that set
-/// their own keepalive do.
-fn connect_with(target: SocketAddr, own: i32) -> TcpStream {
-    if target.is_ipv6() {
-        // An IPv4-mapped address: a dual-stack socket reaching an IPv4 peer.
-        assert_eq!(own, 0, "own keepalive only on IPv4 sockets");
-        return TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
-    }
-    // SAFETY: plain socket calls on a socket this function owns.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0);
-        let set = |level, name, value: i32| {
-            let rc = libc::setsockopt(fd, level, name, (&raw const value).cast(), 4);
-            assert_eq!(rc, 0);
-        };
-        if own != 0 {
-            set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-        }
-        if own > 0 {
-            set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, own);
-            set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, own);
-        }
-        let SocketAddr::V4(v4) = target else {
-            panic!("IPv4 target")
-        };
-        let address = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(v4.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let rc = libc::connect(
-            fd,
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
-        TcpStream::from_raw_fd(fd)
-    }
-}
-
-fn echo(stream: &mut TcpStream) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(b"ping")?;
-    let mut reply = [0u8; 4];
-    stream.read_exact(&mut reply)?;
-    Ok(())
-}
-
 fn enforcement_events(daemon: &Daemon, wanted: usize) -> Vec<Value> {
-    let found = wait_for(Duration::from_secs(20), || {
-        let (_, body) = daemon.get("/events?limit=10000");
-        let events: Vec<Value> = serde_json::from_str(&body).unwrap();
-        let enforced: Vec<Value> = events
-            .into_iter()
-            .filter(|event| event["kind"] == "keepalive_enforced")
-            .collect();
-        (enforced.len() >= wanted).then_some(enforced)
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "no {wanted} keepalive_enforced events; log:\n{}",
-            daemon.log()
-        )
-    })
+    events_of(daemon, "keepalive_enforced", wanted)
 }
 
 fn event_for<'a>(events: &'a [Value], client: &Client) -> &'a Value {
@@ -411,7 +346,7 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
     const PORT: u16 = 8301;
     let cgroup = TestCgroup::new("on");
     let config = config(&cgroup, PORT, "on");
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(PORT, 5);
 
@@ -571,7 +506,7 @@ fn dry_run_decides_and_reports_but_changes_nothing() {
     const PORT: u16 = 8302;
     let cgroup = TestCgroup::new("dry-run");
     let config = config(&cgroup, PORT, "dry-run");
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(PORT, 1);
 
@@ -631,7 +566,7 @@ fn a_config_whose_first_probe_would_miss_the_timeout_is_refused() {
     );
     let netns = Netns::new("refused");
     let output = netns
-        .command(common::IDLEMON)
+        .command(&kit::idlemon())
         .args(["--config", config.path()])
         .output()
         .unwrap();
@@ -658,7 +593,7 @@ fn accepted_connections_are_enforced_when_configured() {
             cgroup.name
         ),
     );
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     let server = run_client(&path.server, Some(&cgroup), Plan::Serve { port: PORT });
     // Refused until the server process listens: bounded retries.
@@ -688,7 +623,7 @@ fn stopping_idlemon_leaves_fixed_sockets_as_they_are() {
     const PORT: u16 = 8305;
     let cgroup = TestCgroup::new("stop");
     let config = config(&cgroup, PORT, "on");
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(PORT, 1);
     let client = run_client(
@@ -747,7 +682,7 @@ fn a_connection_opened_before_idlemon_started_is_enforced_at_start() {
             .then_some(())
     });
     assert!(connected.is_some(), "the client connected");
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     let client = finished(&client);
     assert_eq!(client.keepalive[0], 0, "no keepalive when it connected");
     assert_eq!(
@@ -782,7 +717,7 @@ fn a_systemd_unit_is_selected_by_its_name() {
             unit.trim_end_matches(".service")
         ),
     );
-    let daemon = start_daemon(&config);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(PORT, 2);
     let inside = run_client(
@@ -813,4 +748,418 @@ fn a_systemd_unit_is_selected_by_its_name() {
     assert_eq!(outside.keepalive_at_end[0], 0, "outside the unit untouched");
     assert_ne!(outside.result, "ok", "outside the unit reset");
     drop(daemon);
+}
+
+/// `[[path]]` rules with a `timeout` s NAT on the test server, and an
+/// `[enforce]` table turned on with `selectors` (and any other keys).
+fn selecting(name: &str, timeout: u32, selectors: &str) -> TempFile {
+    TempFile::new(name, &selecting_text(timeout, selectors))
+}
+
+fn selecting_text(timeout: u32, selectors: &str) -> String {
+    format!(
+        "[[path]]\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\
+         [[path]]\ncidr = \"{SERVER_IP}/32\"\nidle_timeout = {timeout}\n\
+         [enforce]\nmode = \"on\"\nidle_percent = 50\ninterval = 1\ncount = 3\n{selectors}\n"
+    )
+}
+
+/// The events of `kind`, once there are `wanted` of them. Pages through
+/// /events (an answer stops at 4 MiB): the daemon sees the whole host's
+/// connections, and other tests on it may add thousands of events.
+fn events_of(daemon: &Daemon, kind: &str, wanted: usize) -> Vec<Value> {
+    let found = wait_for(Duration::from_secs(30), || {
+        let of_kind: Vec<Value> = daemon
+            .events()
+            .into_iter()
+            .filter(|event| event["kind"] == kind)
+            .collect();
+        (of_kind.len() >= wanted).then_some(of_kind)
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no {wanted} {kind} events (events_total {:?}, lost {:?}, shed {:?}); log:\n{}",
+            daemon.metric(&format!("idlemon_events_total{{kind=\"{kind}\"}}")),
+            daemon.metric("idlemon_events_lost_total"),
+            daemon.metric("idlemon_events_shed_total"),
+            daemon.log()
+        )
+    })
+}
+
+/// Waits until enforcement is attached to `count` cgroup directories.
+fn wait_for_enforced_cgroups(daemon: &Daemon, count: f64) {
+    let attached = wait_for(Duration::from_secs(20), || {
+        (daemon.metric("idlemon_keepalive_enforced_cgroups") == Some(count)).then_some(())
+    });
+    assert!(
+        attached.is_some(),
+        "not attached to {count} cgroups: {:?}; log:\n{}",
+        daemon.metric("idlemon_keepalive_enforced_cgroups"),
+        daemon.log()
+    );
+}
+
+/// Waits until the client namespace has `count` connections to the port.
+fn wait_for_connections(path: &NatPath, port: u16, count: usize) {
+    let connected = wait_for(Duration::from_secs(10), || {
+        let output = path.client.exec("ss", &["-tnH", "state", "established"]);
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        (text.matches(&format!("{SERVER_IP}:{port}")).count() >= count).then_some(())
+    });
+    assert!(connected.is_some(), "{count} clients connected");
+}
+
+/// A pod UID unique to this test process.
+fn pod_uid(n: u32) -> String {
+    format!("{:08x}-0000-4000-8000-{n:012x}", std::process::id())
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn pods_are_selected_by_namespace_and_label_and_relabelling_fixes_their_connections() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    const PORT: u16 = 8308;
+    let (selected, relabelled, elsewhere) = (pod_uid(1), pod_uid(2), pod_uid(3));
+    let cgroups = [&selected, &relabelled, &elsewhere].map(|uid| TestCgroup::pod(uid));
+    let config = selecting(
+        "enforce-pods.toml",
+        LONG_TIMEOUT,
+        "namespaces = [\"payments\"]\npod_labels = { app = \"billing\" }",
+    );
+    // The API server: billing in payments (selected), ledger in payments
+    // (relabelled app=billing once `relabel` is set), billing in shop.
+    let relabel = Arc::new(AtomicBool::new(false));
+    let pods = {
+        let relabel = Arc::clone(&relabel);
+        let uids = [selected.clone(), relabelled.clone(), elsewhere.clone()];
+        move || {
+            let app = if relabel.load(Ordering::Relaxed) {
+                "billing"
+            } else {
+                "ledger"
+            };
+            vec![
+                fake_api::labelled_pod(
+                    &uids[0],
+                    "billing-a",
+                    "payments",
+                    &[("app", "billing")],
+                    "5",
+                ),
+                fake_api::labelled_pod(&uids[1], "ledger-b", "payments", &[("app", app)], "6"),
+                fake_api::labelled_pod(&uids[2], "billing-c", "shop", &[("app", "billing")], "5"),
+            ]
+        }
+    };
+    let netns = Netns::new("enforce-pods");
+    let relabelled_flag = Arc::clone(&relabel);
+    let _api = FakeApi::start(&netns, move |request, _| {
+        let pods = pods();
+        if request.watch {
+            let events = if relabelled_flag.load(Ordering::Relaxed) {
+                vec![fake_api::event("MODIFIED", &pods[1])]
+            } else {
+                Vec::new()
+            };
+            Reply::Watch(events, Duration::from_secs(1))
+        } else {
+            fake_api::list("5", &pods)
+        }
+    });
+    let daemon = Daemon::start_in(
+        netns,
+        &[
+            "--node-name",
+            fake_api::NODE,
+            "--kube-api",
+            fake_api::URL,
+            "--idle-threshold",
+            "2",
+            "--scan-interval",
+            "0.5",
+            "--config",
+            config.path(),
+        ],
+    );
+    // The selected pod's cgroup only.
+    wait_for_enforced_cgroups(&daemon, 1.0);
+    assert!(
+        daemon.log().contains(&selected.replace('-', "_")),
+        "attached to the selected pod: {}",
+        daemon.log()
+    );
+
+    let path = NatPath::new(LONG_TIMEOUT);
+    path.echo_server(PORT, 3);
+    let idle = Plan::IdleFor {
+        port: PORT,
+        seconds: u64::from(3 * LONG_TIMEOUT),
+    };
+    let [selected_cgroup, relabelled_cgroup, elsewhere_cgroup] = &cgroups;
+    let selected_client = run_client(&path.client, Some(selected_cgroup), idle);
+    let relabelled_client = run_client(&path.client, Some(relabelled_cgroup), idle);
+    let elsewhere_client = run_client(&path.client, Some(elsewhere_cgroup), idle);
+    wait_for_connections(&path, PORT, 3);
+    // Relabelled while its connection idles: the walk fixes it.
+    relabel.store(true, Ordering::Relaxed);
+    wait_for_enforced_cgroups(&daemon, 2.0);
+    // Read now: other tests on this host may flood the event history later.
+    let events = wait_for(Duration::from_secs(30), || {
+        let events = events_of(&daemon, "keepalive_enforced", 1);
+        events
+            .iter()
+            .any(|event| event["enforcement"]["direction"] == "existing")
+            .then_some(events)
+    })
+    .expect("the walk's event for the relabelled pod's connection");
+
+    let selected_client = finished(&selected_client);
+    let relabelled_client = finished(&relabelled_client);
+    let elsewhere_client = finished(&elsewhere_client);
+    assert_eq!(
+        selected_client.keepalive,
+        [1, 4, 1, 3],
+        "enforced at connect"
+    );
+    assert_eq!(selected_client.result, "ok");
+    assert_eq!(relabelled_client.keepalive[0], 0, "not selected at connect");
+    assert_eq!(
+        relabelled_client.keepalive_at_end,
+        [1, 4, 1, 3],
+        "fixed by the walk once relabelled"
+    );
+    assert_eq!(relabelled_client.result, "ok", "survived the NAT timeout");
+    assert_eq!(elsewhere_client.keepalive_at_end[0], 0, "another namespace");
+    assert_ne!(elsewhere_client.result, "ok", "reset by the NAT");
+
+    assert_eq!(
+        event_for(&events, &selected_client)["enforcement"]["direction"],
+        "outbound"
+    );
+    let fixed = event_for(&events, &relabelled_client);
+    assert_eq!(fixed["enforcement"]["direction"], "existing");
+    assert_eq!(fixed["namespace"], "payments");
+    assert!(
+        !events
+            .iter()
+            .any(|event| event["local"].as_str().is_some_and(
+                |local| local.ends_with(elsewhere_client.local.rsplit(':').next().unwrap())
+            )),
+        "nothing decided for the unselected pod: {events:#?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn pod_selectors_without_a_pod_watch_are_degraded_and_select_nothing() {
+    let config = selecting(
+        "enforce-nowatch.toml",
+        NAT_TIMEOUT,
+        "pod_labels = { app = \"billing\" }",
+    );
+    let daemon = Daemon::start_unready(&["--config", config.path()]);
+    let (status, body) = daemon.get("/readyz");
+    assert_eq!(status, 503);
+    assert!(body.contains("enforce_pods hook missing"), "{body}");
+    assert_eq!(
+        daemon.metric("idlemon_degraded{hook=\"enforce_pods\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        daemon.metric("idlemon_keepalive_enforced_cgroups"),
+        Some(0.0),
+        "never every workload"
+    );
+    assert!(daemon.log().contains("no pod watch"), "{}", daemon.log());
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn sighup_rereads_the_selection_and_fixes_newly_selected_connections() {
+    const PORT: u16 = 8309;
+    let first = TestCgroup::new("hup-first");
+    let later = TestCgroup::new("hup-later");
+    let config = selecting(
+        "enforce-hup.toml",
+        LONG_TIMEOUT,
+        &format!("cgroups = [\"{}\"]", first.name),
+    );
+    let daemon = Daemon::with_config(&config, &[]);
+    wait_for_enforced_cgroups(&daemon, 1.0);
+    let path = NatPath::new(LONG_TIMEOUT);
+    path.echo_server(PORT, 1);
+    let client = run_client(
+        &path.client,
+        Some(&later),
+        Plan::IdleFor {
+            port: PORT,
+            seconds: u64::from(3 * LONG_TIMEOUT),
+        },
+    );
+    wait_for_connections(&path, PORT, 1);
+    let hangup = || {
+        // SAFETY: a signal to the daemon this test started.
+        assert_eq!(unsafe { libc::kill(daemon.pid() as i32, libc::SIGHUP) }, 0);
+    };
+    // An invalid file changes nothing, and says so.
+    std::fs::write(&config.0, "[enforce]\nmode = \"maybe\"\n").unwrap();
+    hangup();
+    let refused = wait_for(Duration::from_secs(10), || {
+        (daemon.metric("idlemon_config_reloads_total{result=\"invalid\"}") == Some(1.0))
+            .then_some(())
+    });
+    assert!(refused.is_some(), "{}", daemon.log());
+    assert!(daemon.log().contains("the running config stays"));
+    assert_eq!(
+        daemon.metric("idlemon_keepalive_enforced_cgroups"),
+        Some(1.0)
+    );
+    // Then both cgroups: the client's existing connection is fixed.
+    std::fs::write(
+        &config.0,
+        selecting_text(
+            LONG_TIMEOUT,
+            &format!("cgroups = [\"{}\", \"{}\"]", first.name, later.name),
+        ),
+    )
+    .unwrap();
+    hangup();
+    wait_for_enforced_cgroups(&daemon, 2.0);
+    assert_eq!(
+        daemon.metric("idlemon_config_reloads_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    // Read now: other tests on this host may flood the event history later.
+    let events = events_of(&daemon, "keepalive_enforced", 1);
+    let client = finished(&client);
+    assert_eq!(client.keepalive[0], 0, "not selected when it connected");
+    assert_eq!(client.keepalive_at_end, [1, 4, 1, 3], "fixed after SIGHUP");
+    assert_eq!(client.result, "ok", "survived the NAT timeout");
+    assert_eq!(
+        event_for(&events, &client)["enforcement"]["direction"],
+        "existing"
+    );
+}
+
+/// A client whose keepalive idlemon set turns it off: reported (event,
+/// counter, /sockets), and with `override` kept on.
+fn weakened(override_weakening: bool, port: u16) -> (Client, Value, Daemon) {
+    let cgroup = TestCgroup::new(if override_weakening {
+        "override"
+    } else {
+        "weakened"
+    });
+    let config = selecting(
+        "enforce-weakened.toml",
+        NAT_TIMEOUT,
+        &format!(
+            "cgroups = [\"{}\"]\noverride = {override_weakening}",
+            cgroup.name
+        ),
+    );
+    let daemon = Daemon::with_config(&config, &[]);
+    assert_eq!(
+        daemon.metric("idlemon_probe_info{hook=\"enforce_setsockopt\",kind=\"cgroup_sockopt\"}"),
+        Some(1.0),
+        "{}",
+        daemon.log()
+    );
+    let path = NatPath::new(NAT_TIMEOUT);
+    path.echo_server(port, 1);
+    let client = run_client(
+        &path.client,
+        Some(&cgroup),
+        Plan::Weaken {
+            port,
+            seconds: IDLE_SECONDS,
+        },
+    );
+    let event = events_of(&daemon, "keepalive_weakened", 1).remove(0);
+    // Shown on the socket while it idles.
+    let local = event["local"].as_str().unwrap().to_owned();
+    let shown = wait_for(Duration::from_secs(10), || {
+        daemon
+            .sockets("")
+            .into_iter()
+            .find(|socket| socket["local"] == local.as_str())
+            .filter(|socket| !socket["keepalive_weakened"].is_null())
+    });
+    let shown = shown.unwrap_or_else(|| panic!("{local} not shown weakened in /sockets"));
+    assert_eq!(shown["keepalive_weakened"], event["weakening"]);
+    let client = finished(&client);
+    (client, event, daemon)
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn an_application_turning_enforced_keepalive_off_is_reported() {
+    let (client, event, daemon) = weakened(false, 8310);
+    assert_eq!(client.keepalive, [1, 2, 1, 3], "enforced at connect");
+    assert_eq!(
+        client.keepalive_at_end[0], 0,
+        "the application's choice applies"
+    );
+    assert_ne!(client.result, "ok", "reset by the NAT without keepalive");
+    let weakening = &event["weakening"];
+    assert_eq!(weakening["mode"], "report");
+    assert_eq!(weakening["change"], "keepalive_off");
+    assert_eq!(weakening["old"]["enabled"], true);
+    assert_eq!(weakening["old"]["idle_seconds"], 2.0);
+    assert_eq!(weakening["new"]["enabled"], false);
+    assert_eq!(event["pid"], client.pid);
+    assert_eq!(
+        daemon.metric("idlemon_keepalive_weakened_total{mode=\"report\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        daemon.metric("idlemon_keepalive_weakened_total{mode=\"override\"}"),
+        Some(0.0)
+    );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn with_override_enforced_keepalive_stays_on_and_survives_the_nat() {
+    let (client, event, daemon) = weakened(true, 8311);
+    assert_eq!(client.keepalive, [1, 2, 1, 3]);
+    assert_eq!(
+        client.keepalive_at_end,
+        [1, 2, 1, 3],
+        "SO_KEEPALIVE 0 rewritten to 1"
+    );
+    assert_eq!(client.result, "ok", "survived {IDLE_SECONDS} s idle");
+    assert_eq!(event["weakening"]["mode"], "override");
+    assert_eq!(
+        daemon.metric("idlemon_keepalive_weakened_total{mode=\"override\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
+fn enforcement_without_cgroup_setsockopt_runs_on_and_says_so() {
+    let cgroup = TestCgroup::new("nosockopt");
+    let config = config(&cgroup, 8312, "on");
+    let daemon = Daemon::start(&[
+        "--config",
+        config.path(),
+        "--disable-attach",
+        "cgroup_sockopt",
+    ]);
+    assert_eq!(
+        daemon.metric("idlemon_probe_info{hook=\"enforce_setsockopt\",kind=\"none\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        daemon.metric("idlemon_probe_info{hook=\"enforce\",kind=\"sock_ops\"}"),
+        Some(1.0)
+    );
+    let (status, body) = daemon.get("/readyz");
+    assert_eq!(status, 200, "ready: enforcement itself runs");
+    assert!(body.contains("enforce_setsockopt"), "{body}");
+    assert!(daemon.log().contains("is not seen"), "{}", daemon.log());
 }

@@ -37,6 +37,7 @@ fn explainer() -> Explainer {
         default_timeout: IdleTimeout::After(NonZeroU32::new(5).unwrap()),
         paths: PathConfig::default(),
         keepalive_timer_seen: true,
+        weakened: Default::default(),
     }))
     .on_node("node-a")
 }
@@ -108,6 +109,7 @@ fn explained_events_of_every_kind_match_the_schema() {
         event_kind::RETRANSMIT_TIMEOUT,
         event_kind::CONNECTION_ERROR,
         event_kind::CONNECT_FAILED,
+        event_kind::KEEPALIVE_WEAKENED,
     ] {
         for (known, family) in [(1, AF_INET), (0, AF_INET), (1, AF_INET6)] {
             let mut kernel = event(kind, 8, family);
@@ -134,6 +136,28 @@ fn explained_events_of_every_kind_match_the_schema() {
                     error: -libc::EINVAL,
                 };
             }
+            if kind == event_kind::KEEPALIVE_WEAKENED {
+                // Turned off and let through; slowed and overridden (IPv6).
+                let off = family == AF_INET;
+                kernel.enforcement = KeepaliveDecision {
+                    mode: enforce::MODE_ON,
+                    reason: if off {
+                        enforce::weakened::KEEPALIVE_OFF
+                    } else {
+                        enforce::weakened::IDLE_RAISED
+                    },
+                    idle_seconds: 2,
+                    interval_seconds: 1,
+                    count: 3,
+                    path_timeout_seconds: 5,
+                    passive: if off { 0 } else { 7200 },
+                    error: if off {
+                        enforce::weakened::REPORTED as i32
+                    } else {
+                        enforce::weakened::OVERRIDDEN as i32
+                    },
+                };
+            }
             kernel.retransmissions = 5;
             kernel.socket.retransmits = 5;
             kernel.socket.retransmitting_since_reuse = 1;
@@ -145,6 +169,19 @@ fn explained_events_of_every_kind_match_the_schema() {
             }
             assert_valid(&schema, &json);
             assert_eq!(json["node"], "node-a");
+            if kind == event_kind::KEEPALIVE_WEAKENED {
+                let weakening = &json["weakening"];
+                if family == AF_INET {
+                    assert_eq!(weakening["mode"], "report");
+                    assert_eq!(weakening["change"], "keepalive_off");
+                    assert_eq!(weakening["new"]["enabled"], false);
+                } else {
+                    assert_eq!(weakening["mode"], "override");
+                    assert_eq!(weakening["change"], "idle_raised");
+                    assert_eq!(weakening["new"]["idle_seconds"], 7200.0);
+                }
+                assert_eq!(weakening["old"]["idle_seconds"], 2.0);
+            }
             assert!(event_ids.insert(json["event_id"].as_str().unwrap().to_owned()));
             kinds.insert(json["kind"].as_str().unwrap().to_owned());
         }

@@ -10,7 +10,7 @@
     reason = "a test fails loudly on any unexpected error"
 )]
 
-mod common;
+use idlemon_testkit as kit;
 
 use std::{
     io::{Read as _, Write as _},
@@ -19,25 +19,14 @@ use std::{
     time::Duration,
 };
 
-use common::{Daemon, Keepalive, NatPath, SERVER_IP, TempFile, echo, find_socket, wait_for};
+use kit::{Daemon, Keepalive, NatPath, SERVER_IP, TempFile, echo, find_socket, wait_for};
 use serde_json::Value;
 
 const NAT_TIMEOUT: u32 = 5;
 const IDLE: Duration = Duration::from_secs(8);
 
-/// The test NAT's path has a 5 s timeout; nothing else has one.
-fn nat_config() -> TempFile {
-    TempFile::new(
-        "failures.toml",
-        &format!(
-            "[[path]]\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\
-             [[path]]\ncidr = \"::/0\"\nidle_timeout = \"none\"\n\
-             [[path]]\nname = \"test-nat\"\ncidr = \"{SERVER_IP}/32\"\nidle_timeout = {NAT_TIMEOUT}\n"
-        ),
-    )
-}
-
-/// The same, with the test NAT named a firewall (which drops forgotten flows).
+/// The test NAT's path (`NatPath::config`), named a firewall (which drops
+/// forgotten flows).
 fn firewall_config() -> TempFile {
     TempFile::new(
         "failures-firewall.toml",
@@ -49,37 +38,16 @@ fn firewall_config() -> TempFile {
     )
 }
 
+/// Short walks and the test NAT's path; destinations labelled for the
+/// connect-failure counters.
 fn start_daemon(config: &TempFile) -> Daemon {
-    Daemon::start(&[
-        "--idle-threshold",
-        "2",
-        "--scan-interval",
-        "0.5",
-        "--destination-labels",
-        "10",
-        "--config",
-        config.path(),
-    ])
-}
-
-fn events(daemon: &Daemon) -> Vec<Value> {
-    let (status, body) = daemon.get("/events?limit=10000");
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
+    Daemon::with_config(config, &["--destination-labels", "10"])
 }
 
 /// Waits for an event of `kind` whose `end` ("local" or "remote") is `address`.
 fn wait_event(daemon: &Daemon, kind: &str, end: &str, address: &str) -> Value {
-    wait_for(Duration::from_secs(5), || {
-        events(daemon)
-            .into_iter()
-            .find(|event| event["kind"] == kind && event[end] == address)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "no {kind} event with {end} {address}; events: {:#?}",
-            events(daemon)
-        )
+    daemon.wait_event(&format!("{kind} with {end} {address}"), |event| {
+        event["kind"] == kind && event[end] == address
     })
 }
 
@@ -143,7 +111,7 @@ fn a_path_that_drops_forgotten_flows_ends_in_an_explained_retransmit_timeout() {
     );
     assert!(death["retransmissions"].as_u64().unwrap() >= 4, "{death:#}");
     assert_eq!(death["pid"], std::process::id());
-    assert_eq!(death["comm"], common::own_comm().as_str());
+    assert_eq!(death["comm"], kit::own_comm().as_str());
     assert_eq!(death["socket"]["path_rule"], "test-nat");
     // In the words of the path's kind.
     assert_eq!(death["socket"]["path_kind"], "firewall");
@@ -163,7 +131,8 @@ fn a_path_that_drops_forgotten_flows_ends_in_an_explained_retransmit_timeout() {
     );
     // The same death is no reset.
     assert!(
-        events(&daemon)
+        daemon
+            .events()
             .iter()
             .all(|event| event["kind"] != "reset_received" || event["local"] != local.as_str()),
         "a reset for {local}"
@@ -179,7 +148,7 @@ fn a_path_that_drops_forgotten_flows_ends_in_an_explained_retransmit_timeout() {
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn dropped_syns_are_a_connect_timeout_naming_the_process() {
-    let config = nat_config();
+    let config = NatPath::config(NAT_TIMEOUT, false);
     let daemon = start_daemon(&config);
     let path = NatPath::new(NAT_TIMEOUT);
     path.client.sysctl("net.ipv4.tcp_syn_retries", "2");
@@ -216,7 +185,7 @@ fn dropped_syns_are_a_connect_timeout_naming_the_process() {
     let took = failed["connect_seconds"].as_f64().unwrap();
     assert!((2.0..30.0).contains(&took), "connect took {took} s");
     assert_eq!(failed["pid"], std::process::id());
-    assert_eq!(failed["comm"], common::own_comm().as_str());
+    assert_eq!(failed["comm"], kit::own_comm().as_str());
     assert_eq!(failed["socket"], Value::Null);
 
     // Host-wide: other processes of this machine may fail connects too.
@@ -237,7 +206,8 @@ fn dropped_syns_are_a_connect_timeout_naming_the_process() {
         1.0
     );
     assert!(daemon.counter("idlemon_syn_retransmits_total") >= 2.0);
-    let failed_connects = events(&daemon)
+    let failed_connects = daemon
+        .events()
         .into_iter()
         .filter(|event| event["kind"] == "connect_failed" && event["pid"] == std::process::id())
         .count();
@@ -267,7 +237,7 @@ fn syn_retransmits(path: &NatPath) -> u64 {
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn a_closed_port_is_a_refused_connect() {
-    let config = nat_config();
+    let config = NatPath::config(NAT_TIMEOUT, false);
     let daemon = start_daemon(&config);
     let path = NatPath::new(NAT_TIMEOUT);
     let target: SocketAddr = format!("{SERVER_IP}:8123").parse().unwrap();
@@ -307,7 +277,7 @@ fn held_connections_to_one_destination_are_counted_and_accepted_ones_are_not() {
     const OLDER: usize = 2;
     const HELD: usize = 7;
     const CLOSED: usize = 3;
-    let config = nat_config();
+    let config = NatPath::config(NAT_TIMEOUT, false);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8131, OLDER + HELD);
     let open = |count: usize| -> Vec<TcpStream> {
@@ -354,7 +324,7 @@ fn held_connections_to_one_destination_are_counted_and_accepted_ones_are_not() {
         .collect();
     let (_, text) = daemon.get("/metrics");
     for remote in &accepted {
-        assert!(remote.starts_with(common::NAT_SERVER_SIDE_IP), "{remote}");
+        assert!(remote.starts_with(kit::NAT_SERVER_SIDE_IP), "{remote}");
         assert_eq!(
             daemon.metric(&format!(
                 "idlemon_destination_established_connections{{destination=\"{remote}\"}}"

@@ -9,7 +9,7 @@
     reason = "a test fails loudly on any unexpected error"
 )]
 
-mod common;
+use idlemon_testkit as kit;
 
 use std::{
     io::{Read as _, Write as _},
@@ -22,9 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    API_PORT, DAEMON_PORT, Daemon, IDLEMON, Netns, http_get, raise_fd_limit, rss_kib, wait_for,
-};
+use kit::{API_PORT, DAEMON_PORT, Daemon, Netns, http_get, raise_fd_limit, rss_kib, wait_for};
 
 /// The daemon's address on the test's pod network, and the neighbour's.
 const POD_IP: &str = "192.0.2.20";
@@ -46,18 +44,13 @@ fn a_neighbour_on_the_pod_network_gets_metrics_but_no_connection_data() {
     let daemon = Daemon::start(&["--listen", &format!("0.0.0.0:{DAEMON_PORT}")]);
     let neighbour = Netns::new("neighbour");
     let (ours, theirs) = ("idlemon-pod0", "idlemon-nb0");
-    daemon
-        .netns
-        .ip(&["link", "add", ours, "type", "veth", "peer", "name", theirs]);
-    daemon
-        .netns
-        .ip(&["link", "set", theirs, "netns", &neighbour.name]);
-    daemon
-        .netns
-        .ip(&["addr", "add", &format!("{POD_IP}/24"), "dev", ours]);
-    daemon.netns.ip(&["link", "set", ours, "up"]);
-    neighbour.ip(&["addr", "add", &format!("{NEIGHBOUR_IP}/24"), "dev", theirs]);
-    neighbour.ip(&["link", "set", theirs, "up"]);
+    daemon.netns.veth(
+        ours,
+        &format!("{POD_IP}/24"),
+        &neighbour,
+        theirs,
+        &format!("{NEIGHBOUR_IP}/24"),
+    );
 
     let metrics_port: SocketAddr = format!("{POD_IP}:{DAEMON_PORT}").parse().unwrap();
     let (status, body) = http_get(&neighbour, metrics_port, "/metrics").expect("metrics answer");
@@ -87,13 +80,15 @@ fn a_neighbour_on_the_pod_network_gets_metrics_but_no_connection_data() {
     // Inside the pod (kubectl exec), the data and the CLI work as before.
     assert_eq!(daemon.get("/sockets").0, 200);
     assert_eq!(daemon.get("/events").0, 200);
-    let table = daemon.netns.exec(IDLEMON, &["sockets"]);
+    let table = daemon.netns.exec(&kit::idlemon(), &["sockets"]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(
         table.lines().next().unwrap_or("").contains("Idle"),
         "{table}"
     );
-    daemon.netns.exec(IDLEMON, &["events", "--limit", "5"]);
+    daemon
+        .netns
+        .exec(&kit::idlemon(), &["events", "--limit", "5"]);
 }
 
 #[test]

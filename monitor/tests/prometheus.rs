@@ -9,7 +9,7 @@
     reason = "a test fails loudly on any unexpected error"
 )]
 
-mod common;
+use idlemon_testkit as kit;
 mod schema;
 
 use std::{
@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use common::{DAEMON_PORT, Daemon, Netns, TempFile, sh, wait_for};
+use kit::{DAEMON_PORT, Daemon, Netns, TempFile, sh, wait_for};
 use serde_json::Value;
 
 const APP: &str = r#"
@@ -266,22 +266,7 @@ fn start_node(
     let peer = format!("{a}.{b}.{c}.{}/30", d - 1);
     let own = format!("{a}.{b}.{c}.{d}/30");
     let link = format!("to-{name}");
-    prometheus.ip(&[
-        "link",
-        "add",
-        &link,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &daemon.netns.name,
-    ]);
-    prometheus.ip(&["addr", "add", &peer, "dev", &link]);
-    prometheus.ip(&["link", "set", &link, "up"]);
-    daemon.netns.ip(&["addr", "add", &own, "dev", "eth0"]);
-    daemon.netns.ip(&["link", "set", "eth0", "up"]);
+    prometheus.veth(&link, &peer, &daemon.netns, "eth0", &own);
     Node {
         name,
         daemon,

@@ -8,72 +8,33 @@
     reason = "a test fails loudly on any unexpected error"
 )]
 
-mod common;
+use idlemon_testkit as kit;
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
-use common::{
-    Daemon, Keepalive, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, echo, rss_kib,
-    wait_for,
-};
+use kit::{Daemon, Keepalive, NatPath, Netns, SERVER_IP, TempFile, echo, rss_kib, wait_for};
 use serde_json::Value;
 
 const NAT_TIMEOUT: u32 = 5;
-const IDLE: Duration = Duration::from_secs(8);
-
-/// The test NAT's paths have a 5 s timeout, seen from the client (the
-/// server) and from the server (the NAT's address); nothing else has one.
+/// The test NAT's paths, seen from the client (the server) and from the
+/// server (the NAT's address), have its timeout; nothing else has one.
 fn nat_config() -> TempFile {
-    TempFile::new(
-        "resets.toml",
-        &format!(
-            "[[path]]\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\
-             [[path]]\ncidr = \"::/0\"\nidle_timeout = \"none\"\n\
-             [[path]]\nname = \"test-nat\"\ncidr = \"{SERVER_IP}/32\"\nidle_timeout = {NAT_TIMEOUT}\n\
-             [[path]]\nname = \"test-nat-server-side\"\ncidr = \"{NAT_SERVER_SIDE_IP}/32\"\nidle_timeout = {NAT_TIMEOUT}\n"
-        ),
-    )
+    NatPath::config(NAT_TIMEOUT, true)
 }
 
-fn start_daemon(config: &TempFile, extra: &[&str]) -> Daemon {
-    Daemon::start(&daemon_args(config, extra))
-}
-
-/// Short thresholds and walks, and the test NAT's paths.
-fn daemon_args<'a>(config: &'a TempFile, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--idle-threshold",
-        "2",
-        "--scan-interval",
-        "0.5",
-        "--config",
-        config.path(),
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
-fn events(daemon: &Daemon) -> Vec<Value> {
-    let (status, body) = daemon.get("/events?limit=10000");
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
+const IDLE: Duration = Duration::from_secs(8);
 
 /// Waits for an event of `kind` whose local end is `local`.
 fn wait_event(daemon: &Daemon, kind: &str, local: &str) -> Value {
-    wait_for(Duration::from_secs(5), || {
-        events(daemon)
-            .into_iter()
-            .find(|event| event["kind"] == kind && event["local"] == local)
+    daemon.wait_event(&format!("{kind} for {local}"), |event| {
+        event["kind"] == kind && event["local"] == local
     })
-    .unwrap_or_else(|| panic!("no {kind} event for {local}; events: {:#?}", events(daemon)))
 }
 
 #[test]
@@ -81,7 +42,7 @@ fn wait_event(daemon: &Daemon, kind: &str, local: &str) -> Value {
 fn reuse_after_the_nat_timeout_is_logged_then_the_reset_explained() {
     let config = nat_config();
     let log = TempFile::new("events.jsonl", "");
-    let daemon = start_daemon(&config, &["--event-log", log.path()]);
+    let daemon = Daemon::with_config(&config, &["--event-log", log.path()]);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8101, 1);
     let mut stream = path.connect(8101, Keepalive::Off);
@@ -117,7 +78,7 @@ fn reuse_after_the_nat_timeout_is_logged_then_the_reset_explained() {
     let (send, logged_reset) = (&lines[0], &lines[1]);
     assert_eq!(logged_reset, &reset, "log and /events agree");
 
-    assert_eq!(send["comm"], common::own_comm().as_str());
+    assert_eq!(send["comm"], kit::own_comm().as_str());
     assert_eq!(reset["classification"], "idle_timeout_suspected");
     assert_eq!(reset["remote"], format!("{SERVER_IP}:8101"));
     assert_eq!(reset["reuse"]["event_id"], send["id"]);
@@ -147,7 +108,7 @@ fn reuse_after_the_nat_timeout_is_logged_then_the_reset_explained() {
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn a_server_answering_after_the_nat_timeout_gets_the_reset() {
     let config = nat_config();
-    let daemon = start_daemon(&config, &[]);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     let listener = path
         .server
@@ -192,7 +153,7 @@ fn a_server_answering_after_the_nat_timeout_gets_the_reset() {
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn an_application_reset_on_a_busy_connection_is_other() {
     let config = nat_config();
-    let daemon = start_daemon(&config, &[]);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8103, 1);
     let mut stream = path.connect(8103, Keepalive::Off);
@@ -200,21 +161,7 @@ fn an_application_reset_on_a_busy_connection_is_other() {
         echo(&mut stream).unwrap();
     }
     let local = stream.local_addr().unwrap().to_string();
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
-    assert_eq!(rc, 0);
+    kit::reset_on_close(&stream);
     drop(stream);
 
     let received = wait_event(&daemon, "reset_received", &format!("{SERVER_IP}:8103"));
@@ -275,7 +222,7 @@ http.server.HTTPServer((sys.argv[1], 8104), Handler).serve_forever()
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn a_pooled_http_client_hits_connection_reset_by_peer() {
     let config = nat_config();
-    let daemon = start_daemon(&config, &[]);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     let mut server = path
         .server
@@ -310,7 +257,7 @@ fn a_pooled_http_client_hits_connection_reset_by_peer() {
     );
 
     let reset = wait_for(Duration::from_secs(5), || {
-        events(&daemon).into_iter().find(|event| {
+        daemon.events().into_iter().find(|event| {
             event["kind"] == "reset_received" && event["remote"] == format!("{SERVER_IP}:8104")
         })
     })
@@ -324,22 +271,11 @@ fn a_pooled_http_client_hits_connection_reset_by_peer() {
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn unanswered_keepalive_probes_are_a_keepalive_timeout_event() {
     let config = nat_config();
-    let daemon = start_daemon(&config, &[]);
+    let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8105, 1);
     let mut stream = path.connect(8105, Keepalive::Every(1));
-    let count: i32 = 2;
-    // SAFETY: a valid socket and option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_KEEPCNT,
-            (&raw const count).cast(),
-            size_of::<i32>() as u32,
-        )
-    };
-    assert_eq!(rc, 0);
+    kit::set_keepalive_probes(&stream, 2);
     echo(&mut stream).unwrap();
     let local = stream.local_addr().unwrap().to_string();
     // The path goes dark: probes go unanswered.
@@ -350,13 +286,14 @@ fn unanswered_keepalive_probes_are_a_keepalive_timeout_event() {
 
     let started = Instant::now();
     let death = wait_for(Duration::from_secs(10), || {
-        events(&daemon)
+        daemon
+            .events()
             .into_iter()
             .find(|event| event["kind"] == "keepalive_timeout" && event["local"] == local.as_str())
     })
     .unwrap_or_else(|| panic!("no keepalive_timeout event after {:?}", started.elapsed()));
     assert_eq!(death["error"], "ETIMEDOUT");
-    assert_eq!(death["comm"], common::own_comm().as_str());
+    assert_eq!(death["comm"], kit::own_comm().as_str());
     assert!(daemon.counter("idlemon_keepalive_timeouts_total") >= 1.0);
     let mut buffer = [0u8; 1];
     let error = stream
@@ -383,7 +320,7 @@ for _ in range(int(sys.argv[1])):
 fn a_burst_of_100k_resets_is_counted_and_memory_stays_bounded() {
     const BURST: u32 = 100_000;
     let config = nat_config();
-    let daemon = start_daemon(&config, &["--event-log", ""]);
+    let daemon = Daemon::with_config(&config, &["--event-log", ""]);
     let sent_before = daemon.counter("idlemon_resets_sent_total");
     let logged_before = daemon.counter("idlemon_events_total{kind=\"reset_sent\"}");
     let lost_before = daemon.counter("idlemon_events_lost_total");
@@ -416,35 +353,11 @@ fn a_burst_of_100k_resets_is_counted_and_memory_stays_bounded() {
     eprintln!("burst: {sent} RSTs, {logged} events explained, {lost} lost");
     assert!(lost > 0.0, "a stopped reader cannot have kept up");
     assert_eq!(daemon.get("/readyz").0, 200);
-    let history = events(&daemon).len();
+    let history = daemon.events().len();
     assert!(history <= 10_000, "history holds {history} events");
     let rss_after = rss_kib(daemon.pid());
     eprintln!("burst: RSS {rss_before} KiB before, {rss_after} KiB after");
     assert!(rss_after < 200 * 1024, "RSS {rss_after} KiB");
-}
-
-/// Every event in the history, paging with `after=` past the size bound of
-/// one answer.
-fn all_events(daemon: &Daemon) -> Vec<Value> {
-    let mut all: Vec<Value> = Vec::new();
-    loop {
-        let path = match all.last().and_then(|event| event["id"].as_u64()) {
-            Some(last) => format!("/events?limit=10000&after={last}"),
-            None => "/events?limit=10000".to_owned(),
-        };
-        let (status, body) = daemon.get(&path);
-        assert_eq!(status, 200, "{body}");
-        assert!(
-            body.len() <= 4 << 20,
-            "an /events answer of {} bytes",
-            body.len()
-        );
-        let page: Vec<Value> = serde_json::from_str(&body).unwrap();
-        if page.is_empty() {
-            return all;
-        }
-        all.extend(page);
-    }
 }
 
 #[test]
@@ -453,7 +366,7 @@ fn a_flood_of_resets_with_a_stalled_log_reader_keeps_the_evidence() {
     const FLOOD: u32 = 100_000;
     let config = nat_config();
     // The event log on stdout, into a pipe that nobody reads.
-    let daemon = Daemon::start_with_stalled_stdout(&daemon_args(&config, &[]));
+    let daemon = Daemon::start_with_stalled_stdout(&Daemon::quick_args(&config, &[]));
     let rss_before = rss_kib(daemon.pid());
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8105, 1);
@@ -505,7 +418,7 @@ fn a_flood_of_resets_with_a_stalled_log_reader_keeps_the_evidence() {
     );
     assert!(dropped > 0.0, "a log nobody reads took every event");
 
-    let events = all_events(&daemon);
+    let events = daemon.events();
     let reset = events
         .iter()
         .find(|event| event["kind"] == "reset_received" && event["local"] == local.as_str())
@@ -558,7 +471,7 @@ fn a_reset_in_softirq_is_not_pinned_on_the_interrupted_process() {
     let port: u16 = lines.next().unwrap().unwrap().trim().parse().unwrap();
     let client = netns.run(|| TcpStream::connect(("127.0.0.1", port)).unwrap());
     let local = client.local_addr().unwrap().to_string();
-    let daemon = start_daemon(&nat_config(), &[]);
+    let daemon = Daemon::with_config(&nat_config(), &[]);
 
     // The server's close sends the RST; on loopback the client's side of it
     // is processed in softirq on the server's CPU, over the server process.
@@ -577,7 +490,8 @@ fn a_reset_in_softirq_is_not_pinned_on_the_interrupted_process() {
     assert_ne!(received["comm"], "python3", "{received:#}");
     // The reset the server sent was its own doing, in its own context.
     let sent = wait_for(Duration::from_secs(5), || {
-        events(&daemon)
+        daemon
+            .events()
             .into_iter()
             .find(|event| event["kind"] == "reset_sent" && event["remote"] == local.as_str())
     })

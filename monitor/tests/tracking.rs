@@ -1,5 +1,5 @@
 //! Tracking and classification against the real kernel, through a NAT
-//! gateway whose idle timeout is a few seconds (`common::NatPath`).
+//! gateway whose idle timeout is a few seconds (`kit::NatPath`).
 //! Needs root and a BPF-capable kernel: run with `cargo xtask test`.
 
 #![allow(
@@ -7,7 +7,7 @@
     reason = "a test fails loudly on any unexpected error"
 )]
 
-mod common;
+use idlemon_testkit as kit;
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Daemon, IDLEMON, Keepalive, NatPath, Netns, TempFile, echo, find_socket, wait_for};
+use kit::{Daemon, Keepalive, NatPath, Netns, TempFile, echo, find_socket, wait_for};
 use serde_json::Value;
 
 /// The NAT forgets flows idle this long.
@@ -24,38 +24,20 @@ const NAT_TIMEOUT: u32 = 5;
 /// Long enough past NAT_TIMEOUT that the flow is surely forgotten.
 const IDLE_PAST_TIMEOUT: Duration = Duration::from_secs(8);
 
-/// Only the test server's path has a middlebox; every other destination
-/// (other tests' sockets, the host's own) is out of the picture, so gauges
-/// count this test's sockets alone.
-fn nat_config() -> TempFile {
-    TempFile::new(
-        "nat.toml",
-        &format!(
-            "[[path]]\nname = \"everything-else\"\ncidr = \"0.0.0.0/0\"\nidle_timeout = \"none\"\n\n\
-             [[path]]\nname = \"everything-else-v6\"\ncidr = \"::/0\"\nidle_timeout = \"none\"\n\n\
-             [[path]]\nname = \"test-nat\"\ncidr = \"{}/32\"\nidle_timeout = {NAT_TIMEOUT}\n",
-            common::SERVER_IP
-        ),
-    )
-}
-
+/// Short walks, and the NAT's path alone with an idle timeout
+/// (`NatPath::config`).
 fn start_daemon(config: &TempFile) -> Daemon {
-    start_daemon_with(config, &[])
+    Daemon::with_config(config, &[])
 }
 
-fn start_daemon_with(config: &TempFile, extra: &[&str]) -> Daemon {
-    let mut args = vec![
-        "--idle-threshold",
-        "2",
-        "--idle-timeout",
-        "350",
-        "--scan-interval",
-        "0.5",
-        "--config",
-        config.path(),
-    ];
-    args.extend_from_slice(extra);
-    Daemon::start(&args)
+/// This test process's at-risk sockets by `reason` in
+/// `idlemon_at_risk_sockets`: its workload label is the process's name,
+/// which other test runs sharing the host (other binaries) do not carry.
+fn own_at_risk(daemon: &Daemon, reason: &str) -> f64 {
+    daemon.metric_sum(
+        "idlemon_at_risk_sockets",
+        &format!("reason=\"{reason}\",workload=\"{}\"", kit::own_comm()),
+    )
 }
 
 /// The client's socket as idlemon reports it.
@@ -98,7 +80,8 @@ fn survives_unflagged(daemon: &Daemon, path: &NatPath, stream: &mut TcpStream) -
     .expect("client socket tracked");
     let mut last = None;
     let mut covered: f64 = 0.0;
-    while started.elapsed() < IDLE_PAST_TIMEOUT {
+    // At least once, however long the first walk took on a loaded machine.
+    while last.is_none() || started.elapsed() < IDLE_PAST_TIMEOUT {
         let socket = client_socket(daemon, path, local).expect("client socket still tracked");
         assert_eq!(socket["at_risk"], false, "flagged: {socket:#}");
         assert_eq!(
@@ -118,7 +101,7 @@ fn survives_unflagged(daemon: &Daemon, path: &NatPath, stream: &mut TcpStream) -
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn idle_client_without_keepalive_is_flagged_then_reset() {
-    let config = nat_config();
+    let config = NatPath::config(NAT_TIMEOUT, false);
     let daemon = start_daemon(&config);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8001, 1);
@@ -130,15 +113,15 @@ fn idle_client_without_keepalive_is_flagged_then_reset() {
     let flagged = flagged_before_timeout(&daemon, &path, local, quiet_since);
     assert_eq!(flagged["risk"], "no_keepalive");
     assert_eq!(flagged["keepalive"]["enabled"], false);
-    assert_eq!(flagged["remote"], format!("{}:8001", common::SERVER_IP));
+    assert_eq!(flagged["remote"], format!("{}:8001", kit::SERVER_IP));
     assert_eq!(
         flagged["comm"],
-        common::own_comm().as_str(),
+        kit::own_comm().as_str(),
         "attributed to the test client: {flagged:#}"
     );
     assert_ne!(
         flagged["comm"],
-        common::CLIENT_THREAD_COMM,
+        kit::CLIENT_THREAD_COMM,
         "the process, not the thread"
     );
     assert_eq!(flagged["pid"], std::process::id());
@@ -181,34 +164,28 @@ fn idle_client_without_keepalive_is_flagged_then_reset() {
         "{fix:#}"
     );
     // idlemon advise: this test process's workload, its one socket, that fix.
-    let advice = daemon.netns.exec(IDLEMON, &["advise", "--json"]);
+    let advice = daemon.netns.exec(&kit::idlemon(), &["advise", "--json"]);
     assert!(advice.status.success(), "{advice:?}");
     let advice: Value = serde_json::from_slice(&advice.stdout).unwrap();
     let ours = advice
         .as_array()
         .unwrap()
         .iter()
-        .find(|item| item["workload"] == common::own_comm().as_str())
+        .find(|item| item["workload"] == kit::own_comm().as_str())
         .unwrap_or_else(|| panic!("no advice for this test: {advice:#}"));
     assert_eq!(ours["sockets"], 1, "{advice:#}");
     assert_eq!(ours["risks"]["no_keepalive"], 1);
-    assert_eq!(
-        ours["destinations"][0],
-        format!("{}:8001", common::SERVER_IP)
-    );
+    assert_eq!(ours["destinations"][0], format!("{}:8001", kit::SERVER_IP));
     assert_eq!(ours["fix"]["kind"], "application");
     assert_eq!(ours["fix"]["enforce"], fix["enforce"]);
-    let text = daemon.netns.exec(IDLEMON, &["advise"]);
+    let text = daemon.netns.exec(&kit::idlemon(), &["advise"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains("Fix: in the application, turn SO_KEEPALIVE on")
             && text.contains("[enforce]"),
         "{text}"
     );
-    assert_eq!(
-        Some(daemon.metric_sum("idlemon_at_risk_sockets", "reason=\"no_keepalive\"")),
-        Some(1.0)
-    );
+    assert_eq!(Some(own_at_risk(&daemon, "no_keepalive")), Some(1.0));
 
     thread::sleep(IDLE_PAST_TIMEOUT.saturating_sub(quiet_since.elapsed()));
     let error = echo(&mut stream).expect_err("the NAT should have forgotten the flow");
@@ -218,7 +195,7 @@ fn idle_client_without_keepalive_is_flagged_then_reset() {
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn default_keepalive_is_flagged_too_slow() {
-    let config = nat_config();
+    let config = NatPath::config(NAT_TIMEOUT, false);
     let daemon = start_daemon(&config);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8002, 1);
@@ -243,26 +220,24 @@ fn default_keepalive_is_flagged_too_slow() {
         fix["snippet"],
         "sysctl -w net.ipv4.tcp_keepalive_time=2\nsysctl -w net.ipv4.tcp_keepalive_intvl=1\n"
     );
-    let text = daemon.netns.exec(IDLEMON, &["advise"]);
+    let text = daemon.netns.exec(&kit::idlemon(), &["advise"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains(&format!(
-            "{}: 1 at-risk socket (1 keepalive_too_slow) to {}:8002\n  Fix: set the keepalive sysctls",
-            common::own_comm(),
-            common::SERVER_IP
-        )) && text.contains("    sysctl -w net.ipv4.tcp_keepalive_time=2\n"),
+            "{}: 1 at-risk socket (1 keepalive_too_slow) to {}:8002\n  Path: ",
+            kit::own_comm(),
+            kit::SERVER_IP
+        )) && text.contains("\n  Fix: set the keepalive sysctls")
+            && text.contains("    sysctl -w net.ipv4.tcp_keepalive_time=2\n"),
         "{text}"
     );
-    assert_eq!(
-        Some(daemon.metric_sum("idlemon_at_risk_sockets", "reason=\"keepalive_too_slow\"")),
-        Some(1.0)
-    );
+    assert_eq!(Some(own_at_risk(&daemon, "keepalive_too_slow")), Some(1.0));
 }
 
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn socket_keepidle_below_the_timeout_is_not_flagged_and_survives() {
-    let config = nat_config();
+    let config = NatPath::config(NAT_TIMEOUT, false);
     let daemon = start_daemon(&config);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8003, 1);
@@ -284,8 +259,10 @@ fn socket_keepidle_below_the_timeout_is_not_flagged_and_survives() {
     );
     // Past the threshold in data terms, yet protected by keepalive.
     assert!(socket["idle_seconds"].as_f64().unwrap() >= 2.0);
-    assert_eq!(
-        covered, 1.0,
+    // At least this socket: the gauge has no owner label, and other test
+    // runs on this host may hold long-idle sockets to the same test address.
+    assert!(
+        covered >= 1.0,
         "long-idle socket with effective keepalive not counted"
     );
 }
@@ -293,7 +270,7 @@ fn socket_keepidle_below_the_timeout_is_not_flagged_and_survives() {
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn namespace_keepalive_sysctl_below_the_timeout_is_not_flagged() {
-    let config = nat_config();
+    let config = NatPath::config(NAT_TIMEOUT, false);
     let daemon = start_daemon(&config);
     let path = NatPath::new(NAT_TIMEOUT);
     path.client.sysctl("net.ipv4.tcp_keepalive_time", "1");
@@ -303,7 +280,10 @@ fn namespace_keepalive_sysctl_below_the_timeout_is_not_flagged() {
     echo(&mut stream).unwrap();
 
     let (socket, covered) = survives_unflagged(&daemon, &path, &mut stream);
-    assert_eq!(covered, 1.0);
+    assert!(
+        covered >= 1.0,
+        "long-idle socket with effective keepalive not counted"
+    );
     assert_eq!(socket["keepalive"]["idle_seconds"], 1.0);
     assert_eq!(socket["keepalive"]["idle_from"], "namespace");
     assert_eq!(socket["keepalive"]["interval_seconds"], 1.0);
@@ -321,7 +301,7 @@ fn namespace_keepalive_sysctl_below_the_timeout_is_not_flagged() {
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn connection_from_before_idlemon_started_is_flagged() {
-    let config = nat_config();
+    let config = NatPath::config(NAT_TIMEOUT, false);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8005, 1);
     let mut stream = path.connect(8005, Keepalive::Off);
@@ -339,7 +319,7 @@ fn connection_from_before_idlemon_started_is_flagged() {
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn closed_sockets_leave_the_table_and_the_gauges() {
-    let config = nat_config();
+    let config = NatPath::config(NAT_TIMEOUT, false);
     let daemon = start_daemon(&config);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8006, 1);
@@ -347,7 +327,7 @@ fn closed_sockets_leave_the_table_and_the_gauges() {
     echo(&mut stream).unwrap();
     let local = stream.local_addr().unwrap();
     flagged_before_timeout(&daemon, &path, local, Instant::now());
-    let at_risk = || daemon.metric_sum("idlemon_at_risk_sockets", "reason=\"no_keepalive\"");
+    let at_risk = || own_at_risk(&daemon, "no_keepalive");
     assert_eq!(at_risk(), 1.0);
 
     drop(stream);
@@ -363,7 +343,7 @@ fn closed_sockets_leave_the_table_and_the_gauges() {
 fn a_busy_socket_is_attributed_in_the_socket_list() {
     // Periodic walks look up owners only for sockets idle past the
     // threshold; /sockets must still name the owner of a busy one.
-    let config = nat_config();
+    let config = NatPath::config(NAT_TIMEOUT, false);
     let daemon = start_daemon(&config);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8008, 1);
@@ -378,7 +358,7 @@ fn a_busy_socket_is_attributed_in_the_socket_list() {
         "busy: {socket:#}"
     );
     assert_eq!(socket["pid"], std::process::id(), "{socket:#}");
-    assert_eq!(socket["comm"], common::own_comm().as_str());
+    assert_eq!(socket["comm"], kit::own_comm().as_str());
 }
 
 #[test]
@@ -388,7 +368,7 @@ fn owners_follow_address_reuse_and_changes_of_user() {
     // a socket it was already recorded for; that memo must neither outlive
     // a socket (the next one gets its memory, and must get its own entry)
     // nor hide a new user.
-    let config = nat_config();
+    let config = NatPath::config(NAT_TIMEOUT, false);
     let daemon = start_daemon(&config);
     let netns = Netns::new("owners");
     let me = std::process::id();
@@ -452,8 +432,8 @@ fn owners_of_idle_sockets_carry_over_between_periodic_walks() {
     // A periodic walk leaves the owner of a socket idle since before the
     // previous walk to user space, which takes it from the previous
     // snapshot: the metric keeps naming the process, walk after walk.
-    let config = nat_config();
-    let daemon = start_daemon_with(&config, &["--log-format", "json"]);
+    let config = NatPath::config(NAT_TIMEOUT, false);
+    let daemon = Daemon::with_config(&config, &["--log-format", "json"]);
     let path = NatPath::new(NAT_TIMEOUT);
     // A connection that nobody has accepted, beside the client: the walk by
     // file descriptor cannot see its server end, so every periodic scan
@@ -468,7 +448,11 @@ fn owners_of_idle_sockets_carry_over_between_periodic_walks() {
     let at_risk_series = || {
         let (_, body) = daemon.get("/metrics");
         body.lines()
-            .filter(|line| line.starts_with("idlemon_at_risk_sockets{") && !line.ends_with(" 0"))
+            .filter(|line| {
+                line.starts_with("idlemon_at_risk_sockets{")
+                    && line.contains(&format!("workload=\"{}\"", kit::own_comm()))
+                    && !line.ends_with(" 0")
+            })
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
@@ -498,7 +482,7 @@ fn owners_of_idle_sockets_carry_over_between_periodic_walks() {
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn idle_times_agree_with_ss() {
-    let config = nat_config();
+    let config = NatPath::config(NAT_TIMEOUT, false);
     let daemon = start_daemon(&config);
     let path = NatPath::new(NAT_TIMEOUT);
     path.echo_server(8007, 1);
@@ -564,16 +548,13 @@ fn ipv6_loopback_with_a_configured_timeout_is_flagged() {
     assert_eq!(flagged["remote"], "[::1]:8008");
     assert_eq!(flagged["path_rule"], "v6-test");
     // The server side's remote port is not 8008, so the default (none) applies.
-    assert_eq!(
-        Some(daemon.metric_sum("idlemon_at_risk_sockets", "reason=\"no_keepalive\"")),
-        Some(1.0)
-    );
+    assert_eq!(Some(own_at_risk(&daemon, "no_keepalive")), Some(1.0));
 }
 
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn bad_configs_are_rejected_before_anything_loads() {
-    let baseline = common::settled_idlemon_programs();
+    let baseline = kit::settled_idlemon_programs();
     for (name, contents, line, words) in [
         (
             "cidr.toml",
@@ -601,7 +582,7 @@ fn bad_configs_are_rejected_before_anything_loads() {
         ),
     ] {
         let file = TempFile::new(name, contents);
-        let output = std::process::Command::new(IDLEMON)
+        let output = std::process::Command::new(kit::idlemon())
             .args(["--listen", "127.0.0.1:0", "--config", file.path()])
             .output()
             .unwrap();
@@ -613,7 +594,7 @@ fn bad_configs_are_rejected_before_anything_loads() {
             "{name}: {stderr}"
         );
         assert!(stderr.contains(words), "{name}: {stderr}");
-        common::assert_programs_back_to(baseline, name);
+        kit::assert_programs_back_to(baseline, name);
     }
 }
 

@@ -25,6 +25,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
+use idlemon_testkit::metrics::{metric, metric_sum};
 use serde_json::Value;
 
 use crate::{
@@ -716,11 +717,7 @@ impl Test {
             }
             std::thread::sleep(Duration::from_secs(1));
         };
-        let at_risk: f64 = metrics
-            .lines()
-            .filter(|line| line.starts_with("idlemon_at_risk_sockets{"))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let at_risk = metric_sum(&metrics, "idlemon_at_risk_sockets", "");
         if at_risk < 2.0 {
             bail!(
                 "idlemon_at_risk_sockets sums to {at_risk}, fewer than the idle connection's 2 ends"
@@ -894,16 +891,6 @@ fn get(endpoint: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
         .map(|(_, body)| body.to_owned())
         .unwrap_or_default();
     Ok((status, body))
-}
-
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
 }
 
 /// The container's diagnostic log (stderr), without the event log that

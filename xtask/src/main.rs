@@ -44,6 +44,9 @@ enum Action {
     },
     /// Measure idlemon's overhead and scale (see README: Benchmarks).
     Bench(bench::BenchArgs),
+    /// The bench's vm part, which the bench runs through xtask.
+    #[command(hide = true)]
+    BenchVm(bench::VmBenchArgs),
     /// Boot EKS-like Debian kernels under qemu and run the attach-kind scenario.
     VmTest(vm::VmArgs),
     /// Build the image for linux/amd64 and linux/arm64 into
@@ -96,12 +99,13 @@ fn main() -> anyhow::Result<()> {
             filter,
         } => test(unit, no_container, filter.as_deref()),
         Action::Bench(args) => {
-            setup::run()?;
-            if args.binary.is_none() {
+            if !args.help_only() {
+                setup::run()?;
                 build(true)?;
             }
             bench::run(&args)
         }
+        Action::BenchVm(args) => bench::run_vm(&args),
         Action::VmTest(args) => {
             setup::run()?;
             // The arm64 daemon is the image's own build (vm.rs).

@@ -4,9 +4,10 @@
 //! only be exercised in a VM: Debian's 6.1 and 6.12 cloud kernels (the
 //! kernels of EKS AL2023 nodes) boot under qemu TCG, one boot per kernel,
 //! and a driver inside (`vm/guest.rs`) runs idlemon in three attach modes
-//! against loopback connections. The same driver also runs on this host, in
-//! a fresh network namespace. The host judges what the driver reports
-//! (`vm/results.rs`) and prints one matrix.
+//! against loopback connections. The host judges what the driver reports
+//! (`vm/results.rs`) and prints one matrix. On this host's kernel the modes
+//! run the integration tests themselves (`vm/integration.rs`), with the
+//! attach kinds each mode expects in `IDLEMON_EXPECT_ATTACH`.
 //!
 //! `--arch arm64` does the same on Debian's arm64 cloud kernels (Graviton
 //! nodes) under qemu-system-aarch64, with the daemon the arm64 image ships:
@@ -16,6 +17,7 @@
 #[cfg(test)]
 pub(crate) mod guest;
 mod initramfs;
+mod integration;
 mod kernels;
 pub(crate) mod protocol;
 mod results;
@@ -41,7 +43,7 @@ pub use results::{HOOKS, Mode, Target, expected_kinds, parse_probe_info};
 #[derive(Debug, Args)]
 pub struct VmArgs {
     /// Kernels to test: Debian's 6.1 or 6.12 cloud kernel under qemu, this
-    /// host's own in a fresh network namespace (`native`, needs root, amd64
+    /// host's own, running the integration tests (`native`, needs root, amd64
     /// only), or all of them.
     #[arg(long, value_enum, default_value_t = KernelChoice::All)]
     kernel: KernelChoice,
@@ -106,7 +108,6 @@ impl KernelChoice {
 /// verifier is slow; a daemon that is not ready by then is stuck, and the
 /// other modes still deserve their turn within the VM's budget.
 const VM_READY_TIMEOUT: Duration = Duration::from_secs(60);
-const NATIVE_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Console lines shown when a run fails.
 const CONSOLE_TAIL: usize = 40;
 /// What the guest prints once /init runs: the end of the boot.
@@ -160,6 +161,8 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.timeout);
 
     let mut runs = Vec::new();
+    // The integration tests' own runs (`vm/integration.rs`).
+    let mut test_runs = Vec::new();
     // Wall time per part, printed under the matrix: under TCG the arm64
     // build and VMs are what a CI budget has to know.
     let mut parts: Vec<String> = Vec::new();
@@ -222,7 +225,15 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
             }
         }
         if let (true, Daemon::Binary(idlemon)) = (of_arch.contains(&Target::Native), &daemon) {
-            runs.push(run_native(&guest, idlemon, &cache, timeout)?);
+            let mut names: Vec<&str> = integration::SCENARIOS
+                .iter()
+                .map(|(file, _, _)| *file)
+                .collect();
+            names.dedup();
+            let binaries = integration::build(&root, &names)?;
+            for mode in Mode::ALL {
+                test_runs.push(integration::run_native(&binaries, idlemon, mode, timeout)?);
+            }
         }
         parts.push(format!(
             "{} kernels, initramfs and runs {:.0} s",
@@ -231,8 +242,17 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
         ));
     }
 
-    let (text, passed) = results::render(&runs, started.elapsed().as_secs_f64());
-    println!("\n{text}");
+    let mut passed = true;
+    if !runs.is_empty() {
+        let (text, runs_passed) = results::render(&runs, started.elapsed().as_secs_f64());
+        println!("\n{text}");
+        passed = runs_passed;
+    }
+    if !test_runs.is_empty() {
+        let (text, tests_passed) = integration::render(&test_runs);
+        println!("the integration tests in each attach mode:\n{text}");
+        passed &= tests_passed;
+    }
     println!("wall time per part: {}", parts.join("; "));
     if !passed {
         bail!(
@@ -243,7 +263,7 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The driver's arguments, the same in every VM and natively.
+/// The driver's arguments, the same in every VM.
 fn guest_args(ready_timeout: Duration) -> Vec<String> {
     let mut args = vec![
         "--ready-timeout".to_owned(),
@@ -474,71 +494,6 @@ pub fn launch(
         boot_seconds,
         elapsed: captured.elapsed,
         problem,
-    })
-}
-
-/// The driver on this host's kernel, in a network namespace of its own: its
-/// loopback is empty, port 9781 is free there whatever runs on the host, and
-/// the namespace disappears with the processes, even when killed.
-fn run_native(
-    guest: &Path,
-    idlemon: &Path,
-    cache: &Path,
-    timeout: Duration,
-) -> anyhow::Result<RunSummary> {
-    let workdir = cache.join("native");
-    if workdir.exists() {
-        fs::remove_dir_all(&workdir)
-            .with_context(|| format!("cannot clear {}", workdir.display()))?;
-    }
-    let mut command = Command::new("unshare");
-    command
-        .args(["--net", "--"])
-        .arg(guest)
-        .args(["--out", "-", "--idlemon"])
-        .arg(idlemon)
-        .arg("--workdir")
-        .arg(&workdir)
-        .args(guest_args(NATIVE_READY_TIMEOUT));
-    println!(
-        "xtask vm-test: native: this host's kernel, in a new network namespace, at most {} s",
-        timeout.as_secs()
-    );
-    let captured = supervise(command, timeout, "native")?;
-    let text: Vec<&str> = captured
-        .stdout
-        .iter()
-        .map(|(_, line)| line.as_str())
-        .collect();
-    let problem = if captured.timed_out {
-        Some(format!(
-            "timed out after {} s: driver killed",
-            timeout.as_secs()
-        ))
-    } else {
-        match captured.status {
-            Some(status) if !status.success() => Some(format!("the driver exited with {status}")),
-            _ => None,
-        }
-    };
-    let stderr: Vec<String> = captured
-        .stderr
-        .iter()
-        .map(|(_, line)| line.clone())
-        .collect();
-    println!(
-        "xtask vm-test: native: ran {:.1} s",
-        captured.elapsed.as_secs_f64()
-    );
-    Ok(RunSummary {
-        target: Target::Native,
-        source: "host kernel".to_owned(),
-        release: None,
-        boot_seconds: None,
-        total_seconds: captured.elapsed.as_secs_f64(),
-        problem,
-        report: results::parse_guest_output(&(text.join("\n") + "\n")),
-        console_tail: tail(&stderr, CONSOLE_TAIL),
     })
 }
 

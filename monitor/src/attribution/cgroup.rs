@@ -52,7 +52,7 @@ pub fn parse(path: &str) -> Container {
 }
 
 /// `pod<uid>` (cgroupfs) or `kubepods[-<qos>]-pod<uid with _>.slice` (systemd).
-fn pod_uid(segment: &str) -> Option<String> {
+pub fn pod_uid(segment: &str) -> Option<String> {
     let rest = segment.strip_suffix(".slice").unwrap_or(segment);
     let position = rest.rfind("pod")?;
     let before = &rest[..position];

@@ -25,7 +25,7 @@
 //! hold every pod's spec and status).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     hash::BuildHasher as _,
     path::{Path, PathBuf},
     pin::pin,
@@ -60,15 +60,47 @@ pub struct PodMeta {
     pub workload: String,
     /// Container id (without `containerd://`) -> container name.
     pub containers: HashMap<String, String>,
+    /// The pod's labels, for `[enforce] pod_labels`.
+    pub labels: BTreeMap<String, String>,
 }
 
-/// Pods of this node by UID, shared by the scanner and the event stream.
-#[derive(Debug, Default)]
+/// Pods of this node by UID, shared by the scanner, the event stream and
+/// keepalive enforcement (which follows `changes`).
+#[derive(Debug)]
 pub struct PodCache {
     pods: RwLock<HashMap<String, PodMeta>>,
+    /// Counts the changes, for those who follow them.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for PodCache {
+    fn default() -> Self {
+        Self {
+            pods: RwLock::default(),
+            changes: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl PodCache {
+    /// Wakes after each change of the pods (a list, an added, changed or
+    /// deleted pod).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes
+            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// Adds (or replaces) a pod, as the watch does; for tests of those who
+    /// read the cache.
+    #[cfg(test)]
+    pub fn insert_for_test(&self, uid: &str, meta: PodMeta) {
+        self.insert(uid.to_owned(), meta);
+    }
+
     pub fn get(&self, uid: &str) -> Option<PodMeta> {
         self.pods.read().ok()?.get(uid).cloned()
     }
@@ -85,11 +117,18 @@ impl PodCache {
         if let Ok(mut current) = self.pods.write() {
             *current = pods;
         }
+        self.changed();
     }
 
     fn insert(&self, uid: String, meta: PodMeta) {
-        if let Ok(mut pods) = self.pods.write() {
-            pods.insert(uid, meta);
+        let changed = match self.pods.write() {
+            Ok(mut pods) => pods.insert(uid, meta.clone()).as_ref() != Some(&meta),
+            Err(_) => false,
+        };
+        // A resync or a status update that changed nothing idlemon keeps
+        // wakes nobody.
+        if changed {
+            self.changed();
         }
     }
 
@@ -97,6 +136,7 @@ impl PodCache {
         if let Ok(mut pods) = self.pods.write() {
             pods.remove(uid);
         }
+        self.changed();
     }
 }
 
@@ -141,6 +181,7 @@ fn pod_meta(metadata: &ObjectMeta, status: Option<&PodStatus>) -> Option<(String
             name: metadata.name.clone().unwrap_or_default(),
             workload: workload(metadata),
             containers,
+            labels: metadata.labels.clone().unwrap_or_default(),
         },
     ))
 }

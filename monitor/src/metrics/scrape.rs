@@ -184,6 +184,14 @@ const ENFORCEMENTS: &str = "idlemon_keepalive_enforcements_total";
 const ENFORCEMENTS_HELP: &str = "Keepalive enforcement decisions on new connections, by mode (dry_run, on) and \
                  reason (no_keepalive, keepalive_too_slow: set or would set; keepalive_sufficient, \
                  loopback, no_timeout: left alone; failed; unreadable).";
+const WEAKENED: &str = "idlemon_keepalive_weakened_total";
+const WEAKENED_HELP: &str = "Applications that turned off, or slowed past the target, the keepalive idlemon \
+                 enforced on their socket (setsockopt SO_KEEPALIVE 0 or a longer TCP_KEEPIDLE), by \
+                 mode: report (let through) or override ([enforce] override: idlemon's value kept).";
+
+/// The `mode` label of `idlemon_keepalive_weakened_total`, in the order of
+/// the kernel's slots (`enforce::weakened::REPORTED`, `OVERRIDDEN`).
+const WEAKENED_MODES: [&str; 2] = ["report", "override"];
 
 /// The classifications of received resets that events count; the kernel
 /// counts `unclassified` ones (their events were lost).
@@ -363,6 +371,7 @@ impl Scraped {
                 vec!["classification"],
             ),
             (ENFORCEMENTS, ENFORCEMENTS_HELP, vec!["mode", "reason"]),
+            (WEAKENED, WEAKENED_HELP, vec!["mode"]),
         ];
         for &(_, name, help) in KERNEL_COUNTERS {
             families.push((name, help, vec![]));
@@ -583,6 +592,16 @@ impl Scraped {
                 ENFORCEMENTS_HELP,
                 by_reason.into_iter().map(|(reason, total)| {
                     (labelled([("mode", *mode), ("reason", reason)]), total)
+                }),
+            ));
+            families.push(counter(
+                WEAKENED,
+                WEAKENED_HELP,
+                WEAKENED_MODES.iter().enumerate().map(|(outcome, mode)| {
+                    (
+                        labelled([("mode", *mode)]),
+                        slot(counter::WEAKENED + outcome as u32),
+                    )
                 }),
             ));
         }

@@ -2,10 +2,11 @@
 //! whether a middlebox's idle timeout will kill it, and why. Pure: no
 //! walk, no attribution, no I/O.
 
-use std::{net::IpAddr, num::NonZeroU32, time::Duration};
+use std::{net::IpAddr, num::NonZeroU32, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
+use super::Weakenings;
 use crate::config::{IdleTimeout, OnIdle, PathBehaviour, PathConfig, PathKind};
 
 /// Why a socket is at risk.
@@ -77,6 +78,9 @@ pub struct Classifier {
     pub paths: PathConfig,
     /// Whether the keepalive hook attached, so timer counts mean something.
     pub keepalive_timer_seen: bool,
+    /// Weakened enforced keepalives, from the events: no part of the
+    /// verdict, carried here for the API view (`view`) to show.
+    pub weakened: Arc<Weakenings>,
 }
 
 /// What the verdict needs to know of a socket.
@@ -202,6 +206,7 @@ mod tests {
             default_timeout: IdleTimeout::After(NonZeroU32::new(350).expect("non-zero")),
             paths: PathConfig::parse(paths, "test.toml").expect("valid config"),
             keepalive_timer_seen: false,
+            weakened: Default::default(),
         }
     }
 

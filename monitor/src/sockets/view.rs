@@ -1,7 +1,12 @@
 //! The API's view: a snapshot's socket as `GET /sockets` and the events
 //! write it (JSON), and the filters of `GET /sockets`.
 
-use std::{net::SocketAddr, num::NonZeroU32, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    num::NonZeroU32,
+    sync::{Arc, Mutex},
+};
 
 use monitor_common::{AF_INET, SocketRecord};
 use serde::Serialize;
@@ -10,8 +15,36 @@ use super::{Classifier, NO_OWNER, Owner, PathRule, Risk, Socket, address};
 use crate::{
     attribution::Attribution,
     config::{PathBehaviour, PathKind},
+    events::Weakening,
     fix::{self, Fix},
 };
+
+/// Sockets whose application weakened the keepalive idlemon enforced, by
+/// the socket's address with its ports (an address is reused once a socket
+/// closes): the `keepalive_weakened` events record them, /sockets shows
+/// them. Bounded: when full, it starts over (the events stay).
+#[derive(Debug, Default)]
+pub struct Weakenings(Mutex<HashMap<u64, (u16, u16, Weakening)>>);
+
+/// Entries `Weakenings` holds at most.
+const WEAKENINGS_MAX: usize = 65_536;
+
+impl Weakenings {
+    pub fn record(&self, sock: u64, local_port: u16, remote_port: u16, weakening: Weakening) {
+        if let Ok(mut weakenings) = self.0.lock() {
+            if weakenings.len() >= WEAKENINGS_MAX {
+                weakenings.clear();
+            }
+            weakenings.insert(sock, (local_port, remote_port, weakening));
+        }
+    }
+
+    fn of(&self, sock: u64, local_port: u16, remote_port: u16) -> Option<Weakening> {
+        let weakenings = self.0.lock().ok()?;
+        let (local, remote, weakening) = weakenings.get(&sock)?;
+        (*local == local_port && *remote == remote_port).then(|| weakening.clone())
+    }
+}
 
 /// Where an effective keepalive setting comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -92,6 +125,10 @@ pub struct TrackedSocket {
     /// TCP_USER_TIMEOUT gives up. Known in `/sockets`; a periodic walk
     /// looks no further than the counters.
     pub retransmitting_since_send_after_idle: bool,
+    /// The application turned off, or slowed, the keepalive idlemon
+    /// enforced on this socket (the last such setsockopt); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_weakened: Option<Weakening>,
     /// The process that connected or last sent, where the hooks saw it.
     pub pid: Option<u32>,
     pub comm: Option<String>,
@@ -179,6 +216,11 @@ impl Classifier {
             fix,
             retransmits: socket.retransmits,
             retransmitting_since_send_after_idle: socket.retransmitting_since_reuse,
+            keepalive_weakened: self.weakened.of(
+                socket.sock,
+                socket.local_port,
+                socket.remote_port,
+            ),
             pid: owner.map(|owner| owner.pid),
             comm: owner.and_then(|owner| owner.comm.clone()),
             cgroup_id: owner.and_then(|owner| owner.cgroup_id),

@@ -1,48 +1,37 @@
-//! Programs that do nothing (`r0 = 0; exit`), loaded by the bench itself
-//! with bpf(2): what the kernel charges for running any program at all on a
-//! hook, or for walking its sockets, before one instruction of idlemon's
-//! runs. A figure over its floor is what idlemon's own code costs; a target
-//! below the floor is out of reach of every program on that hook.
+//! A program that does nothing (`r0 = 0; exit`) on a kernel function or
+//! tracepoint, loaded with bpf(2): the vm part's F side, the floor of any
+//! fentry program on the guest's kernel.
 //!
-//! std only: the vm part's guest driver, which plain rustc builds, includes
-//! this file by path (as it does `ping_pong.rs`).
+//! The bench on this host loads its no-op programs with aya
+//! (monitor/bench/src/noop.rs). This copy stays raw because the vm part's
+//! guest driver (vm/guest.rs) is built by plain rustc, std only, without
+//! aya, and includes this file by path; it holds only what the driver uses.
 
 use std::{
     ffi::{c_int, c_long},
-    fs::{self, File},
-    io::{self, ErrorKind, Read as _},
+    fs,
+    io::{self, ErrorKind},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    time::Duration,
 };
 
 const BPF_PROG_LOAD: c_long = 5;
 const BPF_OBJ_GET_INFO_BY_FD: c_long = 15;
 const BPF_RAW_TRACEPOINT_OPEN: c_long = 17;
-const BPF_LINK_CREATE: c_long = 28;
-const BPF_ITER_CREATE: c_long = 33;
 const BPF_PROG_TYPE_TRACING: u32 = 26;
 const BPF_TRACE_RAW_TP: u32 = 23;
 const BPF_TRACE_FENTRY: u32 = 24;
-const BPF_TRACE_ITER: u32 = 28;
 #[cfg(target_arch = "x86_64")]
 const SYS_BPF: c_long = 321;
 #[cfg(target_arch = "aarch64")]
 const SYS_BPF: c_long = 280;
-/// `CLOCK_THREAD_CPUTIME_ID`.
-const THREAD_CPU_CLOCK: c_int = 3;
 
 /// BTF kinds (`BTF_KIND_*`) that the no-op programs attach by.
 const BTF_KIND_TYPEDEF: u32 = 8;
 const BTF_KIND_FUNC: u32 = 12;
 
-/// Reads of one no-op walk, at most: a read that visited a million objects
-/// without output returns EAGAIN and the next one goes on.
-const MAX_WALK_READS: usize = 1000;
-
-// std only: the two libc calls std lacks.
+// std only: the libc call std lacks.
 unsafe extern "C" {
     fn syscall(number: c_long, ...) -> c_long;
-    fn clock_gettime(clock: c_int, now: *mut [i64; 2]) -> c_int;
 }
 
 /// Where a no-op program goes.
@@ -172,47 +161,6 @@ impl NoopProgram {
     }
 }
 
-/// One pass of a no-op `iter/{target}` program (`tcp`: every TCP socket of
-/// the calling thread's network namespace; `task_file`: every open file of
-/// every process) and the thread CPU time it took, all of it the kernel's
-/// own work of visiting the objects.
-pub fn walk(btf: &KernelBtf, target: &str) -> io::Result<Duration> {
-    let what = format!("iter/{target}");
-    let prog = load(
-        BPF_TRACE_ITER,
-        btf.id(&format!("bpf_iter_{target}"), BTF_KIND_FUNC)?,
-        &what,
-    )?;
-    let mut create = LinkCreateAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        attach_type: BPF_TRACE_ITER,
-        ..LinkCreateAttr::default()
-    };
-    let link = bpf(BPF_LINK_CREATE, &mut create)
-        .map_err(|error| context(error, &format!("cannot link {what}")))?;
-    let mut open = IterCreateAttr {
-        link_fd: link.as_raw_fd() as u32,
-        flags: 0,
-    };
-    let mut iterator = File::from(
-        bpf(BPF_ITER_CREATE, &mut open)
-            .map_err(|error| context(error, &format!("cannot create an {what} iterator")))?,
-    );
-    let started = thread_cpu_time();
-    let mut buffer = [0u8; 4096];
-    for _ in 0..MAX_WALK_READS {
-        match iterator.read(&mut buffer) {
-            Ok(0) => return Ok(thread_cpu_time().saturating_sub(started)),
-            Ok(_) => {}
-            Err(error) if error.kind() == ErrorKind::WouldBlock => {}
-            Err(error) => return Err(context(error, &format!("reading {what}"))),
-        }
-    }
-    Err(io::Error::other(format!(
-        "{what} did not end after {MAX_WALK_READS} reads"
-    )))
-}
-
 fn load(attach_type: u32, btf_id: u32, what: &str) -> io::Result<OwnedFd> {
     // mov64 r0, 0; exit
     let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
@@ -257,13 +205,6 @@ fn context(error: io::Error, what: &str) -> io::Error {
     io::Error::new(error.kind(), format!("{what}: {error}"))
 }
 
-fn thread_cpu_time() -> Duration {
-    let mut now = [0i64; 2];
-    // SAFETY: a valid clock id and out-pointer to a `struct timespec`.
-    unsafe { clock_gettime(THREAD_CPU_CLOCK, &mut now) };
-    Duration::new(now[0] as u64, now[1] as u32)
-}
-
 /// The `BPF_PROG_LOAD` member of `union bpf_attr`, up to `attach_btf_id`.
 #[repr(C)]
 #[derive(Default)]
@@ -300,27 +241,6 @@ struct RawTracepointAttr {
     prog_fd: u32,
     _pad: u32,
     cookie: u64,
-}
-
-/// The `link_create` member of `union bpf_attr`, with its `iter_info`.
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateAttr {
-    prog_fd: u32,
-    target_fd: u32,
-    attach_type: u32,
-    flags: u32,
-    iter_info: u64,
-    iter_info_len: u32,
-    _pad: u32,
-}
-
-/// The `iter_create` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct IterCreateAttr {
-    link_fd: u32,
-    flags: u32,
 }
 
 /// The `info` member of `union bpf_attr`.

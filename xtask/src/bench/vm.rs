@@ -1,10 +1,11 @@
-//! Part 5 (`--only vm`): what the fentry and kprobe hooks cost, which this
-//! host's kernel refuses (it is built without kprobes and refuses fentry),
-//! on the kernels EKS nodes run.
+//! The bench's part 5 (`--only vm`, run by monitor/bench as `xtask
+//! bench-vm`): what the fentry and kprobe hooks cost, which this host's
+//! kernel refuses (it is built without kprobes and refuses fentry), on the
+//! kernels EKS nodes run.
 //! Debian's 6.1 and 6.12 cloud kernels boot once each under qemu TCG with
 //! vm-test's harness (`crate::vm`), and its guest driver alternates windows
-//! of one 1-byte ping-pong (`ping_pong.rs`, the overhead part's load)
-//! without idlemon (A), with idlemon attaching as it does by default, by
+//! of one 1-byte ping-pong (`monitor/bench/src/ping_pong.rs`, the overhead
+//! part's load) without idlemon (A), with idlemon attaching as it does by default, by
 //! fentry (B1), and with `--disable-attach fentry`, by kprobe (B2); its
 //! walks are an hour apart there (`vm/guest.rs` says why). A fourth side
 //! (F) has no idlemon but a program that does nothing on each of the two

@@ -68,12 +68,10 @@ mod protocol;
 #[cfg(test)]
 use super::protocol;
 
-// The ping-pong of the bench's overhead part, shared the same way.
-#[cfg(not(test))]
-#[path = "../bench/ping_pong.rs"]
+// The ping-pong of the bench's overhead part (in the bench crate, which
+// xtask does not build), included by path in both builds.
+#[path = "../../../monitor/bench/src/ping_pong.rs"]
 mod ping_pong;
-#[cfg(test)]
-use crate::bench::ping_pong;
 
 // The bench's no-op programs (the F side's floor), shared the same way.
 #[cfg(not(test))]

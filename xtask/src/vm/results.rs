@@ -291,36 +291,12 @@ pub fn expected_kinds(target: Target, mode: Mode, hook: &str) -> &'static [&'sta
     }
 }
 
-/// One Prometheus sample line: name, labels, value.
-pub fn parse_metric_line(line: &str) -> Option<(&str, BTreeMap<&str, &str>, f64)> {
-    let line = line.trim();
-    let (series, value) = line.rsplit_once(' ')?;
-    let value: f64 = value.parse().ok()?;
-    let Some((name, rest)) = series.split_once('{') else {
-        return Some((series, BTreeMap::new(), value));
-    };
-    let mut labels = BTreeMap::new();
-    let mut rest = rest.strip_suffix('}')?;
-    while !rest.is_empty() {
-        let (key, after) = rest.split_once("=\"")?;
-        // idlemon's label values (hook and kind names) hold no quotes or escapes.
-        let (value, after) = after.split_once('"')?;
-        labels.insert(key.trim(), value);
-        rest = after.strip_prefix(',').unwrap_or(after);
-    }
-    Some((name, labels, value))
-}
-
-/// `idlemon_probe_info{hook="send",kind="fentry"} 1` -> ("send", "fentry").
+/// `idlemon_probe_info{hook="send",kind="fentry"} 1` -> ("send", "fentry"),
+/// by the test kit's parser.
 pub fn parse_probe_info(line: &str) -> Option<(String, String)> {
-    let (name, labels, value) = parse_metric_line(line)?;
-    if name != "idlemon_probe_info" || value != 1.0 {
-        return None;
-    }
-    Some((
-        (*labels.get("hook")?).to_owned(),
-        (*labels.get("kind")?).to_owned(),
-    ))
+    idlemon_testkit::metrics::probe_info(line)
+        .into_iter()
+        .next()
 }
 
 /// The client ports of the scenario's three connections.
@@ -451,13 +427,13 @@ pub fn parse_guest_output(text: &str) -> GuestReport {
             tag::METRIC => {
                 if let Some((hook, kind)) = parse_probe_info(rest) {
                     report.mode_mut(mode).hooks.insert(hook, kind);
-                } else if let Some((name, labels, value)) = parse_metric_line(rest)
-                    && labels.is_empty()
+                } else if let Some(sample) = idlemon_testkit::metrics::Sample::parse(rest)
+                    && sample.labels.is_empty()
                 {
                     report
                         .mode_mut(mode)
                         .counters
-                        .insert(name.to_owned(), value);
+                        .insert(sample.name.to_owned(), sample.value);
                 }
             }
             tag::PORTS => match Ports::parse(rest) {
@@ -1133,12 +1109,6 @@ LOG default INFO hook attached
         assert_eq!(parse_probe_info("idlemon_degraded{hook=\"send\"} 1"), None);
         assert_eq!(parse_probe_info("# HELP idlemon_probe_info how"), None);
         assert_eq!(parse_probe_info("idlemon_probe_info{hook=\"send\" 1"), None);
-    }
-
-    #[test]
-    fn parses_plain_samples() {
-        let (name, labels, value) = parse_metric_line("idlemon_ready 1").expect("sample");
-        assert_eq!((name, labels.len(), value), ("idlemon_ready", 0, 1.0));
     }
 
     #[test]

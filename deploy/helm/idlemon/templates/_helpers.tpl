@@ -74,5 +74,18 @@ count = {{ include "idlemon.number" $enforce.count }}
 {{- if not (kindIs "invalid" $enforce.accepted) }}
 accepted = {{ $enforce.accepted }}
 {{- end }}
+{{- with $enforce.namespaces }}
+namespaces = [{{ range $index, $namespace := . }}{{ if $index }}, {{ end }}{{ $namespace | quote }}{{ end }}]
+{{- end }}
+{{- with $enforce.podLabels }}
+{{- $labels := list }}
+{{- range $key, $value := . }}
+{{- $labels = append $labels (printf "%s = %s" ($key | quote) ($value | toString | quote)) }}
+{{- end }}
+pod_labels = { {{ join ", " $labels }} }
+{{- end }}
+{{- if not (kindIs "invalid" $enforce.override) }}
+override = {{ $enforce.override }}
+{{- end }}
 {{ end -}}
 {{- end -}}

@@ -11,10 +11,10 @@ use anyhow::{Context as _, anyhow};
 
 use super::{
     Bench,
-    bpf::{self, MapInfo, RunTimeStats},
     daemon::{self, Daemon},
     interrupted,
-    netns::Netns,
+    kernel::{self, MapInfo, RunTimeStats},
+    netns,
     table::{Check, Summary, Table},
     traffic,
 };
@@ -23,7 +23,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let rate = bench.settings.churn_rate;
     let duration = bench.settings.churn_seconds;
     let threads = bench.settings.churn_threads;
-    let netns = Netns::create("churn")?;
+    let netns = netns::create("churn");
     println!(
         "open+close {rate:.0} loopback connections/s for {} s from {threads} paced thread(s), in network namespace {}; idlemon with --destination-labels 10 (active opens remembered per connect)",
         duration.as_secs(),
@@ -37,8 +37,8 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         &["--destination-labels".to_owned(), "10".to_owned()],
     )?;
     daemon.wait_ready(Duration::from_secs(60))?;
-    let objects = bpf::objects_of(daemon.pid())?;
-    let socket_map = bpf::maps(&objects.maps)?
+    let objects = kernel::objects_of(daemon.pid())?;
+    let socket_map = kernel::maps(&objects.maps)?
         .into_iter()
         .find(|map| map.name == "SOCKETS")
         .ok_or_else(|| anyhow!("idlemon holds no map named SOCKETS"))?;
@@ -46,25 +46,25 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     // sockets: unlike the map's total, that count is immune to whatever
     // else the host does meanwhile.
     let me = std::process::id();
-    let before = bpf::count_entries(&socket_map, me)?;
+    let before = kernel::count_entries(&socket_map, me)?;
     let metrics_before = daemon.metrics()?;
-    let stats_before = bpf::prog_stats(&objects.progs)?;
+    let stats_before = kernel::prog_stats(&objects.progs)?;
     let cpu_before = daemon::process_cpu(daemon.pid())?;
 
     let (churn, samples) = traffic::churn(&netns, rate, duration, threads, |end| {
         sample_until(&socket_map, me, end)
     })?;
     let cpu = daemon::process_cpu(daemon.pid())? - cpu_before;
-    let stats_after = bpf::prog_stats(&objects.progs)?;
+    let stats_after = kernel::prog_stats(&objects.progs)?;
     let samples = samples?;
 
     // Closing is asynchronous (FIN handshakes, accept queues): give the last
     // connections a moment, then the churn's entries must all be gone.
     let settle = Instant::now();
-    let mut after = bpf::count_entries(&socket_map, me)?;
+    let mut after = kernel::count_entries(&socket_map, me)?;
     while after.1 > 0 && settle.elapsed() < Duration::from_secs(10) && !interrupted() {
         thread::sleep(Duration::from_millis(200));
-        after = bpf::count_entries(&socket_map, me)?;
+        after = kernel::count_entries(&socket_map, me)?;
     }
     let settled_in = settle.elapsed();
     let metrics = daemon.metrics()?;
@@ -159,7 +159,7 @@ fn sample_until(map: &MapInfo, me: u32, end: Instant) -> anyhow::Result<Vec<(usi
             return Ok(samples);
         }
         thread::sleep(next - Instant::now());
-        samples.push(bpf::count_entries(map, me).context("counting SOCKETS during the churn")?);
+        samples.push(kernel::count_entries(map, me).context("counting SOCKETS during the churn")?);
     }
 }
 

@@ -14,6 +14,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
+use idlemon_testkit::metrics;
 
 use super::interrupted;
 
@@ -273,70 +274,32 @@ pub struct Scan {
     pub at_risk: f64,
 }
 
-/// The Prometheus text of one scrape.
+/// The Prometheus text of one scrape, read with the test kit's parser.
 #[derive(Debug, Clone)]
 pub struct Metrics(pub String);
 
 impl Metrics {
     /// The value of an unlabelled sample.
     pub fn value(&self, name: &str) -> Option<f64> {
-        self.samples(name)
-            .into_iter()
-            .find(|(labels, _)| labels.is_empty())
-            .map(|(_, value)| value)
+        metrics::samples(&self.0)
+            .find(|sample| sample.name == name && sample.labels.is_empty())
+            .map(|sample| sample.value)
     }
 
     /// Every sample of `name`, with its labels.
     pub fn samples(&self, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
-        self.0
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| parse_sample(line))
-            .filter(|(sample, _, _)| *sample == name)
-            .map(|(_, labels, value)| (labels, value))
+        metrics::samples(&self.0)
+            .filter(|sample| sample.name == name)
+            .map(|sample| {
+                let labels = sample
+                    .labels
+                    .iter()
+                    .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+                    .collect();
+                (labels, sample.value)
+            })
             .collect()
     }
-}
-
-fn parse_sample(line: &str) -> Option<(&str, BTreeMap<String, String>, f64)> {
-    let line = line.trim();
-    let (name, rest) = match line.find(['{', ' ']) {
-        Some(at) => line.split_at(at),
-        None => return None,
-    };
-    let mut labels = BTreeMap::new();
-    let rest = if let Some(inner) = rest.strip_prefix('{') {
-        let close = inner.rfind('}')?;
-        let mut text = &inner[..close];
-        while !text.is_empty() {
-            let (key, after) = text.split_once("=\"")?;
-            // Label values here never hold an escaped quote; \" is still
-            // honoured so that a future one cannot shift every later label.
-            let mut end = None;
-            let mut escaped = false;
-            for (i, c) in after.char_indices() {
-                match c {
-                    '\\' if !escaped => escaped = true,
-                    '"' if !escaped => {
-                        end = Some(i);
-                        break;
-                    }
-                    _ => escaped = false,
-                }
-            }
-            let end = end?;
-            labels.insert(
-                key.trim_start_matches(',').trim().to_owned(),
-                after[..end].to_owned(),
-            );
-            text = after[end + 1..].trim_start_matches(',');
-        }
-        &inner[close + 1..]
-    } else {
-        rest
-    };
-    let value = rest.split_whitespace().next()?.parse().ok()?;
-    Some((name, labels, value))
 }
 
 /// HTTP/1.0 GET without a client library: the daemon closes the connection

@@ -1,31 +1,46 @@
 //! Keepalive enforcement: the settings the `sock_ops` program applies
 //! (`monitor-ebpf/src/enforce.rs`), checked before anything loads, and its
-//! attachment to the cgroup v2 hierarchy.
+//! attachment to the cgroup v2 hierarchy, kept in step with the selection
+//! (`selection.rs`) as pods come and go and on SIGHUP.
 //!
-//! Safe to turn off: the program only ever acts when a connection becomes
-//! established. Stopping idlemon (or restarting it with `off`) detaches it
-//! and applies nothing new; sockets it already fixed keep their keepalive
+//! Safe to turn off: the programs only ever act when a connection becomes
+//! established, when the walk fixes an existing one, and on an
+//! application's setsockopt of an enforced socket. Stopping idlemon (or
+//! restarting it with `off`, or a pod leaving the selection) detaches them
+//! and applies nothing new; sockets already fixed keep their keepalive
 //! settings, as if the application had set them, until they close.
 
-use std::{fs::File, num::NonZeroU32, path::PathBuf};
+pub mod selection;
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf,
     maps::Array,
-    programs::{SockOps, links::CgroupAttachMode},
+    programs::{
+        CgroupSockopt, SockOps, cgroup_sockopt::CgroupSockoptLinkId, links::CgroupAttachMode,
+        sock_ops::SockOpsLinkId,
+    },
 };
 use ipnet::IpNet;
 use monitor_common::{AF_INET, AF_INET6, EnforcePath, EnforceSettings, ExistingSocket, enforce};
 use tracing::{info, warn};
 
 use crate::{
+    attribution::pods::PodCache,
     config::{
         EnforceConfig, EnforceMode, IdleTimeout, MAX_IDLE_PERCENT, MAX_KEEPALIVE_SECONDS,
         PathConfig,
     },
     probes::{AttachKind, HookStatus},
 };
+pub use selection::Selection;
 
 /// The program in the eBPF object.
 const PROGRAM: &str = "enforce_keepalive";
@@ -36,8 +51,8 @@ pub struct Plan {
     pub mode: EnforceMode,
     pub settings: EnforceSettings,
     pub paths: Vec<EnforcePath>,
-    /// cgroup v2 directories (relative to the root) to attach to; empty: the root.
-    pub cgroups: Vec<String>,
+    /// The workloads to enforce (cgroups, units, pods).
+    pub selection: Selection,
     pub cgroup_root: Option<PathBuf>,
 }
 
@@ -131,9 +146,10 @@ impl Plan {
                 interval_seconds: config.interval_seconds,
                 interval_jiffies: jiffies(config.interval_seconds, hz),
                 count: config.count,
+                override_weakening: u32::from(config.override_weakening),
             },
             paths: kernel_paths,
-            cgroups: outermost(&config.cgroups),
+            selection: Selection::of(config),
             cgroup_root: config.cgroup_root.clone(),
         })
     }
@@ -194,23 +210,6 @@ fn words(net: IpNet) -> (u16, [u32; 4], [u32; 4]) {
     }
 }
 
-/// The selectors without those inside another: a program attached to both
-/// a directory and its ancestor would run twice for the same socket.
-fn outermost(cgroups: &[String]) -> Vec<String> {
-    let normal = |path: &str| path.trim_end_matches('/').to_owned();
-    let all: Vec<String> = cgroups.iter().map(|path| normal(path)).collect();
-    let mut kept: Vec<String> = Vec::new();
-    for path in &all {
-        let inside = all.iter().any(|other| {
-            other != path && (other.is_empty() || path.starts_with(&format!("{other}/")))
-        });
-        if !inside && !kept.contains(path) {
-            kept.push(path.clone());
-        }
-    }
-    kept
-}
-
 /// The cgroup v2 mount in `/proc/self/mounts` text: `/sys/fs/cgroup` on
 /// unified hosts (EKS), `/sys/fs/cgroup/unified` on hybrid ones.
 pub fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
@@ -241,54 +240,321 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Fills the path table, loads the program and attaches it to each selected
-/// cgroup (or the root). Never fails: a kernel or host that cannot enforce
-/// makes the returned hook degraded, with the reason (logs, metrics,
-/// /readyz), and idlemon runs on without enforcement.
-pub fn start(ebpf: &mut Ebpf, plan: &Plan, disabled: &[AttachKind]) -> (HookStatus, Vec<PathBuf>) {
-    let outcome = if disabled.contains(&AttachKind::SockOps) {
-        Err(anyhow!("disabled by --disable-attach"))
-    } else {
-        attach(ebpf, plan)
-    };
-    match outcome {
-        Ok(attached) => {
-            info!(
-                mode = plan.mode.as_str(),
-                cgroups = ?attached,
-                "keepalive enforcement attached"
-            );
-            let status = HookStatus {
-                hook: "enforce",
-                kind: Some(AttachKind::SockOps),
+/// The `cgroup/setsockopt` program (`monitor-ebpf/src/enforce.rs`).
+const SETSOCKOPT_PROGRAM: &str = "enforce_setsockopt";
+
+/// The links of one selected cgroup directory.
+struct Attachment {
+    sock_ops: SockOpsLinkId,
+    setsockopt: Option<CgroupSockoptLinkId>,
+}
+
+/// Keepalive enforcement once it runs: the programs attached to the
+/// selected cgroup directories, kept in step with the selection. A program
+/// attached to a directory runs for the sockets of every process below it,
+/// so the set of links is the kernel's selection.
+pub struct Enforcer {
+    root: PathBuf,
+    selection: Selection,
+    /// Whether pods are known (a pod watch runs): without it the pod
+    /// selectors select nothing.
+    pod_source: bool,
+    /// Directory from the root ("": the root) -> its links.
+    attached: BTreeMap<String, Attachment>,
+    setsockopt: bool,
+    walk: bool,
+    proc_root: PathBuf,
+}
+
+impl Enforcer {
+    /// Fills the path table, loads the programs and attaches them to each
+    /// selected cgroup that exists (or the root), then fixes the existing
+    /// connections there. Never fails: a kernel or host that cannot
+    /// enforce makes the returned `enforce` hook degraded, with the reason
+    /// (logs, metrics, /readyz), and idlemon runs on without enforcement.
+    /// Pod selectors without `pods` (no pod watch) are degraded too: then
+    /// only the cgroups and units selectors apply, never every workload.
+    pub fn start(
+        ebpf: &mut Ebpf,
+        plan: &Plan,
+        disabled: &[AttachKind],
+        btf: &aya::Btf,
+        proc_root: &Path,
+        pods: Option<&PodCache>,
+    ) -> (Vec<HookStatus>, Option<Self>) {
+        let mut hooks = Vec::new();
+        let prepared = if disabled.contains(&AttachKind::SockOps) {
+            Err(anyhow!("disabled by --disable-attach"))
+        } else {
+            prepare(ebpf, plan)
+        };
+        let root = match prepared {
+            Ok(root) => root,
+            Err(error) => {
+                let reason = format!("{error:#}");
+                warn!(
+                    mode = plan.mode.as_str(),
+                    %reason,
+                    "keepalive enforcement cannot attach: running degraded, enforcing nothing"
+                );
+                hooks.push(HookStatus {
+                    hook: "enforce",
+                    kind: None,
+                    refused: vec![(AttachKind::SockOps, reason)],
+                    lost: crate::probes::enforce_hook_lost("enforce"),
+                    degraded: true,
+                });
+                return (hooks, None);
+            }
+        };
+        hooks.push(HookStatus {
+            hook: "enforce",
+            kind: Some(AttachKind::SockOps),
+            refused: Vec::new(),
+            lost: None,
+            degraded: false,
+        });
+        let setsockopt = if disabled.contains(&AttachKind::CgroupSockopt) {
+            Err(anyhow!("disabled by --disable-attach"))
+        } else {
+            load_setsockopt(ebpf)
+        };
+        hooks.push(match &setsockopt {
+            Ok(()) => HookStatus {
+                hook: "enforce_setsockopt",
+                kind: Some(AttachKind::CgroupSockopt),
                 refused: Vec::new(),
                 lost: None,
                 degraded: false,
-            };
-            (status, attached)
-        }
-        Err(error) => {
-            let reason = format!("{error:#}");
+            },
+            Err(error) => {
+                let reason = format!("{error:#}");
+                warn!(
+                    %reason,
+                    "an application that turns off or slows the keepalive idlemon set is not seen \
+                     (needs cgroup/setsockopt programs, Linux 5.3+); enforcement goes on"
+                );
+                HookStatus {
+                    hook: "enforce_setsockopt",
+                    kind: None,
+                    refused: vec![(AttachKind::CgroupSockopt, reason)],
+                    lost: crate::probes::enforce_hook_lost("enforce_setsockopt"),
+                    degraded: false,
+                }
+            }
+        });
+        let walk = load_walk(ebpf, btf);
+        hooks.push(match &walk {
+            Ok(()) => HookStatus {
+                hook: "enforce_existing",
+                kind: Some(AttachKind::Iter),
+                refused: Vec::new(),
+                lost: None,
+                degraded: false,
+            },
+            Err(error) => {
+                let reason = format!("{error:#}");
+                warn!(
+                    %reason,
+                    "connections older than idlemon (or than their selection) are not enforced \
+                     (the walk needs bpf_setsockopt in iter/tcp, Linux 5.15+); new ones are"
+                );
+                HookStatus {
+                    hook: "enforce_existing",
+                    kind: None,
+                    refused: vec![(AttachKind::Iter, reason)],
+                    lost: crate::probes::enforce_hook_lost("enforce_existing"),
+                    degraded: false,
+                }
+            }
+        });
+        if plan.selection.pods.is_some() && pods.is_none() {
             warn!(
-                mode = plan.mode.as_str(),
-                %reason,
-                "keepalive enforcement cannot attach: running degraded, enforcing nothing"
+                "[enforce] selects pods by namespace or label, but there is no pod watch \
+                 (--node-name, and in-cluster API access or --kube-api): running degraded, \
+                 enforcing only the cgroups and units selectors"
             );
-            let status = HookStatus {
-                hook: "enforce",
+            hooks.push(HookStatus {
+                hook: "enforce_pods",
                 kind: None,
-                refused: vec![(AttachKind::SockOps, reason)],
+                refused: Vec::new(),
                 lost: Some(
-                    "keepalive enforcement is off: it needs cgroup v2 and sock_ops with bpf_setsockopt (Linux 5.9+)",
+                    "[enforce] namespaces and pod_labels select nothing without the pod watch (--node-name and API access)",
                 ),
                 degraded: true,
-            };
-            (status, Vec::new())
+            });
+        }
+        let mut enforcer = Self {
+            root,
+            selection: plan.selection.clone(),
+            pod_source: pods.is_some(),
+            attached: BTreeMap::new(),
+            setsockopt: setsockopt.is_ok(),
+            walk: walk.is_ok(),
+            proc_root: proc_root.to_owned(),
+        };
+        let empty = PodCache::default();
+        enforcer.sync(ebpf, pods.unwrap_or(&empty));
+        for cgroup in &enforcer.selection.cgroups {
+            if !enforcer.path_of(cgroup).is_dir() {
+                // A unit or pod that is not running yet: the others still count.
+                warn!(
+                    cgroup = %enforcer.path_of(cgroup).display(),
+                    "selected cgroup not found: enforced once it appears"
+                );
+            }
+        }
+        (hooks, Some(enforcer))
+    }
+
+    /// The cgroup directories attached, from the root.
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attached.keys().map(String::as_str)
+    }
+
+    /// A new selection (SIGHUP): applied by the next `sync`. Whether it
+    /// differs from the current one.
+    pub fn reselect(&mut self, selection: Selection) -> bool {
+        if selection.pods.is_some() && !self.pod_source {
+            warn!(
+                "[enforce] selects pods by namespace or label, but there is no pod watch: \
+                 the pod selectors select nothing"
+            );
+        }
+        let changed = selection != self.selection;
+        self.selection = selection;
+        changed
+    }
+
+    /// Attaches to the directories the selection wants now (pods that came
+    /// or were relabelled into it, cgroups that appeared), detaches from
+    /// those it no longer wants, and fixes the existing connections of the
+    /// newly selected ones. Returns the newly attached directories.
+    pub fn sync(&mut self, ebpf: &mut Ebpf, pods: &PodCache) -> Vec<String> {
+        let pod_dirs = if self.selection.pods.is_some() && self.pod_source {
+            selection::pod_cgroups(&self.root)
+        } else {
+            Vec::new()
+        };
+        let root = self.root.clone();
+        let wanted = self.selection.wanted(
+            |cgroup| root.join(cgroup.trim_start_matches('/')).is_dir(),
+            &pod_dirs,
+            |uid| pods.get(uid),
+        );
+        let gone: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|directory| !wanted.contains(*directory))
+            .cloned()
+            .collect();
+        for directory in gone {
+            if let Some(attachment) = self.attached.remove(&directory) {
+                self.detach(ebpf, &directory, attachment);
+            }
+        }
+        let mut added = Vec::new();
+        for directory in wanted {
+            if self.attached.contains_key(&directory) {
+                continue;
+            }
+            match self.attach(ebpf, &directory) {
+                Ok(attachment) => {
+                    info!(cgroup = %self.path_of(&directory).display(), "keepalive enforcement attached");
+                    self.attached.insert(directory.clone(), attachment);
+                    added.push(directory);
+                }
+                Err(error) => {
+                    warn!(cgroup = %self.path_of(&directory).display(), error = %format!("{error:#}"), "cannot attach keepalive enforcement: not enforced there");
+                }
+            }
+        }
+        if !added.is_empty() && self.walk {
+            let directories: Vec<PathBuf> = added.iter().map(|d| self.path_of(d)).collect();
+            match walk_existing(ebpf, &directories, &self.proc_root) {
+                Ok(sockets) => info!(
+                    sockets,
+                    cgroups = ?directories,
+                    "existing connections of newly selected cgroups checked for keepalive enforcement"
+                ),
+                Err(error) => warn!(
+                    error = %format!("{error:#}"),
+                    "existing connections of newly selected cgroups are not enforced"
+                ),
+            }
+        }
+        added
+    }
+
+    fn path_of(&self, directory: &str) -> PathBuf {
+        self.root.join(directory.trim_start_matches('/'))
+    }
+
+    fn attach(&self, ebpf: &mut Ebpf, directory: &str) -> anyhow::Result<Attachment> {
+        let path = self.path_of(directory);
+        let cgroup = File::open(&path)
+            .with_context(|| format!("cannot open the cgroup {}", path.display()))?;
+        // aya attaches through a bpf_link wherever the kernel has cgroup
+        // links (5.7+, so every kernel with keepalive in bpf_setsockopt):
+        // links always coexist with other programs, and the kernel refuses
+        // attach flags on them (EINVAL), so the mode must be the default.
+        let program: &mut SockOps = ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| anyhow!("program {PROGRAM} missing from the eBPF object"))?
+            .try_into()?;
+        let sock_ops = program
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .with_context(|| format!("cannot attach sock_ops to {}", path.display()))?;
+        let setsockopt = if self.setsockopt {
+            let attached = ebpf
+                .program_mut(SETSOCKOPT_PROGRAM)
+                .ok_or_else(|| anyhow!("program {SETSOCKOPT_PROGRAM} missing"))
+                .and_then(|program| Ok(<&mut CgroupSockopt>::try_from(program)?))
+                .and_then(|program| Ok(program.attach(&cgroup, CgroupAttachMode::Single)?));
+            match attached {
+                Ok(link) => Some(link),
+                Err(error) => {
+                    warn!(cgroup = %path.display(), error = %format!("{error:#}"), "cannot attach cgroup/setsockopt: weakening is not seen there");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Attachment {
+            sock_ops,
+            setsockopt,
+        })
+    }
+
+    fn detach(&self, ebpf: &mut Ebpf, directory: &str, attachment: Attachment) {
+        let path = self.path_of(directory);
+        let sock_ops = ebpf
+            .program_mut(PROGRAM)
+            .and_then(|program| <&mut SockOps>::try_from(program).ok())
+            .map(|program| program.detach(attachment.sock_ops));
+        if let Some(link) = attachment.setsockopt
+            && let Some(program) = ebpf
+                .program_mut(SETSOCKOPT_PROGRAM)
+                .and_then(|program| <&mut CgroupSockopt>::try_from(program).ok())
+        {
+            let _ = program.detach(link);
+        }
+        match sock_ops {
+            Some(Ok(())) => info!(
+                cgroup = %path.display(),
+                "keepalive enforcement detached (left the selection); its fixed sockets keep their settings"
+            ),
+            // The directory went with its pod: the kernel dropped the link.
+            _ => {
+                info!(cgroup = %path.display(), "keepalive enforcement's link gone with its cgroup")
+            }
         }
     }
 }
 
-fn attach(ebpf: &mut Ebpf, plan: &Plan) -> anyhow::Result<Vec<PathBuf>> {
+/// Finds the cgroup v2 root, fills the path table and loads the program.
+fn prepare(ebpf: &mut Ebpf, plan: &Plan) -> anyhow::Result<PathBuf> {
     let root = match &plan.cgroup_root {
         Some(root) => root.clone(),
         None => {
@@ -299,6 +565,8 @@ fn attach(ebpf: &mut Ebpf, plan: &Plan) -> anyhow::Result<Vec<PathBuf>> {
             })?
         }
     };
+    File::open(&root)
+        .with_context(|| format!("cannot open the cgroup v2 root {}", root.display()))?;
     let mut table: Array<_, EnforcePath> = ebpf
         .map_mut("ENFORCE_PATHS")
         .ok_or_else(|| anyhow!("map ENFORCE_PATHS missing from the eBPF object"))?
@@ -309,14 +577,6 @@ fn attach(ebpf: &mut Ebpf, plan: &Plan) -> anyhow::Result<Vec<PathBuf>> {
             .set(index as u32, path, 0)
             .context("cannot fill ENFORCE_PATHS")?;
     }
-    let directories: Vec<PathBuf> = if plan.cgroups.is_empty() {
-        vec![root.clone()]
-    } else {
-        plan.cgroups
-            .iter()
-            .map(|cgroup| root.join(cgroup.trim_start_matches('/')))
-            .collect()
-    };
     let program: &mut SockOps = ebpf
         .program_mut(PROGRAM)
         .ok_or_else(|| anyhow!("program {PROGRAM} missing from the eBPF object"))?
@@ -324,88 +584,39 @@ fn attach(ebpf: &mut Ebpf, plan: &Plan) -> anyhow::Result<Vec<PathBuf>> {
     program
         .load()
         .context("the kernel refused the sock_ops program")?;
-    let mut attached = Vec::new();
-    for directory in directories {
-        let cgroup = match File::open(&directory) {
-            Ok(cgroup) => cgroup,
-            Err(error) if !plan.cgroups.is_empty() => {
-                // A unit or pod that is not running yet: the others still count.
-                warn!(cgroup = %directory.display(), %error, "selected cgroup not found: not enforced there");
-                continue;
-            }
-            Err(error) => {
-                return Err(error).with_context(|| {
-                    format!("cannot open the cgroup v2 root {}", directory.display())
-                });
-            }
-        };
-        // aya attaches through a bpf_link wherever the kernel has cgroup
-        // links (5.7+, so every kernel with keepalive in bpf_setsockopt):
-        // links always coexist with other programs, and the kernel refuses
-        // attach flags on them (EINVAL), so the mode must be the default.
-        program
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .with_context(|| format!("cannot attach sock_ops to {}", directory.display()))?;
-        attached.push(directory);
-    }
-    if attached.is_empty() {
-        bail!(
-            "none of the selected cgroups exists under {}",
-            root.display()
-        );
-    }
-    Ok(attached)
+    Ok(root)
 }
 
-/// Fixes the connections that existed before idlemon started, of the
-/// processes in the `attached` cgroups (and below): an `iter/tcp` walk per
-/// network namespace that decides and sets as the `sock_ops` program does
-/// (`bpf_setsockopt` from `iter/tcp`: Linux 5.15+). The sockets are picked
-/// in user space (the processes' socket inodes, found in their namespace's
-/// `/proc/PID/net/tcp` and `tcp6`) and handed to the walk in `EXISTING`.
-/// Returns the hook's status: a kernel that refuses is said in the log and
-/// `idlemon_probe_info{hook="enforce_existing",kind="none"}`, not degraded.
-pub fn fix_existing(
-    ebpf: &mut Ebpf,
-    btf: &aya::Btf,
-    attached: &[PathBuf],
-    proc_root: &std::path::Path,
-) -> HookStatus {
-    match walk_existing(ebpf, btf, attached, proc_root) {
-        Ok(selected) => {
-            info!(
-                sockets = selected,
-                "connections older than idlemon checked for keepalive enforcement"
-            );
-            HookStatus {
-                hook: "enforce_existing",
-                kind: Some(AttachKind::Iter),
-                refused: Vec::new(),
-                lost: None,
-                degraded: false,
-            }
-        }
-        Err(error) => {
-            let reason = format!("{error:#}");
-            warn!(
-                %reason,
-                "connections older than idlemon are not enforced (the walk needs bpf_setsockopt in iter/tcp, Linux 5.15+); new ones are"
-            );
-            HookStatus {
-                hook: "enforce_existing",
-                kind: None,
-                refused: vec![(AttachKind::Iter, reason)],
-                lost: Some("connections older than idlemon are not enforced"),
-                degraded: false,
-            }
-        }
-    }
+fn load_setsockopt(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let program: &mut CgroupSockopt = ebpf
+        .program_mut(SETSOCKOPT_PROGRAM)
+        .ok_or_else(|| anyhow!("program {SETSOCKOPT_PROGRAM} missing from the eBPF object"))?
+        .try_into()?;
+    program
+        .load()
+        .context("the kernel refused the cgroup/setsockopt program")
 }
 
+fn load_walk(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
+    let program: &mut aya::programs::Iter = ebpf
+        .program_mut(EXISTING_PROGRAM)
+        .ok_or_else(|| anyhow!("program {EXISTING_PROGRAM} missing from the eBPF object"))?
+        .try_into()?;
+    program
+        .load("tcp", btf)
+        .context("the kernel refused the walk that fixes existing connections")
+}
+
+/// Fixes the connections of the processes in the `directories` cgroups
+/// (and below) that existed before they were selected: an `iter/tcp` walk
+/// per network namespace that decides and sets as the `sock_ops` program
+/// does (`bpf_setsockopt` from `iter/tcp`: Linux 5.15+). The sockets are
+/// picked in user space (the processes' socket inodes, found in their
+/// namespace's `/proc/PID/net/tcp` and `tcp6`) and handed to the walk in
+/// `EXISTING`. Returns how many were handed over.
 fn walk_existing(
     ebpf: &mut Ebpf,
-    btf: &aya::Btf,
-    attached: &[PathBuf],
+    directories: &[PathBuf],
     proc_root: &std::path::Path,
 ) -> anyhow::Result<usize> {
     use std::{
@@ -417,7 +628,7 @@ fn walk_existing(
     // Processes of the selected cgroups, by network namespace, with their
     // socket inodes.
     let mut pids = Vec::new();
-    for directory in attached {
+    for directory in directories {
         cgroup_pids(directory, &mut pids, 0);
     }
     let mut namespaces: Map<u64, (u32, HashSet<u64>)> = Map::new();
@@ -444,14 +655,14 @@ fn walk_existing(
             }
         }
     }
+    if namespaces.values().all(|(_, inodes)| inodes.is_empty()) {
+        return Ok(0);
+    }
 
     let program: &mut aya::programs::Iter = ebpf
         .program_mut(EXISTING_PROGRAM)
         .ok_or_else(|| anyhow!("program {EXISTING_PROGRAM} missing from the eBPF object"))?
         .try_into()?;
-    program
-        .load("tcp", btf)
-        .context("the kernel refused the walk that fixes existing connections")?;
     let link = program.attach().context("cannot attach the walk")?;
     let link = program.take_link(link)?;
     let link = aya::programs::links::FdLink::try_from(link).context("the walk's link has no fd")?;
@@ -690,12 +901,6 @@ mod tests {
         assert_eq!(sockets[0].remote_port, 8301);
         assert_eq!(sockets[0].remote_addr[..4], [198, 51, 100, 2]);
         assert_eq!(sockets[0].remote_addr[4..], [0; 12]);
-    }
-
-    #[test]
-    fn nested_selectors_attach_once() {
-        let cgroups = ["/a/b", "/a/", "/c", "/ab", "/c"].map(String::from);
-        assert_eq!(outermost(&cgroups), ["/a", "/c", "/ab"]);
     }
 
     #[test]

@@ -5,12 +5,6 @@
 //! Plain HTTP/1.1 on a loopback port inside the test's network namespace;
 //! every connection is closed after one response.
 
-#![allow(
-    dead_code,
-    clippy::unwrap_used,
-    reason = "a test helper; tests fail loudly"
-)]
-
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{TcpListener, TcpStream},
@@ -22,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::Netns;
+use crate::Netns;
 
 /// Where the fake server listens, inside the daemon's namespace.
 pub const ADDRESS: &str = "127.0.0.1:8443";
@@ -228,6 +222,29 @@ pub fn pod(uid: &str, name: &str, version: &str, container_id: &str) -> String {
           "spec":{{"nodeName":"{NODE}","containers":[{{"name":"app","image":"shop/app:1"}}]}},
           "status":{{"phase":"Running","containerStatuses":[{{"name":"app","containerID":"containerd://{container_id}",
             "image":"shop/app:1","imageID":"","ready":true,"restartCount":0}}]}}}}"#
+    )
+    .replace('\n', "")
+}
+
+/// A bare pod of this node in `namespace` with `labels`, without
+/// containers (keepalive enforcement selects pods by their cgroup).
+pub fn labelled_pod(
+    uid: &str,
+    name: &str,
+    namespace: &str,
+    labels: &[(&str, &str)],
+    version: &str,
+) -> String {
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(key, value)| format!(r#""{key}":"{value}""#))
+        .collect();
+    format!(
+        r#"{{"metadata":{{"uid":"{uid}","name":"{name}","namespace":"{namespace}","resourceVersion":"{version}",
+            "labels":{{{}}}}},
+          "spec":{{"nodeName":"{NODE}","containers":[{{"name":"app","image":"shop/app:1"}}]}},
+          "status":{{"phase":"Running"}}}}"#,
+        labels.join(",")
     )
     .replace('\n', "")
 }

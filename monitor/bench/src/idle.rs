@@ -9,8 +9,7 @@ use std::{
 use super::{
     Bench,
     daemon::{self, Daemon},
-    interrupted,
-    netns::Netns,
+    interrupted, netns,
     table::{Check, Summary, Table},
     traffic,
 };
@@ -22,7 +21,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let connections = bench.settings.idle_connections;
     let sockets = 2 * connections;
     let window = bench.settings.idle_seconds;
-    let netns = Netns::create("idle")?;
+    let netns = netns::create("idle");
     println!(
         "{connections} idle loopback connections ({sockets} sockets) in network namespace {}; idlemon with default flags (scan every 5 s); daemon CPU over {} s",
         netns.name,

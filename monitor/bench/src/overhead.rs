@@ -12,12 +12,11 @@ use anyhow::Context as _;
 
 use super::{
     Bench,
-    bpf::{self, ProgInfo, RunTimeStats},
     daemon::Daemon,
     host::Others,
+    kernel::{self, ProgInfo, RunTimeStats},
     load::{self, Load},
-    netns::Netns,
-    noop, pause,
+    netns, noop, pause,
     table::{Check, Summary, Table},
 };
 
@@ -80,7 +79,7 @@ const STREAM: Series = Series {
 
 pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     bench.ensure_package("iperf3", "bulk-stream throughput over loopback")?;
-    let netns = Netns::create("overhead")?;
+    let netns = netns::create("overhead");
     let window = bench.settings.window;
     let pairs = bench.settings.pairs;
     println!(
@@ -95,8 +94,8 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let mut daemon = Daemon::start(&bench.binary, &[])?;
     let ready = daemon.wait_ready(Duration::from_secs(60))?;
     let metrics = daemon.metrics()?;
-    let objects = bpf::objects_of(daemon.pid())?;
-    let names: BTreeSet<String> = bpf::progs()?
+    let objects = kernel::objects_of(daemon.pid())?;
+    let names: BTreeSet<String> = kernel::progs()?
         .into_iter()
         .filter(|prog| objects.progs.contains(&prog.id))
         .map(|prog| prog.name)
@@ -338,7 +337,7 @@ fn alternate(
             };
             pause(SETTLE)?;
             let ours = match &daemon {
-                Some(daemon) => bpf::objects_of(daemon.pid())?.progs,
+                Some(daemon) => kernel::objects_of(daemon.pid())?.progs,
                 None => BTreeSet::new(),
             };
             foreign(names, &ours, &mut pair.disturbed)?;
@@ -456,12 +455,10 @@ fn self_cost_window(
     let mut daemon = Daemon::start(&bench.binary, &[])?;
     daemon.wait_ready(Duration::from_secs(60))?;
     pause(SETTLE)?;
-    let ours = bpf::objects_of(daemon.pid())?.progs;
+    let ours = kernel::objects_of(daemon.pid())?.progs;
     // Beside the receive hook: a program that does nothing, whose ns/run is
     // what the stats themselves add to every run.
-    let noop = match noop::KernelBtf::load()
-        .and_then(|btf| noop::NoopProgram::attach(&btf, noop::Hook::TpBtf(FLOOR_TRACEPOINT)))
-    {
+    let noop = match noop::Floor::attach(FLOOR_TRACEPOINT) {
         Ok(noop) => Some(noop),
         Err(error) => {
             println!("  the stats' floor is not measured: {error:#}");
@@ -470,12 +467,12 @@ fn self_cost_window(
     };
     let mut ids = ours.clone();
     ids.extend(noop.as_ref().map(|noop| noop.id));
-    let mut before: BTreeMap<u32, ProgInfo> = bpf::prog_stats(&ids)?;
+    let mut before: BTreeMap<u32, ProgInfo> = kernel::prog_stats(&ids)?;
     let cpu_before = load::cpu(load);
     let Window { units, wall, .. } = measure(load, bench.settings.window)
         .with_context(|| format!("{}: self-cost window", series.name))?;
     let load_cpu = load::cpu(load).saturating_sub(cpu_before);
-    let mut after = bpf::prog_stats(&ids)?;
+    let mut after = kernel::prog_stats(&ids)?;
     daemon.stop()?;
     let floor = noop.and_then(|noop| {
         let (start, end) = (before.remove(&noop.id)?, after.remove(&noop.id)?);
@@ -510,7 +507,7 @@ fn foreign(
     ours: &BTreeSet<u32>,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<()> {
-    let others = bpf::progs()?
+    let others = kernel::progs()?
         .into_iter()
         .filter(|prog| names.contains(&prog.name) && !ours.contains(&prog.id))
         .count();

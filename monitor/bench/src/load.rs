@@ -61,10 +61,10 @@ pub struct PingPong(ping_pong::PingPong);
 
 impl PingPong {
     pub fn start(netns: &Netns) -> anyhow::Result<Self> {
-        let listener = netns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))??;
+        let listener = netns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))?;
         let addr = listener.local_addr()?;
         let client = netns
-            .run(|| TcpStream::connect(addr))?
+            .run(|| TcpStream::connect(addr))
             .context("ping-pong: cannot connect")?;
         let (server, _) = listener.accept().context("ping-pong: cannot accept")?;
         ping_pong::PingPong::start(client, server)
@@ -100,7 +100,8 @@ impl Stream {
         let port = PORT.to_string();
         let mut server = Guarded::spawn(
             netns
-                .command(&["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", &port])
+                .command("iperf3")
+                .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
             "iperf3 server",
@@ -109,7 +110,8 @@ impl Stream {
         let seconds = at_most.as_secs().max(1).to_string();
         let client = Guarded::spawn(
             netns
-                .command(&["iperf3", "-c", "127.0.0.1", "-p", &port, "-t", &seconds])
+                .command("iperf3")
+                .args(["-c", "127.0.0.1", "-p", &port, "-t", &seconds])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
             "iperf3 client",

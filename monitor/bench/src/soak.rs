@@ -15,8 +15,7 @@ use anyhow::Context as _;
 use super::{
     Bench,
     daemon::{self, Daemon},
-    interrupted,
-    netns::Netns,
+    interrupted, netns,
     table::{Check, Summary, Table},
 };
 
@@ -41,7 +40,7 @@ struct Truth {
 
 pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let length = bench.settings.soak;
-    let netns = Netns::create("soak")?;
+    let netns = netns::create("soak");
     println!(
         "{} s of load in network namespace {}: {CHURN_PER_SECOND} connections/s opened and closed, \
          {RESETS_PER_SECOND}/s reset (SO_LINGER 0), {IDLE_CONNECTIONS} held idle; idlemon with default \
@@ -102,7 +101,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         }
         drop(idle);
         Ok((truth, memory))
-    })??;
+    })?;
     let (truth, memory) = generated;
     // Two walks and a scrape after the load, so that the counters settle.
     thread::sleep(Duration::from_secs(11));

@@ -10,6 +10,14 @@
 //! TIME_WAIT to run out of ports), as fast as it can. Connections per
 //! second in A and B, B/A per pair, and, from one more B window with the
 //! BPF run-time stats on, the program's ns per connection.
+//!
+//! Then the `cgroup/setsockopt` program (an application's weakening of an
+//! enforced keepalive): the same ABBA windows of setsockopt(TCP_KEEPIDLE,
+//! 1 s) calls on one connection, which in B is enforced (the program looks
+//! it up in its map of enforced sockets, the most it does for a call that
+//! weakens nothing), setsockopt calls per second and the program's ns per
+//! call. (Every connection above also sets SO_LINGER: in B that runs the
+//! program too, which returns after two compares.)
 
 use std::{
     io::Write as _,
@@ -25,10 +33,10 @@ use anyhow::{Context as _, anyhow};
 
 use super::{
     Bench,
-    bpf::{self, RunTimeStats},
     daemon::Daemon,
     interrupted,
-    netns::Netns,
+    kernel::{self, RunTimeStats},
+    netns::{self, Netns},
     table::{Check, Summary, Table},
 };
 
@@ -37,22 +45,15 @@ use super::{
 const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 
 pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
-    let netns = Netns::create("enforce")?;
+    let netns = netns::create("enforce");
     // A veth pair (the kernel may lack the dummy driver): only the address
     // matters, which the namespace reaches through its local table.
-    netns.exec(&[
-        "ip", "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
-    ])?;
-    netns.exec(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{SERVER}/24"),
-        "dev",
-        "bench0",
-    ])?;
-    netns.exec(&["ip", "link", "set", "bench0", "up"])?;
-    netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    netns.ip(&[
+        "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
+    ]);
+    netns.ip(&["addr", "add", &format!("{SERVER}/24"), "dev", "bench0"]);
+    netns.ip(&["link", "set", "bench0", "up"]);
+    netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     let cgroup = BenchCgroup::create()?;
     let config =
         std::env::temp_dir().join(format!("idlemon-bench-{}-enforce.toml", std::process::id()));
@@ -74,7 +75,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     )?;
     daemon.wait_ready(Duration::from_secs(60))?;
     let listener = netns
-        .run(|| TcpListener::bind((SERVER, 0)))?
+        .run(|| TcpListener::bind((SERVER, 0)))
         .context("cannot listen on the veth address")?;
     // SAFETY: a valid listening socket; listening again only sets the backlog.
     if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
@@ -82,9 +83,11 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     }
     let target = listener.local_addr()?;
     let running = AtomicBool::new(true);
+    let mut calls = Vec::new();
     let window = bench.settings.window;
     let pairs = bench.settings.pairs;
     let result = thread::scope(|scope| -> anyhow::Result<_> {
+        let calls = &mut calls;
         let running = &running;
         let listener = &listener;
         scope.spawn(move || {
@@ -115,13 +118,45 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
                 }
             }
             let after = daemon.metrics()?;
-            let objects = bpf::objects_of(daemon.pid())?;
+            let objects = kernel::objects_of(daemon.pid())?;
             let stats = RunTimeStats::enable()?;
-            let stats_before = bpf::prog_stats(&objects.progs)?;
+            let stats_before = kernel::prog_stats(&objects.progs)?;
             let stats_rate = measure(&netns, &cgroup, true, target, window)?;
-            let stats_after = bpf::prog_stats(&objects.progs)?;
+            let stats_after = kernel::prog_stats(&objects.progs)?;
             drop(stats);
             let stats_metrics = daemon.metrics()?;
+            let mut calls_a = Vec::new();
+            let mut calls_b = Vec::new();
+            for pair in 0..pairs {
+                let order = if pair % 2 == 0 {
+                    [false, true]
+                } else {
+                    [true, false]
+                };
+                for inside in order {
+                    let rate = measure_setsockopt(&netns, &cgroup, inside, target, window)?;
+                    if inside {
+                        calls_b.push(rate);
+                    } else {
+                        calls_a.push(rate);
+                    }
+                }
+                if interrupted() {
+                    break;
+                }
+            }
+            let stats = RunTimeStats::enable()?;
+            let calls_stats_before = kernel::prog_stats(&objects.progs)?;
+            let calls_stats_rate = measure_setsockopt(&netns, &cgroup, true, target, window)?;
+            let calls_stats_after = kernel::prog_stats(&objects.progs)?;
+            drop(stats);
+            calls.push((
+                calls_a,
+                calls_b,
+                calls_stats_before,
+                calls_stats_after,
+                calls_stats_rate,
+            ));
             Ok((
                 a,
                 b,
@@ -208,7 +243,90 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
             format!("{ns:.0} ns"),
         ));
     }
+    if let Some((calls_a, calls_b, stats_before, stats_after, stats_rate)) = calls.pop() {
+        let ratios: Vec<f64> = calls_a.iter().zip(&calls_b).map(|(a, b)| b / a).collect();
+        let mut table = Table::new(&["setsockopt/s", "n", "min", "median", "max"]);
+        table.summary_row("A: not enforced", Summary::of(&calls_a), rate, &[]);
+        table.summary_row("B: enforced socket", Summary::of(&calls_b), rate, &[]);
+        table.summary_row(
+            "B/A per pair",
+            Summary::of(&ratios),
+            |v| format!("{v:.3}"),
+            &[],
+        );
+        print!("{}", table.render());
+        let program = super::run_deltas(&stats_before, &stats_after)
+            .into_iter()
+            .find(|(_, _, prog)| prog.name.starts_with("enforce_setso"));
+        let per_call = program
+            .as_ref()
+            .filter(|(runs, _, _)| *runs > 0)
+            .map(|(runs, time, _)| *time as f64 / *runs as f64);
+        println!(
+            "  with the BPF run-time stats on ({stats_rate:.0} setsockopt/s): enforce_setsockopt {} runs, {}",
+            program.as_ref().map_or(0, |(runs, _, _)| *runs),
+            per_call.map_or("did not run".to_owned(), |ns| format!("{ns:.0} ns each"))
+        );
+        bench.check(Check::info(
+            "setsockopt/s without / with enforcement (enforced socket)",
+            format!(
+                "{:.0} / {:.0} (B/A {:.3})",
+                median(&calls_a),
+                median(&calls_b),
+                median(&ratios)
+            ),
+        ));
+        bench.check(Check::new(
+            "enforce_setsockopt ran for the B setsockopt calls",
+            per_call.map_or("did not run".to_owned(), |ns| {
+                format!("{ns:.0} ns per call")
+            }),
+            "ran",
+            Some(per_call.is_some()),
+        ));
+    }
     Ok(())
+}
+
+/// setsockopt(TCP_KEEPIDLE, 1 s) calls per second over `window` on one
+/// connection opened from inside the enforced cgroup (B: enforced) or the
+/// plain one.
+fn measure_setsockopt(
+    netns: &Netns,
+    cgroup: &BenchCgroup,
+    inside: bool,
+    target: SocketAddr,
+    window: Duration,
+) -> anyhow::Result<f64> {
+    move_to(if inside { &cgroup.path } else { &cgroup.plain })?;
+    let (calls, elapsed) = netns.run(|| -> anyhow::Result<_> {
+        let stream =
+            TcpStream::connect(target).context("cannot connect for the setsockopt windows")?;
+        let idle: i32 = 1;
+        let start = Instant::now();
+        let mut calls = 0u64;
+        while start.elapsed() < window && !interrupted() {
+            for _ in 0..1000 {
+                // SAFETY: a valid socket and option value.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        stream.as_raw_fd(),
+                        libc::IPPROTO_TCP,
+                        libc::TCP_KEEPIDLE,
+                        (&raw const idle).cast(),
+                        size_of::<i32>() as libc::socklen_t,
+                    )
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .context("setsockopt(TCP_KEEPIDLE)");
+                }
+            }
+            calls += 1000;
+        }
+        Ok((calls, start.elapsed()))
+    })?;
+    Ok(calls as f64 / elapsed.as_secs_f64().max(1e-9))
 }
 
 /// Connections per second over `window`, from the bench process inside the
@@ -246,7 +364,7 @@ fn measure(
             opened += 1;
         }
         (opened, start.elapsed())
-    })?;
+    });
     Ok(opened as f64 / elapsed.as_secs_f64().max(1e-9))
 }
 

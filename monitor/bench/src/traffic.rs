@@ -117,7 +117,7 @@ impl Drop for Pool {
 /// Listening sockets on several ports, with a backlog that a burst of
 /// connects cannot overflow (an overflow costs a 1 s SYN retry).
 fn listeners(netns: &Netns, count: usize, bind: Ipv4Addr) -> anyhow::Result<Vec<TcpListener>> {
-    netns.sysctl("net.core.somaxconn", "65535")?;
+    netns.sysctl("net.core.somaxconn", "65535");
     netns
         .run(|| -> anyhow::Result<Vec<TcpListener>> {
             (0..count)
@@ -132,7 +132,7 @@ fn listeners(netns: &Netns, count: usize, bind: Ipv4Addr) -> anyhow::Result<Vec<
                     Ok(listener)
                 })
                 .collect()
-        })?
+        })
         .context("cannot create listeners")
 }
 
@@ -167,7 +167,7 @@ fn local_port(listener: &TcpListener) -> anyhow::Result<u16> {
 /// holder threads (each under the fd limit) and over two server ports per
 /// holder (so that ephemeral ports suffice), and keeps them.
 pub fn open_pool(netns: &Netns, connections: usize, timeout: Duration) -> anyhow::Result<Pool> {
-    netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     let limit = raise_nofile(2 * connections as u64 + 1000)?;
     // Two fds per connection, two listeners, and room for what the thread
     // itself opens (none now, but std may).
@@ -185,7 +185,7 @@ pub fn open_pool(netns: &Netns, connections: usize, timeout: Duration) -> anyhow
         left -= share;
         let (touch_tx, touch_rx) = mpsc::channel::<()>();
         let (reply_tx, reply_rx) = mpsc::channel();
-        let path = netns.path().to_owned();
+        let path = super::netns::path(netns);
         let thread = thread::Builder::new()
             .name("bench-holder".into())
             .spawn(move || hold(&path, share, deadline, &touch_rx, &reply_tx))
@@ -332,8 +332,8 @@ pub fn churn<T: Send>(
     // 300,000 closed connections never exhausts a destination's ports.
     const PORTS: usize = 8;
     const ADDRESSES: u8 = 4;
-    netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-    netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
+    netns.sysctl("net.ipv4.tcp_tw_reuse", "1");
     let listeners = listeners(netns, PORTS, Ipv4Addr::UNSPECIFIED)?;
     let ports: Vec<u16> = listeners.iter().map(local_port).collect::<Result<_, _>>()?;
     let destinations: Vec<SocketAddr> = ports
@@ -407,7 +407,7 @@ pub fn churn<T: Send>(
         for client in clients {
             let at = client
                 .join()
-                .map_err(|_| anyhow!("churn client thread panicked"))??;
+                .map_err(|_| anyhow!("churn client thread panicked"))?;
             finished = finished.max(at);
         }
         if interrupted() {

@@ -8,9 +8,9 @@ use anyhow::{Context as _, anyhow, bail};
 
 use super::{
     Bench, MIB,
-    bpf::{self, RunTimeStats},
     daemon::{self, Daemon, Scan},
-    netns::Netns,
+    kernel::{self, RunTimeStats},
+    netns::{self, Netns},
     noop,
     table::{Check, Summary, Table},
     traffic,
@@ -43,7 +43,7 @@ const NOOP_WALKS: [(&str, &str); 2] = [
 pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let connections = bench.settings.connections;
     let sockets = 2 * connections;
-    let netns = Netns::create("scale")?;
+    let netns = netns::create("scale");
     // Room for every socket of the test plus the host's own, so that the
     // table's cost per socket is measured with the table in use, not empty.
     let max_sockets = sockets + 8192;
@@ -110,7 +110,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         first_scan.1 * 1e3
     );
 
-    let objects = bpf::objects_of(daemon.pid())?;
+    let objects = kernel::objects_of(daemon.pid())?;
     // One send per socket puts each in the hooks' table, as on a host whose
     // pooled connections were each used once before going idle.
     let touching = Instant::now();
@@ -126,11 +126,11 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
 
     // The self-cost: the same sends and two more walks, with the stats on.
     let stats = RunTimeStats::enable()?;
-    let stats_before = bpf::prog_stats(&objects.progs)?;
+    let stats_before = kernel::prog_stats(&objects.progs)?;
     pool.touch(Duration::from_secs(60))?;
     let touched = Instant::now();
     daemon.sample_scans(2, SCAN_INTERVAL)?;
-    let stats_after = bpf::prog_stats(&objects.progs)?;
+    let stats_after = kernel::prog_stats(&objects.progs)?;
     let stats_how = stats.how.clone();
     drop(stats);
     let (text, _) = super::self_cost(&stats_before, &stats_after);
@@ -172,12 +172,12 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     for (target, what) in NOOP_WALKS {
         baselines.push((what.to_owned(), noop_walk_cpu(&netns, target)?));
     }
-    let maps = bpf::maps(&objects.maps)?;
+    let maps = kernel::maps(&objects.maps)?;
     let socket_map = maps
         .iter()
         .find(|map| map.name == "SOCKETS")
         .ok_or_else(|| anyhow!("idlemon holds no map named SOCKETS"))?;
-    let (entries, owned) = bpf::count_entries(socket_map, std::process::id())?;
+    let (entries, owned) = kernel::count_entries(socket_map, std::process::id())?;
 
     let summary = |scans: &[Scan], of: fn(&Scan) -> f64| {
         Summary::of(&scans.iter().map(of).collect::<Vec<_>>())
@@ -421,18 +421,15 @@ fn time_scrapes(daemon: &mut Daemon) -> anyhow::Result<(Option<Summary>, usize)>
 /// thread inside `netns`, once per `BASELINE_RUNS`; None when this kernel
 /// cannot load one (said so).
 fn noop_walk_cpu(netns: &Netns, target: &str) -> anyhow::Result<Option<Summary>> {
-    let btf = noop::KernelBtf::load()?;
-    let mut runs = Vec::new();
-    for _ in 0..BASELINE_RUNS {
-        match netns.run(|| noop::walk(&btf, target))? {
-            Ok(cpu) => runs.push(cpu.as_secs_f64()),
-            Err(error) => {
-                println!("  baseline iter/{target}: not measured: {error:#}");
-                return Ok(None);
-            }
+    match netns.run(|| noop::walks(target, BASELINE_RUNS)) {
+        Ok(runs) => Ok(Summary::of(
+            &runs.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+        )),
+        Err(error) => {
+            println!("  baseline iter/{target}: not measured: {error:#}");
+            Ok(None)
         }
     }
-    Ok(Summary::of(&runs))
 }
 
 /// CPU time (user + system, from wait4) of `argv` run inside `netns`, once
@@ -449,7 +446,7 @@ fn baseline_cpu(netns: &Netns, argv: &[&str]) -> anyhow::Result<Option<Summary>>
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
-        })?;
+        });
         let child = match child {
             Ok(child) => child,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {

@@ -10,8 +10,7 @@ use std::time::Duration;
 use super::{
     Bench,
     daemon::Daemon,
-    idle,
-    netns::Netns,
+    idle, netns,
     table::{Check, Summary, Table},
     traffic,
 };
@@ -52,7 +51,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     );
     let mut namespaces = Vec::with_capacity(pods);
     for pod in 0..pods {
-        let netns = Netns::create(&format!("pod{pod}"))?;
+        let netns = netns::create(&format!("pod{pod}"));
         let pool = traffic::open_pool(&netns, per_pod, Duration::from_secs(60))?;
         namespaces.push((netns, pool));
     }
