@@ -116,19 +116,19 @@ fn one_fix(sockets: &[&Value]) -> Value {
         .collect();
     if !applications.is_empty() {
         // The shortest path's values suit the others too; enforcement
-        // selects the cgroups of every socket of the workload.
+        // selects every socket's workload: pods, units, else cgroups.
         let mut chosen = applications
             .iter()
             .copied()
             .min_by_key(|fix| fix["idle_seconds"].as_u64().unwrap_or(u64::MAX))
             .cloned()
             .unwrap_or(Value::Null);
-        let cgroups: BTreeSet<String> = sockets
+        // (`/sockets` entries carry no pod labels: pods by namespace.)
+        let selectors: Vec<fix::Selector> = sockets
             .iter()
-            .filter_map(|socket| fix::workload_cgroup(&attribution(socket)))
+            .filter_map(|socket| fix::selector(&attribution(socket), None))
             .collect();
-        let cgroups: Vec<String> = cgroups.into_iter().collect();
-        chosen["enforce"] = Value::from(fix::enforce_config(&cgroups));
+        chosen["enforce"] = Value::from(fix::enforce_config(&selectors));
         return chosen;
     }
     // Sysctls only: each at the lowest value any socket needs.
@@ -162,13 +162,14 @@ fn one_fix(sockets: &[&Value]) -> Value {
     })
 }
 
-/// The attribution fields of a `/sockets` entry that name its cgroup.
+/// The attribution fields of a `/sockets` entry that name its workload.
 fn attribution(socket: &Value) -> Attribution {
     let text = |key: &str| socket[key].as_str().map(str::to_owned);
     Attribution {
         cgroup_path: text("cgroup_path"),
         container_id: text("container_id"),
         pod_uid: text("pod_uid"),
+        namespace: text("namespace"),
         unit: text("unit"),
         ..Attribution::default()
     }
@@ -314,19 +315,56 @@ mod tests {
             (api.risks["no_keepalive"], api.risks["keepalive_too_slow"]),
             (2, 1)
         );
-        // The shortest path's values; enforcement of all three pods.
+        // The shortest path's values; enforcement of all three pods, by
+        // their namespace (once, not per pod).
         assert_eq!(api.fix["kind"], "application");
         assert_eq!(api.fix["idle_seconds"], 2);
+        let enforce = api.fix["enforce"].as_str().unwrap();
         assert_eq!(
-            api.fix["enforce"],
-            "[enforce]\nmode = \"on\"\ncgroups = [\"/kubepods.slice/kubepods-podp1.slice\", \"/kubepods.slice/kubepods-podp2.slice\", \"/kubepods.slice/kubepods-podp3.slice\"] # add to the list if [enforce] exists\n"
+            enforce,
+            "[enforce]\nmode = \"on\"\n# pods, through the pod watch; if [enforce] already has namespaces or pod_labels, a pod must match both\nnamespaces = [\"shop\"] # the whole namespace: every pod in it\n"
         );
+        let config = crate::config::PathConfig::parse(enforce, "advise").expect(enforce);
+        assert_eq!(config.enforce.namespaces, ["shop"]);
         let text = render(&advice);
         assert!(text.contains("  Fix: in the application, turn SO_KEEPALIVE on, with TCP_KEEPIDLE 2 s (deploy/runbook.md#b).\n  Or, without a code change, idlemon's keepalive enforcement, in its config file:\n    [enforce]\n"), "{text}");
         assert!(
             text.contains("shop/deployment/cart: 1 at-risk socket (1 keepalive_too_slow)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn host_services_are_enforced_by_unit_and_other_processes_by_cgroup() {
+        let mut unit = socket("", "", "192.0.2.1:443", application(60));
+        unit["namespace"] = Value::Null;
+        unit["workload"] = Value::Null;
+        unit["pod_uid"] = Value::Null;
+        unit["container_id"] = Value::Null;
+        unit["unit"] = json!("billing.service");
+        unit["cgroup_path"] = json!("/system.slice/billing.service");
+        let mut process = unit.clone();
+        process["unit"] = Value::Null;
+        process["comm"] = json!("curl");
+        process["cgroup_path"] = json!("/user.slice/session-3.scope");
+        let advice = advise(&[unit, process]);
+        let enforce: Vec<&str> = advice
+            .iter()
+            .map(|item| item.fix["enforce"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            enforce,
+            [
+                "[enforce]\nmode = \"on\"\nunits = [\"billing.service\"] # add to the list if [enforce] exists\n",
+                "[enforce]\nmode = \"on\"\ncgroups = [\"/user.slice/session-3.scope\"] # add to the list if [enforce] exists\n",
+            ]
+        );
+        for lines in enforce {
+            crate::config::PathConfig::parse(lines, "advise").expect(lines);
+        }
+        assert!(render(&advice).contains(
+            "config file:\n    [enforce]\n    mode = \"on\"\n    units = [\"billing.service\"]"
+        ));
     }
 
     #[test]

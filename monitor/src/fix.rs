@@ -4,7 +4,10 @@
 //! in deploy/runbook.md) or idlemon's enforcement for the workload, with the
 //! `[enforce]` lines to add. Pure logic, unit-tested.
 
-use std::fmt::Write as _;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+};
 
 use serde::Serialize;
 
@@ -193,25 +196,150 @@ pub fn workload_cgroup(attribution: &Attribution) -> Option<String> {
     Some(path.to_owned())
 }
 
-/// The `[enforce]` lines that select the socket's workload.
-fn enforce_lines(attribution: &Attribution) -> String {
-    let cgroups: Vec<String> = workload_cgroup(attribution).into_iter().collect();
-    enforce_config(&cgroups)
+/// How `[enforce]` selects one workload: a pod by its namespace and owner
+/// label (what every pod of its Deployment shares, and survives restarts
+/// that change the pod's cgroup), a host service by its systemd unit, else
+/// the process's cgroup directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Pod {
+        namespace: String,
+        /// An owner-identifying label of the pod (`OWNER_LABELS`), if any.
+        label: Option<(String, String)>,
+    },
+    Unit(String),
+    Cgroup(String),
 }
 
-/// The `[enforce]` lines that select `cgroups` (none: every workload).
-pub fn enforce_config(cgroups: &[String]) -> String {
-    if cgroups.is_empty() {
-        return "[enforce]\nmode = \"on\" # no cgroups: every workload on the node\n".to_owned();
+/// The labels that name a pod's application, most specific first: the
+/// recommended `app.kubernetes.io/name`, then the older conventions.
+const OWNER_LABELS: [&str; 3] = ["app.kubernetes.io/name", "app", "k8s-app"];
+
+/// The selector of the socket's workload; `labels` are its pod's, when
+/// known. None: nothing names the workload.
+pub fn selector(
+    attribution: &Attribution,
+    labels: Option<&BTreeMap<String, String>>,
+) -> Option<Selector> {
+    if let Some(namespace) = &attribution.namespace {
+        let label = labels.and_then(|labels| {
+            OWNER_LABELS.iter().find_map(|key| {
+                labels
+                    .get(*key)
+                    .map(|value| ((*key).to_owned(), value.clone()))
+            })
+        });
+        return Some(Selector::Pod {
+            namespace: namespace.clone(),
+            label,
+        });
     }
-    let quoted: Vec<String> = cgroups
+    let cgroup = workload_cgroup(attribution)?;
+    // `units` means `/system.slice/NAME`: any other unit keeps its cgroup.
+    if let Some(unit) = &attribution.unit
+        && cgroup == format!("/system.slice/{unit}")
+    {
+        return Some(Selector::Unit(unit.clone()));
+    }
+    Some(Selector::Cgroup(cgroup))
+}
+
+/// The `[enforce]` lines that select the socket's workload. The socket's
+/// attribution carries no pod labels, so a pod is selected by namespace.
+fn enforce_lines(attribution: &Attribution) -> String {
+    let selectors: Vec<Selector> = selector(attribution, None).into_iter().collect();
+    enforce_config(&selectors)
+}
+
+/// The `[enforce]` lines that select every one of `selectors` (none: every
+/// workload). Selectors add up, but `namespaces` and `pod_labels` must both
+/// match: pods are narrowed by a label only when all of them share it.
+pub fn enforce_config(selectors: &[Selector]) -> String {
+    if selectors.is_empty() {
+        return "[enforce]\nmode = \"on\" # no selector: every workload on the node\n".to_owned();
+    }
+    let mut namespaces = BTreeSet::new();
+    let mut labels = BTreeSet::new();
+    let mut units = BTreeSet::new();
+    let mut cgroups = BTreeSet::new();
+    for selector in selectors {
+        match selector {
+            Selector::Pod { namespace, label } => {
+                namespaces.insert(namespace.as_str());
+                labels.insert(label.as_ref());
+            }
+            Selector::Unit(unit) => {
+                units.insert(unit.as_str());
+            }
+            Selector::Cgroup(cgroup) => {
+                cgroups.insert(cgroup.as_str());
+            }
+        }
+    }
+    let mut text = "[enforce]\nmode = \"on\"\n".to_owned();
+    if !namespaces.is_empty() {
+        // Namespaces and labels narrow each other: pasted beside another
+        // workload's, the two would select only pods matching both.
+        text.push_str(
+            "# pods, through the pod watch; if [enforce] already has namespaces or pod_labels, a pod must match both\n",
+        );
+        let _ = write!(text, "namespaces = [{}]", quoted(&namespaces));
+        let shared = match labels.iter().collect::<Vec<_>>().as_slice() {
+            [Some(label)] => Some(*label),
+            _ => None,
+        };
+        let _ = match shared {
+            Some((key, value)) => writeln!(
+                text,
+                "\npod_labels = {{ {} = {} }}",
+                toml_key(key),
+                toml_string(value)
+            ),
+            None => writeln!(text, " # the whole namespace: every pod in it"),
+        };
+    }
+    if !units.is_empty() {
+        let _ = writeln!(
+            text,
+            "units = [{}] # add to the list if [enforce] exists",
+            quoted(&units)
+        );
+    }
+    if !cgroups.is_empty() {
+        let _ = writeln!(
+            text,
+            "cgroups = [{}] # add to the list if [enforce] exists",
+            quoted(&cgroups)
+        );
+    }
+    text
+}
+
+fn quoted(items: &BTreeSet<&str>) -> String {
+    items
         .iter()
-        .map(|cgroup| format!("\"{}\"", cgroup.replace('\\', "\\\\").replace('"', "\\\"")))
-        .collect();
-    format!(
-        "[enforce]\nmode = \"on\"\ncgroups = [{}] # add to the list if [enforce] exists\n",
-        quoted.join(", ")
-    )
+        .map(|item| toml_string(item))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A label key as a TOML key: bare when it can be, else quoted
+/// (`app.kubernetes.io/name` would be nested tables bare).
+fn toml_key(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if bare {
+        key.to_owned()
+    } else {
+        toml_string(key)
+    }
+}
+
+/// A TOML basic string.
+fn toml_string(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 #[cfg(test)]
@@ -244,6 +372,149 @@ mod tests {
             namespace: Some("shop".to_owned()),
             pod: Some("checkout-7d4b9c-x2x4z".to_owned()),
             ..Attribution::default()
+        }
+    }
+
+    /// The lines as the daemon's config parser reads them, in mode on.
+    fn parsed(lines: &str) -> crate::config::EnforceConfig {
+        let config = crate::config::PathConfig::parse(lines, "fix")
+            .unwrap_or_else(|error| panic!("{lines}: {error}"));
+        assert_eq!(config.enforce.mode, Some(crate::config::EnforceMode::On));
+        config.enforce
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_pod_with_an_owner_label_is_selected_by_namespace_and_label() {
+        let pod_labels = labels(&[
+            ("app", "checkout"),
+            ("app.kubernetes.io/name", "checkout-api"),
+            ("pod-template-hash", "7d4b9c"),
+        ]);
+        let lines = enforce_config(&[selector(&pod(), Some(&pod_labels)).unwrap()]);
+        // The recommended label first; quoted, or TOML would nest its dots.
+        assert_eq!(
+            lines,
+            "[enforce]\nmode = \"on\"\n# pods, through the pod watch; if [enforce] already has namespaces or pod_labels, a pod must match both\nnamespaces = [\"shop\"]\npod_labels = { \"app.kubernetes.io/name\" = \"checkout-api\" }\n"
+        );
+        let config = parsed(&lines);
+        assert_eq!(config.namespaces, ["shop"]);
+        assert_eq!(
+            config.pod_labels,
+            labels(&[("app.kubernetes.io/name", "checkout-api")])
+        );
+        assert!(config.cgroups.is_empty());
+
+        let k8s_app = labels(&[("k8s-app", "kube-dns"), ("pod-template-hash", "5d9c")]);
+        let app = labels(&[("app", "checkout"), ("k8s-app", "kube-dns")]);
+        for (pod_labels, expected) in [
+            (k8s_app, ("k8s-app", "kube-dns")),
+            (app, ("app", "checkout")),
+        ] {
+            let lines = enforce_config(&[selector(&pod(), Some(&pod_labels)).unwrap()]);
+            assert_eq!(parsed(&lines).pod_labels, labels(&[expected]), "{lines}");
+        }
+    }
+
+    #[test]
+    fn a_pod_without_an_owner_label_is_selected_by_its_whole_namespace() {
+        let lines = enforce_config(&[selector(
+            &pod(),
+            Some(&labels(&[("pod-template-hash", "7d4b9c"), ("tier", "web")])),
+        )
+        .unwrap()]);
+        assert_eq!(
+            lines,
+            "[enforce]\nmode = \"on\"\n# pods, through the pod watch; if [enforce] already has namespaces or pod_labels, a pod must match both\nnamespaces = [\"shop\"] # the whole namespace: every pod in it\n"
+        );
+        let config = parsed(&lines);
+        assert_eq!(config.namespaces, ["shop"]);
+        assert!(config.pod_labels.is_empty());
+        // Pods that do not share one label: only their namespace selects all.
+        let checkout = selector(&pod(), Some(&labels(&[("app", "checkout")])));
+        let cart = selector(&pod(), Some(&labels(&[("app", "cart")])));
+        let lines = enforce_config(&[checkout.unwrap(), cart.unwrap()]);
+        assert!(parsed(&lines).pod_labels.is_empty(), "{lines}");
+    }
+
+    #[test]
+    fn a_system_service_is_selected_by_its_unit() {
+        let service = Attribution {
+            cgroup_path: Some("/system.slice/billing.service".to_owned()),
+            unit: Some("billing.service".to_owned()),
+            ..Attribution::default()
+        };
+        let fix = for_socket(
+            Risk::NoKeepalive,
+            350,
+            &keepalive(false, Source::Namespace, 75.0),
+            &service,
+        );
+        let Fix::Application { enforce, .. } = &fix else {
+            panic!("{fix:?}");
+        };
+        assert_eq!(
+            enforce,
+            "[enforce]\nmode = \"on\"\nunits = [\"billing.service\"] # add to the list if [enforce] exists\n"
+        );
+        let config = parsed(enforce);
+        assert_eq!(config.cgroups, ["/system.slice/billing.service"]);
+        assert!(!config.selects_pods());
+    }
+
+    #[test]
+    fn other_workloads_are_selected_by_their_cgroup() {
+        // A bare process, a unit outside system.slice (`units` cannot name
+        // it), and a pod whose namespace is unknown (no pod watch).
+        let bare = Attribution {
+            cgroup_path: Some("/user.slice/session-3.scope".to_owned()),
+            ..Attribution::default()
+        };
+        let user_unit = Attribution {
+            cgroup_path: Some(
+                "/user.slice/user-1000.slice/user@1000.service/app.slice/sync.service".to_owned(),
+            ),
+            unit: Some("sync.service".to_owned()),
+            ..Attribution::default()
+        };
+        let unnamed_pod = Attribution {
+            namespace: None,
+            pod: None,
+            ..pod()
+        };
+        for (attribution, cgroup) in [
+            (bare, "/user.slice/session-3.scope"),
+            (
+                user_unit,
+                "/user.slice/user-1000.slice/user@1000.service/app.slice/sync.service",
+            ),
+            (
+                unnamed_pod,
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3f6a.slice",
+            ),
+        ] {
+            let fix = for_socket(
+                Risk::NoKeepalive,
+                350,
+                &keepalive(false, Source::Namespace, 75.0),
+                &attribution,
+            );
+            let Fix::Application { enforce, .. } = &fix else {
+                panic!("{fix:?}");
+            };
+            assert_eq!(
+                enforce,
+                &format!(
+                    "[enforce]\nmode = \"on\"\ncgroups = [\"{cgroup}\"] # add to the list if [enforce] exists\n"
+                )
+            );
+            assert_eq!(parsed(enforce).cgroups, [cgroup]);
         }
     }
 
@@ -334,18 +605,14 @@ mod tests {
         assert!(snippets.java.contains("TCP_KEEPIDLE, 60)"));
         assert_eq!(snippets.node, "socket.setKeepAlive(true, 60000);\n");
         assert_eq!(*runbook, APPLICATION_RUNBOOK);
-        // The pod's cgroup, not its container's: the pod's every container.
+        // A pod is selected by its namespace (the socket has no labels).
         assert_eq!(
             enforce,
-            "[enforce]\nmode = \"on\"\ncgroups = [\"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3f6a.slice\"] # add to the list if [enforce] exists\n"
+            "[enforce]\nmode = \"on\"\n# pods, through the pod watch; if [enforce] already has namespaces or pod_labels, a pod must match both\nnamespaces = [\"shop\"] # the whole namespace: every pod in it\n"
         );
-        // The lines are a valid config that selects that cgroup.
-        let config = crate::config::PathConfig::parse(enforce, "fix").expect("valid [enforce]");
-        assert_eq!(config.enforce.mode, Some(crate::config::EnforceMode::On));
-        assert_eq!(
-            config.enforce.cgroups,
-            ["/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3f6a.slice"]
-        );
+        let config = parsed(enforce);
+        assert_eq!(config.namespaces, ["shop"]);
+        assert!(config.pod_labels.is_empty() && config.cgroups.is_empty());
         assert_eq!(serde_json::to_value(&fix).unwrap()["kind"], "application");
     }
 
@@ -365,6 +632,7 @@ mod tests {
         };
         assert!(change.contains("own TCP_KEEPIDLE to 60 s"), "{change}");
         assert!(enforce.contains("every workload"), "{enforce}");
+        assert!(!parsed(enforce).selects_pods());
     }
 
     #[test]
