@@ -123,10 +123,10 @@ fn one_fix(sockets: &[&Value]) -> Value {
             .min_by_key(|fix| fix["idle_seconds"].as_u64().unwrap_or(u64::MAX))
             .cloned()
             .unwrap_or(Value::Null);
-        // (`/sockets` entries carry no pod labels: pods by namespace.)
+        // Pods by namespace and, where `/sockets` has it, owner label.
         let selectors: Vec<fix::Selector> = sockets
             .iter()
-            .filter_map(|socket| fix::selector(&attribution(socket), None))
+            .filter_map(|socket| fix::selector(&attribution(socket)))
             .collect();
         chosen["enforce"] = Value::from(fix::enforce_config(&selectors));
         return chosen;
@@ -171,6 +171,7 @@ fn attribution(socket: &Value) -> Attribution {
         pod_uid: text("pod_uid"),
         namespace: text("namespace"),
         unit: text("unit"),
+        pod_owner_label: serde_json::from_value(socket["pod_owner_label"].clone()).ok(),
         ..Attribution::default()
     }
 }
@@ -331,6 +332,26 @@ mod tests {
         assert!(
             text.contains("shop/deployment/cart: 1 at-risk socket (1 keepalive_too_slow)"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn pods_sharing_an_owner_label_are_enforced_by_it() {
+        let mut sockets: Vec<Value> = ["p1", "p2"]
+            .iter()
+            .map(|pod| socket("deployment/api", pod, "10.0.0.9:5432", application(60)))
+            .collect();
+        for socket in &mut sockets {
+            socket["pod_owner_label"] = json!({"key": "app.kubernetes.io/name", "value": "api"});
+        }
+        let advice = advise(&sockets);
+        let enforce = advice[0].fix["enforce"].as_str().unwrap();
+        let config = crate::config::PathConfig::parse(enforce, "advise").expect(enforce);
+        assert_eq!(config.enforce.namespaces, ["shop"]);
+        assert_eq!(
+            config.enforce.pod_labels,
+            [("app.kubernetes.io/name".to_owned(), "api".to_owned())].into(),
+            "{enforce}"
         );
     }
 

@@ -4,10 +4,7 @@
 //! in deploy/runbook.md) or idlemon's enforcement for the workload, with the
 //! `[enforce]` lines to add. Pure logic, unit-tested.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
-};
+use std::{collections::BTreeSet, fmt::Write as _};
 
 use serde::Serialize;
 
@@ -204,34 +201,22 @@ pub fn workload_cgroup(attribution: &Attribution) -> Option<String> {
 pub enum Selector {
     Pod {
         namespace: String,
-        /// An owner-identifying label of the pod (`OWNER_LABELS`), if any.
+        /// An owner-identifying label of the pod (`pods::OWNER_LABELS`), if any.
         label: Option<(String, String)>,
     },
     Unit(String),
     Cgroup(String),
 }
 
-/// The labels that name a pod's application, most specific first: the
-/// recommended `app.kubernetes.io/name`, then the older conventions.
-const OWNER_LABELS: [&str; 3] = ["app.kubernetes.io/name", "app", "k8s-app"];
-
-/// The selector of the socket's workload; `labels` are its pod's, when
-/// known. None: nothing names the workload.
-pub fn selector(
-    attribution: &Attribution,
-    labels: Option<&BTreeMap<String, String>>,
-) -> Option<Selector> {
+/// The selector of the socket's workload. None: nothing names the workload.
+pub fn selector(attribution: &Attribution) -> Option<Selector> {
     if let Some(namespace) = &attribution.namespace {
-        let label = labels.and_then(|labels| {
-            OWNER_LABELS.iter().find_map(|key| {
-                labels
-                    .get(*key)
-                    .map(|value| ((*key).to_owned(), value.clone()))
-            })
-        });
         return Some(Selector::Pod {
             namespace: namespace.clone(),
-            label,
+            label: attribution
+                .pod_owner_label
+                .as_ref()
+                .map(|label| (label.key.clone(), label.value.clone())),
         });
     }
     let cgroup = workload_cgroup(attribution)?;
@@ -244,10 +229,10 @@ pub fn selector(
     Some(Selector::Cgroup(cgroup))
 }
 
-/// The `[enforce]` lines that select the socket's workload. The socket's
-/// attribution carries no pod labels, so a pod is selected by namespace.
+/// The `[enforce]` lines that select the socket's workload: a pod by its
+/// namespace and, when the pod watch knows it, its owner label.
 fn enforce_lines(attribution: &Attribution) -> String {
-    let selectors: Vec<Selector> = selector(attribution, None).into_iter().collect();
+    let selectors: Vec<Selector> = selector(attribution).into_iter().collect();
     enforce_config(&selectors)
 }
 
@@ -344,7 +329,10 @@ fn toml_string(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
     use super::*;
+    use crate::attribution::pods::PodMeta;
 
     fn keepalive(enabled: bool, idle_from: Source, interval_seconds: f64) -> Keepalive {
         Keepalive {
@@ -383,6 +371,21 @@ mod tests {
         config.enforce
     }
 
+    /// `pod()` as attributed from a pod watch that knows these labels.
+    fn labelled(labels: &BTreeMap<String, String>) -> Attribution {
+        let meta = PodMeta {
+            namespace: "shop".to_owned(),
+            name: "checkout-7d4b9c-x2x4z".to_owned(),
+            workload: "deployment/checkout".to_owned(),
+            containers: HashMap::new(),
+            labels: labels.clone(),
+        };
+        Attribution {
+            pod_owner_label: meta.owner_label(),
+            ..pod()
+        }
+    }
+
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -397,7 +400,7 @@ mod tests {
             ("app.kubernetes.io/name", "checkout-api"),
             ("pod-template-hash", "7d4b9c"),
         ]);
-        let lines = enforce_config(&[selector(&pod(), Some(&pod_labels)).unwrap()]);
+        let lines = enforce_config(&[selector(&labelled(&pod_labels)).unwrap()]);
         // The recommended label first; quoted, or TOML would nest its dots.
         assert_eq!(
             lines,
@@ -417,17 +420,17 @@ mod tests {
             (k8s_app, ("k8s-app", "kube-dns")),
             (app, ("app", "checkout")),
         ] {
-            let lines = enforce_config(&[selector(&pod(), Some(&pod_labels)).unwrap()]);
+            let lines = enforce_config(&[selector(&labelled(&pod_labels)).unwrap()]);
             assert_eq!(parsed(&lines).pod_labels, labels(&[expected]), "{lines}");
         }
     }
 
     #[test]
     fn a_pod_without_an_owner_label_is_selected_by_its_whole_namespace() {
-        let lines = enforce_config(&[selector(
-            &pod(),
-            Some(&labels(&[("pod-template-hash", "7d4b9c"), ("tier", "web")])),
-        )
+        let lines = enforce_config(&[selector(&labelled(&labels(&[
+            ("pod-template-hash", "7d4b9c"),
+            ("tier", "web"),
+        ])))
         .unwrap()]);
         assert_eq!(
             lines,
@@ -437,8 +440,8 @@ mod tests {
         assert_eq!(config.namespaces, ["shop"]);
         assert!(config.pod_labels.is_empty());
         // Pods that do not share one label: only their namespace selects all.
-        let checkout = selector(&pod(), Some(&labels(&[("app", "checkout")])));
-        let cart = selector(&pod(), Some(&labels(&[("app", "cart")])));
+        let checkout = selector(&labelled(&labels(&[("app", "checkout")])));
+        let cart = selector(&labelled(&labels(&[("app", "cart")])));
         let lines = enforce_config(&[checkout.unwrap(), cart.unwrap()]);
         assert!(parsed(&lines).pod_labels.is_empty(), "{lines}");
     }
@@ -605,7 +608,7 @@ mod tests {
         assert!(snippets.java.contains("TCP_KEEPIDLE, 60)"));
         assert_eq!(snippets.node, "socket.setKeepAlive(true, 60000);\n");
         assert_eq!(*runbook, APPLICATION_RUNBOOK);
-        // A pod is selected by its namespace (the socket has no labels).
+        // A pod without an owner label is selected by its namespace...
         assert_eq!(
             enforce,
             "[enforce]\nmode = \"on\"\n# pods, through the pod watch; if [enforce] already has namespaces or pod_labels, a pod must match both\nnamespaces = [\"shop\"] # the whole namespace: every pod in it\n"
@@ -614,6 +617,21 @@ mod tests {
         assert_eq!(config.namespaces, ["shop"]);
         assert!(config.pod_labels.is_empty() && config.cgroups.is_empty());
         assert_eq!(serde_json::to_value(&fix).unwrap()["kind"], "application");
+        // ...and one the pod watch labelled by it too.
+        let fix = for_socket(
+            Risk::NoKeepalive,
+            350,
+            &keepalive(false, Source::Namespace, 75.0),
+            &labelled(&labels(&[("app", "checkout"), ("tier", "web")])),
+        );
+        let Fix::Application { enforce, .. } = &fix else {
+            panic!("{fix:?}");
+        };
+        assert_eq!(
+            parsed(enforce).pod_labels,
+            labels(&[("app", "checkout")]),
+            "{enforce}"
+        );
     }
 
     #[test]

@@ -40,9 +40,13 @@ fn cgroup2_root() -> Option<PathBuf> {
         })
 }
 
-/// A fake API server for one node: lists one pod, and holds watches open.
+/// A fake API server for one node: lists one pod, labelled as Helm charts
+/// label theirs, and holds watches open.
 fn fake_kubernetes_api(netns: &Netns, container_id: String) -> FakeApi {
-    let pod = fake_api::pod(POD_UID, "checkout-7d4b9c-x2x4z", "5", &container_id);
+    let pod = fake_api::pod(POD_UID, "checkout-7d4b9c-x2x4z", "5", &container_id).replace(
+        r#""labels":{"#,
+        r#""labels":{"app.kubernetes.io/name":"checkout","app":"shop","#,
+    );
     FakeApi::start(netns, move |request, _| {
         if request.watch {
             Reply::Watch(Vec::new(), Duration::from_secs(60))
@@ -137,6 +141,19 @@ fn an_at_risk_socket_names_its_process_cgroup_container_pod_and_workload() {
     assert_eq!(socket["pod"], "checkout-7d4b9c-x2x4z");
     assert_eq!(socket["workload"], "deployment/checkout");
     assert_eq!(socket["container"], "app");
+    // The fix selects the pod by its namespace and its owner label, the
+    // recommended one of the two it has.
+    assert_eq!(
+        socket["pod_owner_label"],
+        serde_json::json!({"key": "app.kubernetes.io/name", "value": "checkout"})
+    );
+    let enforce = socket["fix"]["enforce"].as_str().unwrap_or_default();
+    assert!(
+        enforce.contains(
+            "namespaces = [\"shop\"]\npod_labels = { \"app.kubernetes.io/name\" = \"checkout\" }\n"
+        ),
+        "{socket:#}"
+    );
     assert_eq!(daemon.metric("idlemon_kubernetes_pods"), Some(1.0));
     assert_eq!(
         daemon.metric_sum(

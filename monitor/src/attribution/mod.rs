@@ -22,7 +22,10 @@ use std::{
 
 use serde::Serialize;
 
-use self::{cgroup::Runtime, pods::PodCache};
+use self::{
+    cgroup::Runtime,
+    pods::{OwnerLabel, PodCache, PodMeta},
+};
 
 /// Who a socket belongs to, beyond pid and comm.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -37,6 +40,9 @@ pub struct Attribution {
     pub workload: Option<String>,
     /// The systemd unit, on plain hosts.
     pub unit: Option<String>,
+    /// The pod's label that names its application (`pods::OWNER_LABELS`),
+    /// for the fix's `[enforce] pod_labels`: one pair, not all labels.
+    pub pod_owner_label: Option<OwnerLabel>,
     /// The process name (`/proc/PID/comm`); reported as `comm` beside the pid.
     #[serde(skip)]
     pub comm: Option<String>,
@@ -141,6 +147,7 @@ impl Attributor {
             }),
             namespace: pod.as_ref().map(|pod| pod.namespace.clone()),
             workload: pod.as_ref().map(|pod| pod.workload.clone()),
+            pod_owner_label: pod.as_ref().and_then(PodMeta::owner_label),
             pod: pod.map(|pod| pod.name),
             unit: (container.is_empty())
                 .then(|| cgroup::systemd_unit(&path))
@@ -276,6 +283,49 @@ mod tests {
         let id = fs::metadata(&root).expect("root").ino();
         let mut index = CgroupIndex::new(Some(root));
         assert_eq!(index.path_of(id).as_deref(), Some("/"));
+    }
+
+    #[test]
+    fn a_pod_from_the_watch_brings_its_owner_label_only() {
+        let dir = std::env::temp_dir().join(format!("idlemon-owner-{}", std::process::id()));
+        fs::create_dir_all(dir.join("42")).expect("dir");
+        fs::write(
+            dir.join("42/cgroup"),
+            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod6f1e8d8a_2b0c_4a51_9d7f_3c4e5b6a7d8e.slice/\
+             cri-containerd-3b1f5c0d8e9a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c.scope\n",
+        )
+        .expect("write");
+        let pods = Arc::new(PodCache::default());
+        let labels = [
+            ("app", "checkout"),
+            ("app.kubernetes.io/name", "checkout-api"),
+            ("pod-template-hash", "7d4b9c"),
+        ];
+        pods.insert_for_test(
+            "6f1e8d8a-2b0c-4a51-9d7f-3c4e5b6a7d8e",
+            PodMeta {
+                namespace: "shop".to_owned(),
+                name: "checkout-7d4b9c-x2x4z".to_owned(),
+                workload: "deployment/checkout".to_owned(),
+                containers: HashMap::new(),
+                labels: labels
+                    .iter()
+                    .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+                    .collect(),
+            },
+        );
+        let attribution = Attributor::new(dir.clone(), pods).attribute(Some(42), None);
+        fs::remove_dir_all(&dir).ok();
+        assert_eq!(attribution.namespace.as_deref(), Some("shop"));
+        let owner = OwnerLabel {
+            key: "app.kubernetes.io/name".to_owned(),
+            value: "checkout-api".to_owned(),
+        };
+        assert_eq!(attribution.pod_owner_label, Some(owner));
+        assert_eq!(
+            serde_json::to_value(&*attribution).expect("json")["pod_owner_label"],
+            serde_json::json!({"key": "app.kubernetes.io/name", "value": "checkout-api"})
+        );
     }
 
     #[test]

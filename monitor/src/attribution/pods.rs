@@ -48,6 +48,7 @@ use kube::{
     runtime::watcher::{self, Event, watcher},
 };
 use prometheus::{IntCounter, IntGauge};
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 /// What idlemon needs of a pod.
@@ -62,6 +63,29 @@ pub struct PodMeta {
     pub containers: HashMap<String, String>,
     /// The pod's labels, for `[enforce] pod_labels`.
     pub labels: BTreeMap<String, String>,
+}
+
+/// The labels that name a pod's application, most specific first: the
+/// recommended `app.kubernetes.io/name`, then the older conventions.
+pub const OWNER_LABELS: [&str; 3] = ["app.kubernetes.io/name", "app", "k8s-app"];
+
+/// A pod's owner label: what every pod of its Deployment shares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerLabel {
+    pub key: String,
+    pub value: String,
+}
+
+impl PodMeta {
+    /// The first of `OWNER_LABELS` the pod has.
+    pub fn owner_label(&self) -> Option<OwnerLabel> {
+        OWNER_LABELS.iter().find_map(|key| {
+            self.labels.get(*key).map(|value| OwnerLabel {
+                key: (*key).to_owned(),
+                value: value.clone(),
+            })
+        })
+    }
 }
 
 /// Pods of this node by UID, shared by the scanner, the event stream and
