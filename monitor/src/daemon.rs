@@ -13,13 +13,15 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
-    Btf, Endianness,
+    Btf, Ebpf, Endianness,
     maps::{MapData, PerCpuArray, RingBuf},
+    programs::links::FdLink,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
     sync::{Semaphore, watch},
+    task::JoinHandle,
 };
 use tracing::{info, warn};
 
@@ -37,15 +39,36 @@ use crate::{
     kernel::{self, btf::KernelBtf, layout},
     liveness::Liveness,
     logging::KernelLog,
-    metrics::{LabelLimits, Metrics},
+    metrics::{KernelMaps, LabelLimits, Metrics},
     probes::{self, LoadSettings},
     scan::{self, ScannerConfig, Snapshot},
     sockets::Classifier,
     stream::{self, Sinks},
 };
 
+/// Runs the daemon until SIGINT, SIGTERM or a fatal error in a task.
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
-    // Everything a user can get wrong is checked before anything loads.
+    let checked = validate(&args).await?;
+    let loaded = load(&args, &checked)?;
+    let (shutdown, stopping) = watch::channel(false);
+    let mut running = spawn(&args, checked, loaded, stopping)?;
+    let outcome = wait(&args, &mut running).await;
+    shut_down(running, &shutdown).await;
+    outcome
+}
+
+/// What `validate` checked and opened: everything a user can get wrong,
+/// before anything loads.
+struct Checked {
+    paths: PathConfig,
+    idle_timeout: NonZeroU32,
+    event_log: EventLog,
+    kube_api: Option<ApiConfig>,
+    listener: tokio::net::TcpListener,
+    api_listener: tokio::net::TcpListener,
+}
+
+async fn validate(args: &DaemonArgs) -> anyhow::Result<Checked> {
     let paths = match &args.config {
         Some(path) => PathConfig::from_file(path)?,
         None => PathConfig::default(),
@@ -82,13 +105,44 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let api_listener = tokio::net::TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("cannot listen on {} (--api-listen)", args.api_listen))?;
+    Ok(Checked {
+        paths,
+        idle_timeout,
+        event_log,
+        kube_api,
+        listener,
+        api_listener,
+    })
+}
 
+/// The kernel side, loaded and attached.
+struct Loaded {
+    programs: probes::Loaded,
+    /// Kernel ticks per second (CONFIG_HZ).
+    hz: u32,
+    /// Keepalive enforcement as the config asked for it (SIGHUP compares).
+    enforce_plan: enforce::Plan,
+    /// Keepalive enforcement's links, while it runs.
+    enforcer: Option<enforce::Enforcer>,
+    /// The pod watch's cache, shared by enforcement's selectors, the
+    /// attribution and the scanner.
+    pods: Arc<PodCache>,
+}
+
+/// Resolves the kernel's layout from its BTF, loads and attaches the
+/// programs, and keepalive enforcement when asked for.
+fn load(args: &DaemonArgs, checked: &Checked) -> anyhow::Result<Loaded> {
     raise_memlock_limit();
     raise_open_files_limit();
     map_large_buffers();
     let hz = kernel::jiffies_per_second().context("cannot determine the kernel tick rate")?;
-    let enforce_plan = enforce::Plan::new(args.enforce_keepalive, &paths, idle_timeout, hz)
-        .context("invalid keepalive enforcement settings ([enforce] in --config)")?;
+    let enforce_plan = enforce::Plan::new(
+        args.enforce_keepalive,
+        &checked.paths,
+        checked.idle_timeout,
+        hz,
+    )
+    .context("invalid keepalive enforcement settings ([enforce] in --config)")?;
     let btf_path = args
         .kernel_btf
         .clone()
@@ -114,7 +168,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read kernel BTF {} for aya", btf_path.display()))?;
     let threshold_jiffies =
         (args.idle_threshold.as_secs_f64() * f64::from(hz)).min(f64::from(u32::MAX / 2));
-    let mut loaded = probes::load(
+    let mut programs = probes::load(
         &LoadSettings {
             layout,
             idle_threshold_jiffies: threshold_jiffies as u32,
@@ -130,32 +184,98 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         hz,
         listen = %args.listen,
         api_listen = %args.api_listen,
-        path_rules = paths.rules(),
+        path_rules = checked.paths.rules(),
         "programs loaded"
     );
     let pods = Arc::new(PodCache::default());
     let mut enforcer = None;
     if enforce_plan.mode != EnforceMode::Off {
         let (statuses, started) = enforce::Enforcer::start(
-            &mut loaded.ebpf,
+            &mut programs.ebpf,
             &enforce_plan,
             &args.disable_attach,
             &btf,
             &args.proc_root,
-            kube_api.is_some().then_some(&*pods),
+            checked.kube_api.is_some().then_some(&*pods),
         );
-        loaded.hooks.extend(statuses);
+        programs.hooks.extend(statuses);
         enforcer = started;
     }
-    drop(btf);
+    drop((btf, kernel_btf));
     // Parsing the kernel's BTF and loading took tens of MB that are free now.
     // SAFETY: only asks malloc to return free memory to the system.
     unsafe { libc::malloc_trim(0) };
+    Ok(Loaded {
+        programs,
+        hz,
+        enforce_plan,
+        enforcer,
+        pods,
+    })
+}
 
+/// What keeps the programs attached, in the order it is dropped: the
+/// iterators' links, then the object with every other link.
+struct Attached {
+    #[expect(
+        dead_code,
+        reason = "never read: held until shutdown, where dropping it detaches the walk"
+    )]
+    walk_link: FdLink,
+    #[expect(
+        dead_code,
+        reason = "never read: held until shutdown, where dropping it detaches the walk"
+    )]
+    files_link: Option<FdLink>,
+    /// Every other program's links; keepalive enforcement attaches and
+    /// detaches its cgroup links through it while running.
+    ebpf: Ebpf,
+}
+
+/// The tasks and threads that run until shutdown, each selecting on the
+/// one shutdown signal (the scanner, a thread, stops when its last request
+/// sender is gone).
+struct Running {
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+    /// Dropped last.
+    attached: Attached,
+    scanner: std::thread::JoinHandle<()>,
+    rescan: std::sync::mpsc::Sender<()>,
+    ready: Arc<AtomicBool>,
+    /// Errors that end the daemon (the scanner stranded outside its namespace).
+    fatal: tokio::sync::mpsc::UnboundedReceiver<anyhow::Error>,
+    metrics: Arc<Metrics>,
+    /// What SIGHUP needs to read the config again.
+    hz: u32,
+    idle_timeout: NonZeroU32,
+    enforce_plan: enforce::Plan,
+    /// Keepalive enforcement, kept in step with the pod watch, the cgroups
+    /// that appear and SIGHUP by `wait`.
+    enforcer: Option<enforce::Enforcer>,
+    pods: Arc<PodCache>,
+    pod_changes: watch::Receiver<u64>,
+}
+
+/// Starts the pod watch, the event reader, the scanner, the HTTP servers,
+/// the kernel log and the readiness watch.
+fn spawn(
+    args: &DaemonArgs,
+    checked: Checked,
+    loaded: Loaded,
+    stopping: watch::Receiver<bool>,
+) -> anyhow::Result<Running> {
+    let probes::Loaded {
+        mut ebpf,
+        hooks,
+        walk_link,
+        walk_options,
+        sockets,
+        files_link,
+    } = loaded.programs;
     let metrics = Arc::new(Metrics::new(
         args.idle_threshold.as_secs_f64(),
-        f64::from(idle_timeout.get()),
-        &loaded.hooks,
+        f64::from(checked.idle_timeout.get()),
+        &hooks,
         LabelLimits {
             table_capacity: args.max_sockets,
             owners: args.max_attribution_series,
@@ -163,18 +283,19 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             owner_labels: crate::metrics::OwnerLabels::of(&args.owner_labels),
         },
     )?);
-    if enforce_plan.mode != EnforceMode::Off {
-        metrics.enable_enforcement(enforce_plan.mode.as_str());
+    if loaded.enforce_plan.mode != EnforceMode::Off {
+        metrics.enable_enforcement(loaded.enforce_plan.mode.as_str());
     }
-    if let Some(enforcer) = &enforcer {
+    if let Some(enforcer) = &loaded.enforcer {
         metrics
             .enforced_cgroups
             .set(enforcer.attached().count() as i64);
     }
     let node = crate::events::node_name(args.node_name.as_deref());
     metrics.node_info(&node, &crate::metrics::kernel_release());
-    let mut pod_changes = pods.changes();
-    if let Some(api) = kube_api {
+    let pods = loaded.pods;
+    let pod_changes = pods.changes();
+    if let Some(api) = checked.kube_api {
         pods::spawn_watch(
             api,
             Arc::clone(&pods),
@@ -184,17 +305,19 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             },
         )?;
     }
-    let counters: PerCpuArray<MapData, u64> = loaded
-        .ebpf
+    let counters: PerCpuArray<MapData, u64> = ebpf
         .take_map("COUNTERS")
         .ok_or_else(|| anyhow!("map COUNTERS missing from the eBPF object"))?
         .try_into()
         .context("map COUNTERS is not a per-CPU array")?;
-    let connects = loaded
-        .ebpf
+    let connects = ebpf
         .take_map("CONNECTS")
         .and_then(|map| aya::maps::HashMap::try_from(map).ok());
-    let kernel_log = match aya_log::EbpfLogger::init_with_logger(&mut loaded.ebpf, KernelLog) {
+    metrics.read_kernel(KernelMaps {
+        counters: Mutex::new(counters),
+        connects: Mutex::new(connects),
+    });
+    let kernel_log = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLog) {
         Ok(logger) => Some(logger),
         Err(error) => {
             warn!(%error, "kernel-side log messages are not forwarded");
@@ -202,26 +325,23 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         }
     };
 
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    let (fatal_tx, mut fatal) = tokio::sync::mpsc::unbounded_channel();
-    let walk_link = own_link_fd(&loaded.walk_link, "the socket walk")?;
+    let (fatal_tx, fatal) = tokio::sync::mpsc::unbounded_channel();
+    let walk_link_fd = own_link_fd(&walk_link, "the socket walk")?;
     metrics
         .file_walk_available
-        .set(i64::from(loaded.files_link.is_some()));
-    let files_link = loaded
-        .files_link
+        .set(i64::from(files_link.is_some()));
+    let files_link_fd = files_link
         .as_ref()
         .map(|link| own_link_fd(link, "the walk by file descriptor"))
         .transpose()?;
-    let keepalive_timer_seen = loaded
-        .hooks
+    let keepalive_timer_seen = hooks
         .iter()
         .any(|hook| hook.hook == "keepalive" && hook.kind.is_some());
     let classifier = Arc::new(Classifier {
-        hz,
+        hz: loaded.hz,
         idle_threshold: args.idle_threshold,
-        default_timeout: IdleTimeout::After(idle_timeout),
-        paths,
+        default_timeout: IdleTimeout::After(checked.idle_timeout),
+        paths: checked.paths,
         keepalive_timer_seen,
         weakened: Default::default(),
     });
@@ -229,30 +349,32 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         watch::channel(Arc::new(Snapshot::empty(Arc::clone(&classifier))));
     let history = Arc::new(History::new(args.event_history as usize));
     let liveness = Arc::new(Liveness::new(args.scan_interval, args.stall_intervals));
-    let ring: RingBuf<MapData> = loaded
-        .ebpf
+    let ring: RingBuf<MapData> = ebpf
         .take_map("EVENTS")
         .ok_or_else(|| anyhow!("map EVENTS missing from the eBPF object"))?
         .try_into()
         .context("map EVENTS is not a ring buffer")?;
-    let event_task = stream::spawn(
-        ring,
-        Explainer::new(Arc::clone(&classifier)).on_node(&node),
-        Sinks {
-            attributor: Attributor::new(args.proc_root.clone(), Arc::clone(&pods)),
-            history: Arc::clone(&history),
-            log: event_log,
-            metrics: Arc::clone(&metrics),
-            liveness: Arc::clone(&liveness),
-        },
-        shutdown.clone(),
-    )?;
+    let mut tasks = vec![(
+        "event reader",
+        stream::spawn(
+            ring,
+            Explainer::new(Arc::clone(&classifier)).on_node(&node),
+            Sinks {
+                attributor: Attributor::new(args.proc_root.clone(), Arc::clone(&pods)),
+                history: Arc::clone(&history),
+                log: checked.event_log,
+                metrics: Arc::clone(&metrics),
+                liveness: Arc::clone(&liveness),
+            },
+            stopping.clone(),
+        )?,
+    )];
     let (rescan, scanner) = scan::spawn(
-        walk_link,
+        walk_link_fd,
         scan::WalkMaps {
-            options: loaded.walk_options,
-            sockets: loaded.sockets,
-            files_link,
+            options: walk_options,
+            sockets,
+            files_link: files_link_fd,
         },
         ScannerConfig {
             classifier,
@@ -270,8 +392,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     )?;
 
     let ready = Arc::new(AtomicBool::new(false));
-    let degraded: Vec<String> = loaded
-        .hooks
+    let degraded: Vec<String> = hooks
         .iter()
         .filter(|hook| hook.degraded)
         .map(|hook| format!("{} hook missing: {}", hook.hook, hook.lost.unwrap_or("")))
@@ -280,12 +401,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         metrics: Arc::clone(&metrics),
         snapshots: snapshots.clone(),
         rescan: rescan.clone(),
-        counters: Arc::new(Mutex::new(counters)),
-        connects: Arc::new(Mutex::new(connects)),
         ready: Arc::clone(&ready),
         degraded: degraded.clone(),
-        enforcement_without: loaded
-            .hooks
+        enforcement_without: hooks
             .iter()
             .filter(|hook| {
                 hook.hook.starts_with("enforce") && hook.kind.is_none() && !hook.degraded
@@ -296,64 +414,62 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         liveness,
         long_polls: Arc::new(Semaphore::new(http::LONG_POLLS_MAX)),
     };
-    let servers = [
-        (listener, "metrics", http::metrics_router as fn(_, _) -> _),
-        (api_listener, "api", http::api_router),
-    ]
-    .map(|(listener, name, router)| {
+    for (listener, name, router) in [
+        (
+            checked.listener,
+            "metrics",
+            http::metrics_router as fn(_, _) -> _,
+        ),
+        (checked.api_listener, "api", http::api_router),
+    ] {
         let refusals = Refusals::new(name, metrics.http_refusals.clone());
         let router = router(state.clone(), refusals.clone());
-        tokio::spawn(http::serve(listener, router, refusals, shutdown.clone()))
-    });
+        tasks.push((
+            "HTTP server",
+            tokio::spawn(http::serve(listener, router, refusals, stopping.clone())),
+        ));
+    }
     // The routers hold the state now; its rescan sender must go with them,
     // or the scanner would wait for requests forever at shutdown.
     drop(state);
-    let mut log_shutdown = shutdown.clone();
-    let log_task = kernel_log.map(|logger| {
-        tokio::spawn(async move {
-            // SAFETY: the logger owns its ring buffer's fd, which stays open
-            // and unchanged until the logger is dropped with the AsyncFd.
-            let Ok(mut logger) =
-                (unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) })
-            else {
-                return;
-            };
-            loop {
-                tokio::select! {
-                    _ = log_shutdown.wait_for(|stop| *stop) => return,
-                    guard = logger.readable_mut() => match guard {
-                        Ok(mut guard) => {
-                            guard.get_inner_mut().flush();
-                            guard.clear_ready();
-                        }
-                        Err(_) => return,
-                    },
-                }
-            }
-        })
-    });
+    if let Some(logger) = kernel_log {
+        tasks.push(("kernel log", forward_kernel_log(logger, stopping.clone())));
+    }
+    tasks.push((
+        "readiness",
+        watch_first_walk(
+            snapshots,
+            degraded,
+            Arc::clone(&ready),
+            Arc::clone(&metrics),
+            stopping,
+        ),
+    ));
+    Ok(Running {
+        tasks,
+        attached: Attached {
+            walk_link,
+            files_link,
+            ebpf,
+        },
+        scanner,
+        rescan,
+        ready,
+        fatal,
+        metrics: Arc::clone(&metrics),
+        hz: loaded.hz,
+        idle_timeout: checked.idle_timeout,
+        enforce_plan: loaded.enforce_plan,
+        enforcer: loaded.enforcer,
+        pods,
+        pod_changes,
+    })
+}
 
-    // Ready once the first walk is published, unless a hook whose data the
-    // product relies on is missing (then /readyz says which).
-    let mut first_walk = snapshots.clone();
-    let ready_flag = Arc::clone(&ready);
-    let ready_metrics = Arc::clone(&metrics);
-    let mut ready_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = ready_shutdown.wait_for(|stop| *stop) => {}
-            _ = first_walk.wait_for(|snapshot| snapshot.taken.is_some()) => {
-                if degraded.is_empty() {
-                    ready_flag.store(true, Ordering::Relaxed);
-                    ready_metrics.ready.set(1);
-                    info!("ready: first walk done");
-                } else {
-                    warn!(hooks = ?degraded, "first walk done, but degraded: not ready");
-                }
-            }
-        }
-    });
-
+/// Until SIGINT, SIGTERM (Ok) or a fatal error in a task (Err). Meanwhile
+/// SIGHUP reads the config again, and keepalive enforcement's links follow
+/// its selection as pods change and selected cgroups appear.
+async fn wait(args: &DaemonArgs, running: &mut Running) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
@@ -361,46 +477,105 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     // the selection is looked at again now and then, not only on changes.
     let mut resync = tokio::time::interval(ENFORCE_RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let outcome = loop {
+    let enforcing = running.enforcer.is_some();
+    loop {
         tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); break Ok(()) }
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break Ok(()) }
-            Some(error) = fatal.recv() => break Err(error),
-            _ = sighup.recv() => {
-                reload(&args, idle_timeout, hz, &enforce_plan, enforcer.as_mut(), &metrics);
-            }
-            Ok(()) = pod_changes.changed(), if enforcer.is_some() => {}
-            _ = resync.tick(), if enforcer.is_some() => {}
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()) }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()) }
+            Some(error) = running.fatal.recv() => return Err(error),
+            _ = sighup.recv() => reload(
+                args,
+                running.idle_timeout,
+                running.hz,
+                &running.enforce_plan,
+                running.enforcer.as_mut(),
+                &running.metrics,
+            ),
+            Ok(()) = running.pod_changes.changed(), if enforcing => {}
+            _ = resync.tick(), if enforcing => {}
         }
         // Every wakeup but the shutdown ones brings the links in step.
-        if let Some(enforcer) = enforcer.as_mut() {
-            enforcer.sync(&mut loaded.ebpf, &pods);
-            metrics
+        if let Some(enforcer) = running.enforcer.as_mut() {
+            enforcer.sync(&mut running.attached.ebpf, &running.pods);
+            running
+                .metrics
                 .enforced_cgroups
                 .set(enforcer.attached().count() as i64);
         }
-    };
+    }
+}
 
-    ready.store(false, Ordering::Relaxed);
-    let _ = shutdown_tx.send(true);
-    drop(rescan);
-    for server in servers {
-        if let Err(error) = server.await {
-            warn!(%error, "HTTP server task failed");
+/// Stops every task and the scanner, then detaches the programs: the
+/// `Ebpf` object goes last, once nothing uses its maps.
+async fn shut_down(running: Running, shutdown: &watch::Sender<bool>) {
+    running.ready.store(false, Ordering::Relaxed);
+    let _ = shutdown.send(true);
+    drop(running.rescan);
+    for (what, task) in running.tasks {
+        if let Err(error) = task.await {
+            warn!(%error, task = what, "task failed");
         }
     }
-    if let Some(task) = log_task {
-        let _ = task.await;
-    }
-    let _ = event_task.await;
     // The scanner exits once every rescan sender is gone (the router held one).
+    let scanner = running.scanner;
     let _ = tokio::task::spawn_blocking(move || scanner.join()).await;
-    // Dropping the object detaches every program; it goes last (the walk's
-    // options map went with the scanner).
-    drop(loaded.walk_link);
-    drop(loaded.ebpf);
+    // The walk's options map went with the scanner; the links and the
+    // object detach every program.
+    drop(running.attached);
     info!("all programs detached");
-    outcome
+}
+
+/// Forwards the kernel programs' log messages (aya-log) until shutdown.
+fn forward_kernel_log(
+    logger: aya_log::EbpfLogger<KernelLog>,
+    mut stopping: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        // SAFETY: the logger owns its ring buffer's fd, which stays open
+        // and unchanged until the logger is dropped with the AsyncFd.
+        let Ok(mut logger) =
+            (unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) })
+        else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = stopping.wait_for(|stop| *stop) => return,
+                guard = logger.readable_mut() => match guard {
+                    Ok(mut guard) => {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                    Err(_) => return,
+                },
+            }
+        }
+    })
+}
+
+/// Ready once the first walk is published, unless a hook whose data the
+/// product relies on is missing (then /readyz says which).
+fn watch_first_walk(
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    degraded: Vec<String>,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    mut stopping: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stopping.wait_for(|stop| *stop) => {}
+            _ = snapshots.wait_for(|snapshot| snapshot.taken.is_some()) => {
+                if degraded.is_empty() {
+                    ready.store(true, Ordering::Relaxed);
+                    metrics.ready.set(1);
+                    info!("ready: first walk done");
+                } else {
+                    warn!(hooks = ?degraded, "first walk done, but degraded: not ready");
+                }
+            }
+        }
+    })
 }
 
 /// How often keepalive enforcement looks for selected cgroups that

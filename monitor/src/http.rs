@@ -15,7 +15,7 @@ mod conn;
 
 use std::{
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
@@ -31,8 +31,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use aya::maps::{MapData, PerCpuArray};
-use monitor_common::{Destination, counter};
 use prometheus::IntCounterVec;
 use tokio::sync::{Semaphore, watch};
 use tower_http::{limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
@@ -59,11 +57,6 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     pub rescan: mpsc::Sender<()>,
-    pub counters: Arc<Mutex<PerCpuArray<MapData, u64>>>,
-    /// Connects that succeeded per destination (kernel `CONNECTS`), read
-    /// for the destinations whose connects failed; None where the map is
-    /// missing.
-    pub connects: Arc<Mutex<Option<aya::maps::HashMap<MapData, Destination, u64>>>>,
     pub ready: Arc<AtomicBool>,
     /// What is missing while degraded, for /readyz.
     pub degraded: Vec<String>,
@@ -74,25 +67,6 @@ pub struct AppState {
     pub liveness: Arc<Liveness>,
     /// Places for `/events?wait=` long polls; none left: 429.
     pub long_polls: Arc<Semaphore>,
-}
-
-/// The `CONNECTS` key of an address, as the kernel writes it.
-fn destination(address: std::net::SocketAddr) -> Destination {
-    let mut destination = Destination {
-        port: address.port(),
-        ..Destination::default()
-    };
-    match address.ip() {
-        std::net::IpAddr::V4(ip) => {
-            destination.family = monitor_common::AF_INET;
-            destination.addr[..4].copy_from_slice(&ip.octets());
-        }
-        std::net::IpAddr::V6(ip) => {
-            destination.family = monitor_common::AF_INET6;
-            destination.addr = ip.octets();
-        }
-    }
-    destination
 }
 
 /// Query of `GET /events`.
@@ -281,25 +255,6 @@ fn bounded(router: Router, refusals: Refusals) -> Router {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let totals = match state.counters.lock() {
-        Ok(counters) => (0..counter::SLOTS)
-            .map(|slot| {
-                counters
-                    .get(&slot, 0)
-                    .map(|values| values.iter().sum::<u64>())
-                    .unwrap_or(0)
-            })
-            .collect::<Vec<_>>(),
-        Err(_) => Vec::new(),
-    };
-    state.metrics.sync_kernel_counters(&totals);
-    if let Ok(connects) = state.connects.lock()
-        && let Some(connects) = connects.as_ref()
-    {
-        state
-            .metrics
-            .sync_destination_connects(|address| connects.get(&destination(address), 0).ok());
-    }
     match state.metrics.render() {
         Ok(text) => (
             [(

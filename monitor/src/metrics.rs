@@ -1,17 +1,23 @@
 //! Prometheus metrics. Labels stay bounded: hooks, kinds, reasons and states,
 //! never addresses or ports.
 
+mod scrape;
+
+use std::sync::Arc;
+
 use anyhow::Context as _;
-use monitor_common::{TCP_MAX_STATE, counter};
+use monitor_common::TCP_MAX_STATE;
 use prometheus::{
     Encoder as _, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+pub use self::scrape::{KernelCounters, KernelMaps, WalkCost};
+use self::scrape::{ScrapeCollector, Scraped, WalkSeries};
 use crate::{
     events::{Classification, ConnectFailure, EventRecord, Kind},
     probes::HookStatus,
-    sockets::{Coverage, Risk, Summary},
+    sockets::Summary,
 };
 
 /// TCP state names, indexed by the kernel's state number (include/net/tcp_states.h).
@@ -29,62 +35,6 @@ const TCP_STATES: [&str; TCP_MAX_STATE as usize + 1] = [
     "LISTEN",
     "CLOSING",
     "NEW_SYN_RECV",
-];
-
-/// Kernel counters exported as Prometheus counters: (slot, name, help).
-const KERNEL_COUNTERS: &[(u32, &str, &str)] = &[
-    (
-        counter::SEND_AFTER_IDLE,
-        "idlemon_sends_after_idle_total",
-        "Sends on sockets idle at least the idle threshold (reuse after idle).",
-    ),
-    (
-        counter::RECEIVE_AFTER_IDLE,
-        "idlemon_receives_after_idle_total",
-        "Segments received on sockets idle at least the idle threshold.",
-    ),
-    (
-        counter::SOCKET_TABLE_FULL,
-        "idlemon_socket_table_full_total",
-        "Times the kernel socket table was full and a socket went unattributed (raise --max-sockets).",
-    ),
-    (
-        counter::KEEPALIVE_PROBES_ANSWERED,
-        "idlemon_keepalive_probes_answered_total",
-        "Keepalive probes the peer answered.",
-    ),
-    (
-        counter::RESETS_SENT,
-        "idlemon_resets_sent_total",
-        "RSTs the host sent.",
-    ),
-    (
-        counter::KEEPALIVE_TIMEOUTS,
-        "idlemon_keepalive_timeouts_total",
-        "Connections the kernel closed after unanswered keepalive probes.",
-    ),
-    (
-        counter::EVENTS_LOST,
-        "idlemon_events_lost_total",
-        "Events the kernel ring buffer had no room for (bursts faster than idlemon reads).",
-    ),
-    (
-        counter::EVENTS_SHED,
-        "idlemon_events_shed_total",
-        "Of idlemon_events_lost_total, events on sockets not idle past the threshold that the \
-         kernel dropped while its ring buffer was three-quarters full, keeping the rest for \
-         idle-timeout evidence.",
-    ),
-    (
-        counter::SYN_RETRANSMITS,
-        "idlemon_syn_retransmits_total",
-        "SYNs the host retransmitted on its connects (counted as each connect succeeds or fails).",
-    ),
-    (
-        counter::KEEPALIVE_TIMER_FIRES,
-        "idlemon_keepalive_timer_runs_total",
-        "Keepalive timer runs on established sockets (0 where the keepalive hook cannot attach).",
-    ),
 ];
 
 /// An owner label of the per-workload series (`--owner-labels`).
@@ -172,80 +122,41 @@ pub struct LabelLimits {
 pub struct Metrics {
     registry: Registry,
     limits: LabelLimits,
-    at_risk_destinations: IntGaugeVec,
+    /// The series rendered at scrape time: the latest walk's and the
+    /// kernel's counters.
+    scraped: Arc<Scraped>,
     attribution_dropped: IntCounter,
-    table_entries: IntGauge,
     pub kubernetes_pods: IntGauge,
     pub kubernetes_watch_errors: IntCounter,
-    /// Label sets set by the last walk, to remove the ones that went away.
-    published: std::sync::Mutex<(Vec<Vec<String>>, Vec<String>)>,
-    state_transitions: IntCounterVec,
-    kernel_counters: Vec<(u32, IntCounter)>,
-    tracked: IntGauge,
-    at_risk: IntGaugeVec,
-    long_idle: IntGaugeVec,
-    pub namespaces: IntGauge,
     pub scans: IntCounter,
     pub scan_errors: IntCounterVec,
     /// Wall time of each walk (a histogram: a 30 s scrape sees every walk
     /// of a 5 s interval, not one in six).
-    pub walk_seconds: Histogram,
+    walk_seconds: Histogram,
     /// CPU time of the walks, summed.
-    pub walk_cpu_seconds: prometheus::Counter,
-    /// The last walk's wall and CPU time: what `cargo xtask bench` reads
-    /// per walk. Dashboards and alerts use the histogram and the counter.
-    pub scan_seconds: Gauge,
-    pub scan_cpu_seconds: Gauge,
+    walk_cpu_seconds: prometheus::Counter,
     node_info: IntGaugeVec,
     idle_timeout_resets: IntCounterVec,
     /// Owner label sets of idlemon_idle_timeout_resets_total so far, capped
     /// at `LabelLimits::owners`.
     reset_owners: std::sync::Mutex<std::collections::HashSet<Vec<String>>>,
-    /// net.ipv4.tcp_keepalive_time per network namespace, and the label
-    /// sets the last walk set.
-    namespace_keepalive: IntGaugeVec,
-    namespace_keepalive_published: std::sync::Mutex<Vec<Vec<String>>>,
-    pub shared_table_walks: IntGauge,
-    pub namespace_walks: IntGauge,
     pub file_walk_available: IntGauge,
     pub ready: IntGauge,
-    resets_received: IntCounterVec,
     retransmit_timeouts: IntCounterVec,
     connect_failures: IntCounterVec,
     destination_connect_failures: IntCounterVec,
-    /// idlemon_destination_established_connections and the labels it
-    /// published at the last walk (stale ones are removed).
-    destination_established: IntGaugeVec,
-    established_published: std::sync::Mutex<Vec<String>>,
-    /// Destinations of idlemon_destination_connect_failures_total so far,
-    /// capped at `LabelLimits::destinations` (the first ones to fail keep
-    /// their series: a counter's series must not come and go).
-    failed_destinations: std::sync::Mutex<std::collections::HashSet<String>>,
-    destination_connects: IntCounterVec,
     events: IntCounterVec,
     idle_before_reset: Histogram,
     pub malformed_events: IntCounter,
     pub event_log_errors: IntCounter,
     event_log_dropped: IntCounterVec,
     pub http_refusals: IntCounterVec,
-    pub last_scan_timestamp: Gauge,
     pub api_walks: IntCounter,
-    /// Keepalive enforcement decisions, by mode and reason (kernel-fed);
-    /// the mode is set once enforcement is on (`enforce_mode`).
-    keepalive_enforcements: IntCounterVec,
-    enforce_mode: std::sync::OnceLock<&'static str>,
-    /// Applications' weakenings of an enforced socket's keepalive, by what
-    /// idlemon did (kernel-fed).
-    keepalive_weakened: IntCounterVec,
     /// cgroup directories keepalive enforcement is attached to.
     pub enforced_cgroups: IntGauge,
     /// SIGHUP rereads of the config file, by result (ok, invalid).
     pub config_reloads: IntCounterVec,
 }
-
-/// The `mode` label of `idlemon_keepalive_weakened_total`, in the order of
-/// the kernel's slots (`enforce::weakened::REPORTED`, `OVERRIDDEN`).
-const WEAKENED_MODES: [&str; 2] = ["report", "override"];
 
 /// The running kernel's release (`uname -r`), for idlemon_node_info.
 pub fn kernel_release() -> String {
@@ -346,39 +257,7 @@ impl Metrics {
         register(Box::new(probe_info))?;
         register(Box::new(degraded))?;
 
-        let state_transitions = IntCounterVec::new(
-            Opts::new(
-                "idlemon_tcp_state_transitions_total",
-                "TCP state transitions seen by the kernel, by new state.",
-            ),
-            &["state"],
-        )?;
-        register(Box::new(state_transitions.clone()))?;
-        for state in &TCP_STATES[1..] {
-            state_transitions.with_label_values(&[state]);
-        }
-        let mut kernel_counters = Vec::new();
-        for &(slot, name, help) in KERNEL_COUNTERS {
-            let counter = IntCounter::new(name, help)?;
-            register(Box::new(counter.clone()))?;
-            kernel_counters.push((slot, counter));
-        }
-
-        let tracked = IntGauge::new(
-            "idlemon_tracked_sockets",
-            "ESTABLISHED TCP sockets tracked, in every network namespace.",
-        )?;
-        register(Box::new(tracked.clone()))?;
         let owner_names = limits.owner_labels.names();
-        let at_risk = IntGaugeVec::new(
-            Opts::new(
-                "idlemon_at_risk_sockets",
-                "Sockets idle at least the threshold whose keepalive cannot keep the path alive, \
-                 by reason and owner (--owner-labels: namespace, workload and optionally pod; \
-                 workload=\"_other\" past the series cap).",
-            ),
-            &[&["reason"][..], &owner_names].concat(),
-        )?;
         let idle_timeout_resets = IntCounterVec::new(
             Opts::new(
                 "idlemon_idle_timeout_resets_total",
@@ -389,40 +268,12 @@ impl Metrics {
             &owner_names,
         )?;
         register(Box::new(idle_timeout_resets.clone()))?;
-        register(Box::new(at_risk.clone()))?;
-        let at_risk_destinations = IntGaugeVec::new(
-            Opts::new(
-                "idlemon_at_risk_destination_sockets",
-                "At-risk sockets by remote address, for the top --destination-labels destinations \
-                 (the rest under destination=\"_other\"); absent unless enabled.",
-            ),
-            &["destination"],
-        )?;
-        if limits.destinations > 0 {
-            register(Box::new(at_risk_destinations.clone()))?;
-        }
         let attribution_dropped = IntCounter::new(
             "idlemon_attribution_series_dropped_total",
             "Owner label sets folded into workload=\"_other\" by --max-attribution-series: \
              per scan for idlemon_at_risk_sockets, per reset for idlemon_idle_timeout_resets_total.",
         )?;
         register(Box::new(attribution_dropped.clone()))?;
-        let namespace_keepalive = IntGaugeVec::new(
-            Opts::new(
-                "idlemon_namespace_keepalive_time_seconds",
-                "Effective net.ipv4.tcp_keepalive_time of each network namespace with ESTABLISHED \
-                 sockets, by namespace inode and pod (empty outside pods): sockets with SO_KEEPALIVE \
-                 and no TCP_KEEPIDLE of their own send their first probe after it. At most \
-                 --max-attribution-series namespaces, pods first.",
-            ),
-            &["netns", "namespace", "pod"],
-        )?;
-        register(Box::new(namespace_keepalive.clone()))?;
-        let table_entries = IntGauge::new(
-            "idlemon_socket_table_entries",
-            "Entries in the kernel socket table (owner, keepalive and reuse state).",
-        )?;
-        register(Box::new(table_entries.clone()))?;
         let table_capacity = IntGauge::new(
             "idlemon_socket_table_capacity",
             "Capacity of the kernel socket table (--max-sockets).",
@@ -439,20 +290,6 @@ impl Metrics {
             "Failed lists or watches of this node's pods (names fall back to pod UIDs).",
         )?;
         register(Box::new(kubernetes_watch_errors.clone()))?;
-        let long_idle = IntGaugeVec::new(
-            Opts::new(
-                "idlemon_long_idle_sockets",
-                "Sockets idle at least the threshold on a path with an idle timeout, by keepalive \
-                 coverage (effective, too_slow, off).",
-            ),
-            &["keepalive"],
-        )?;
-        register(Box::new(long_idle.clone()))?;
-        let namespaces = IntGauge::new(
-            "idlemon_network_namespaces",
-            "Network namespaces walked in the last scan.",
-        )?;
-        register(Box::new(namespaces.clone()))?;
         let scans = IntCounter::new("idlemon_scans_total", "Socket walks completed.")?;
         register(Box::new(scans.clone()))?;
         let scan_errors = IntCounterVec::new(
@@ -476,28 +313,6 @@ impl Metrics {
             "CPU time spent in socket walks and classification.",
         )?;
         register(Box::new(walk_cpu_seconds.clone()))?;
-        let scan_seconds = Gauge::new(
-            "idlemon_scan_duration_seconds",
-            "Wall time of the last socket walk and classification (a 30 s scrape sees one \
-             walk in six: idlemon_walk_duration_seconds has them all).",
-        )?;
-        register(Box::new(scan_seconds.clone()))?;
-        let scan_cpu_seconds = Gauge::new(
-            "idlemon_scan_cpu_seconds",
-            "CPU time of the last socket walk and classification (idlemon_walk_cpu_seconds_total \
-             sums them all).",
-        )?;
-        register(Box::new(scan_cpu_seconds.clone()))?;
-        let shared_table_walks = IntGauge::new(
-            "idlemon_scan_shared_table_walks",
-            "Network namespaces the last scan walked that share the host's TCP connection table: each of those walks passes over every TCP socket of the host (net.ipv4.tcp_child_ehash_entries gives new namespaces their own).",
-        )?;
-        register(Box::new(shared_table_walks.clone()))?;
-        let namespace_walks = IntGauge::new(
-            "idlemon_scan_namespace_walks",
-            "Network namespaces the last scan walked one by one (iter/tcp): those whose sockets the walk of idlemon's socket table did not all find (new ones, sockets from before idlemon started), or every namespace with sockets where that walk cannot run.",
-        )?;
-        register(Box::new(namespace_walks.clone()))?;
         let file_walk_available = IntGauge::new(
             "idlemon_scan_file_walk_available",
             "1 when periodic scans can walk every open file once (iter/task_file) for all network namespaces; 0: the kernel refused it (the log says why), and each namespace is walked by iter/tcp.",
@@ -509,18 +324,6 @@ impl Metrics {
         )?;
         register(Box::new(ready.clone()))?;
 
-        let resets_received = IntCounterVec::new(
-            Opts::new(
-                "idlemon_resets_received_total",
-                "RSTs received on established sockets, by classification \
-                 (unclassified: their events were lost).",
-            ),
-            &["classification"],
-        )?;
-        register(Box::new(resets_received.clone()))?;
-        for classification in ["idle_timeout_suspected", "other", "unclassified"] {
-            resets_received.with_label_values(&[classification]);
-        }
         let retransmit_timeouts = IntCounterVec::new(
             Opts::new(
                 "idlemon_retransmit_timeouts_total",
@@ -556,29 +359,8 @@ impl Metrics {
             ),
             &["destination", "reason"],
         )?;
-        let destination_connects = IntCounterVec::new(
-            Opts::new(
-                "idlemon_destination_connects_succeeded_total",
-                "Connects that succeeded, for the destinations of \
-                 idlemon_destination_connect_failures_total (beside failures, whether other \
-                 connects to the same destination get through); absent unless enabled.",
-            ),
-            &["destination"],
-        )?;
-        let destination_established = IntGaugeVec::new(
-            Opts::new(
-                "idlemon_destination_established_connections",
-                "ESTABLISHED connections this node opened (not accepted ones), by destination \
-                 (address:port), for the top --destination-labels destinations (the rest under \
-                 destination=\"_other\"): what a NAT gateway's 55,000 connections per \
-                 destination and NAT address count; absent unless enabled.",
-            ),
-            &["destination"],
-        )?;
         if limits.destinations > 0 {
-            register(Box::new(destination_established.clone()))?;
             register(Box::new(destination_connect_failures.clone()))?;
-            register(Box::new(destination_connects.clone()))?;
         }
         let events = IntCounterVec::new(
             Opts::new(
@@ -632,49 +414,18 @@ impl Metrics {
             &["listener", "reason"],
         )?;
         register(Box::new(http_refusals.clone()))?;
-        let last_scan_timestamp = Gauge::new(
-            "idlemon_last_scan_timestamp_seconds",
-            "Unix time at which the last socket walk completed.",
-        )?;
-        register(Box::new(last_scan_timestamp.clone()))?;
         let api_walks = IntCounter::new(
             "idlemon_api_walks_total",
             "Complete walks run for /sockets requests (concurrent requests share one).",
         )?;
         register(Box::new(api_walks.clone()))?;
 
-        for risk in Risk::ALL {
-            let mut labels = vec![risk.as_str()];
-            labels.resize(1 + owner_names.len(), "");
-            at_risk.with_label_values(&labels).set(0);
-        }
-        for coverage in Coverage::ALL {
-            long_idle.with_label_values(&[coverage.as_str()]).set(0);
-        }
         for reason in ["gone", "enter", "walk", "not_a_namespace"] {
             scan_errors.with_label_values(&[reason]);
         }
 
-        let keepalive_enforcements = IntCounterVec::new(
-            Opts::new(
-                "idlemon_keepalive_enforcements_total",
-                "Keepalive enforcement decisions on new connections, by mode (dry_run, on) and \
-                 reason (no_keepalive, keepalive_too_slow: set or would set; keepalive_sufficient, \
-                 loopback, no_timeout: left alone; failed; unreadable).",
-            ),
-            &["mode", "reason"],
-        )?;
-        register(Box::new(keepalive_enforcements.clone()))?;
-        let keepalive_weakened = IntCounterVec::new(
-            Opts::new(
-                "idlemon_keepalive_weakened_total",
-                "Applications that turned off, or slowed past the target, the keepalive idlemon \
-                 enforced on their socket (setsockopt SO_KEEPALIVE 0 or a longer TCP_KEEPIDLE), by \
-                 mode: report (let through) or override ([enforce] override: idlemon's value kept).",
-            ),
-            &["mode"],
-        )?;
-        register(Box::new(keepalive_weakened.clone()))?;
+        let scraped = Arc::new(Scraped::new(limits)?);
+        register(Box::new(ScrapeCollector(Arc::clone(&scraped))))?;
         let enforced_cgroups = IntGauge::new(
             "idlemon_keepalive_enforced_cgroups",
             "cgroup directories keepalive enforcement is attached to (selected cgroups, units and \
@@ -696,52 +447,29 @@ impl Metrics {
         Ok(Self {
             registry,
             limits,
-            at_risk_destinations,
+            scraped,
             attribution_dropped,
-            table_entries,
             kubernetes_pods,
             kubernetes_watch_errors,
-            published: std::sync::Mutex::default(),
-            state_transitions,
-            kernel_counters,
-            tracked,
-            at_risk,
-            long_idle,
-            namespaces,
             scans,
             scan_errors,
             walk_seconds,
             walk_cpu_seconds,
-            scan_seconds,
-            scan_cpu_seconds,
             node_info,
             idle_timeout_resets,
             reset_owners: std::sync::Mutex::default(),
-            shared_table_walks,
-            namespace_walks,
             file_walk_available,
             ready,
-            resets_received,
             retransmit_timeouts,
             connect_failures,
             destination_connect_failures,
-            failed_destinations: std::sync::Mutex::default(),
-            destination_established,
-            established_published: std::sync::Mutex::default(),
-            destination_connects,
             events,
             idle_before_reset,
             malformed_events,
             event_log_errors,
             event_log_dropped,
             http_refusals,
-            last_scan_timestamp,
             api_walks,
-            keepalive_enforcements,
-            namespace_keepalive,
-            namespace_keepalive_published: std::sync::Mutex::default(),
-            enforce_mode: std::sync::OnceLock::new(),
-            keepalive_weakened,
             enforced_cgroups,
             config_reloads,
         })
@@ -750,229 +478,24 @@ impl Metrics {
     /// Exports `idlemon_keepalive_enforcements_total` for `mode` (`dry_run`
     /// or `on`), every reason from zero.
     pub fn enable_enforcement(&self, mode: &'static str) {
-        if self.enforce_mode.set(mode).is_ok() {
-            for reason in 0..monitor_common::enforce::reason::COUNT - 1 {
-                self.keepalive_enforcements
-                    .with_label_values(&[mode, crate::events::enforcement_reason(reason)]);
-            }
-            for mode in WEAKENED_MODES {
-                self.keepalive_weakened.with_label_values(&[mode]);
-            }
-        }
+        let _ = self.scraped.enforce_mode.set(mode);
     }
 
-    /// One series per network namespace with sockets (pods first, up to
-    /// the series cap; the rest counted as dropped), stale ones removed.
-    fn observe_namespace_keepalive(&self, summary: &Summary) {
-        let mut current = Vec::new();
-        for (rank, row) in summary.namespace_keepalive.iter().enumerate() {
-            if rank >= self.limits.owners {
-                self.attribution_dropped.inc();
-                continue;
-            }
-            let labels = vec![
-                row.netns.to_string(),
-                row.namespace.clone(),
-                row.pod.clone(),
-            ];
-            let values: Vec<&str> = labels.iter().map(String::as_str).collect();
-            self.namespace_keepalive
-                .with_label_values(&values)
-                .set(i64::try_from(row.keepalive_time_seconds).unwrap_or(i64::MAX));
-            current.push(labels);
-        }
-        let Ok(mut published) = self.namespace_keepalive_published.lock() else {
-            return;
-        };
-        for labels in published.iter().filter(|labels| !current.contains(labels)) {
-            let values: Vec<&str> = labels.iter().map(String::as_str).collect();
-            let _ = self.namespace_keepalive.remove_label_values(&values);
-        }
-        *published = current;
+    /// Reads the kernel's counters at each scrape from now on.
+    pub fn read_kernel(&self, kernel: impl KernelCounters + 'static) {
+        self.scraped.read_kernel(Box::new(kernel));
     }
 
-    /// idlemon_destination_established_connections: the busiest
-    /// destinations by name, the rest folded into `_other`, stale ones removed.
-    fn observe_established(&self, summary: &Summary) {
-        if self.limits.destinations == 0 {
-            return;
-        }
-        let mut destinations: Vec<(&std::net::SocketAddr, &usize)> =
-            summary.opened_destinations.iter().collect();
-        destinations.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
-        let mut series: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
-        for (rank, (destination, count)) in destinations.into_iter().enumerate() {
-            let label = if rank < self.limits.destinations {
-                destination.to_string()
-            } else {
-                "_other".to_owned()
-            };
-            *series.entry(label).or_default() += *count as i64;
-        }
-        let Ok(mut published) = self.established_published.lock() else {
-            return;
-        };
-        for label in published
-            .iter()
-            .filter(|label| !series.contains_key(*label))
-        {
-            let _ = self.destination_established.remove_label_values(&[label]);
-        }
-        for (label, count) in &series {
-            self.destination_established
-                .with_label_values(&[label])
-                .set(*count);
-        }
-        *published = series.into_keys().collect();
-    }
-
-    /// Sets the socket gauges from one walk.
-    pub fn observe(&self, summary: &Summary) {
-        self.tracked.set(summary.tracked as i64);
-        for coverage in Coverage::ALL {
-            self.long_idle
-                .with_label_values(&[coverage.as_str()])
-                .set(summary.long_idle[coverage as usize] as i64);
-        }
-
-        // The busiest owners keep their own series; the rest are folded.
-        let mut owners: Vec<(&(Risk, [String; 3]), &usize)> = summary.at_risk.iter().collect();
-        owners.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
-        let chosen = self.limits.owner_labels;
-        let with_reason = |risk: Risk, owner: Vec<String>| {
-            let mut labels = vec![risk.as_str().to_owned()];
-            labels.extend(owner);
-            labels
-        };
-        let mut series: std::collections::BTreeMap<Vec<String>, i64> = Risk::ALL
-            .iter()
-            .map(|risk| {
-                (
-                    with_reason(*risk, vec![String::new(); chosen.names().len()]),
-                    0,
-                )
-            })
-            .collect();
-        let mut dropped = 0;
-        // Owners that differ only in a label left out (pods of one workload)
-        // share a series; the cap counts series, not owners.
-        let mut kept = std::collections::HashSet::new();
-        for ((risk, owner), count) in owners {
-            let picked = chosen.pick(owner);
-            let labels = if kept.contains(&picked) || kept.len() < self.limits.owners {
-                kept.insert(picked.clone());
-                with_reason(*risk, picked)
-            } else {
-                dropped += 1;
-                with_reason(*risk, chosen.other())
-            };
-            *series.entry(labels).or_default() += *count as i64;
-        }
+    /// Publishes one walk: its gauges are what scrapes see until the next
+    /// one; its cost goes to the walk histogram and counters.
+    pub fn publish_walk(&self, summary: &Summary, cost: WalkCost) {
+        let (series, dropped) = WalkSeries::fold(summary, cost, &self.limits);
         self.attribution_dropped.inc_by(dropped);
-        self.observe_namespace_keepalive(summary);
-        self.observe_established(summary);
-
-        let mut destinations: Vec<(&std::net::IpAddr, &usize)> =
-            summary.at_risk_destinations.iter().collect();
-        destinations.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
-        let mut destination_series: std::collections::BTreeMap<String, i64> =
-            std::collections::BTreeMap::new();
-        if self.limits.destinations > 0 {
-            for (rank, (destination, count)) in destinations.into_iter().enumerate() {
-                let label = if rank < self.limits.destinations {
-                    destination.to_string()
-                } else {
-                    "_other".to_owned()
-                };
-                *destination_series.entry(label).or_default() += *count as i64;
-            }
-        }
-
-        let Ok(mut published) = self.published.lock() else {
-            return;
-        };
-        let (old_owners, old_destinations) = &*published;
-        for labels in old_owners
-            .iter()
-            .filter(|labels| !series.contains_key(*labels))
-        {
-            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-            let _ = self.at_risk.remove_label_values(&labels);
-        }
-        for label in old_destinations
-            .iter()
-            .filter(|label| !destination_series.contains_key(*label))
-        {
-            let _ = self.at_risk_destinations.remove_label_values(&[label]);
-        }
-        for (labels, count) in &series {
-            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-            self.at_risk.with_label_values(&labels).set(*count);
-        }
-        for (label, count) in &destination_series {
-            self.at_risk_destinations
-                .with_label_values(&[label])
-                .set(*count);
-        }
-        *published = (
-            series.into_keys().collect(),
-            destination_series.into_keys().collect(),
-        );
-    }
-
-    /// Brings the kernel-fed counters up to the kernel's totals (summed over
-    /// CPUs). Counters only move forward.
-    pub fn sync_kernel_counters(&self, totals: &[u64]) {
-        let advance = |counter: &IntCounter, total: u64| {
-            let seen = counter.get();
-            if total > seen {
-                counter.inc_by(total - seen);
-            }
-        };
-        for (state, name) in TCP_STATES.iter().enumerate().skip(1) {
-            if let Some(&total) = totals.get(state) {
-                advance(&self.state_transitions.with_label_values(&[name]), total);
-            }
-        }
-        for (slot, counter) in &self.kernel_counters {
-            if let Some(&total) = totals.get(*slot as usize) {
-                advance(counter, total);
-            }
-        }
-        if let (Some(&inserts), Some(&removes)) = (
-            totals.get(counter::SOCKET_TABLE_INSERTS as usize),
-            totals.get(counter::SOCKET_TABLE_REMOVES as usize),
-        ) {
-            self.table_entries
-                .set(inserts.saturating_sub(removes) as i64);
-        }
-        if let Some(mode) = self.enforce_mode.get() {
-            for reason in 0..monitor_common::enforce::reason::COUNT {
-                if let Some(&total) = totals.get((counter::ENFORCEMENTS + reason) as usize)
-                    && total > 0
-                {
-                    advance(
-                        &self
-                            .keepalive_enforcements
-                            .with_label_values(&[mode, crate::events::enforcement_reason(reason)]),
-                        total,
-                    );
-                }
-            }
-        }
-        if self.enforce_mode.get().is_some() {
-            for (outcome, mode) in WEAKENED_MODES.iter().enumerate() {
-                if let Some(&total) = totals.get(counter::WEAKENED as usize + outcome) {
-                    advance(&self.keepalive_weakened.with_label_values(&[mode]), total);
-                }
-            }
-        }
-        if let Some(&lost) = totals.get(counter::RESET_EVENTS_LOST as usize) {
-            advance(
-                &self.resets_received.with_label_values(&["unclassified"]),
-                lost,
-            );
-        }
+        self.scraped.publish(series);
+        self.walk_seconds.observe(cost.wall_seconds);
+        self.walk_cpu_seconds.inc_by(cost.cpu_seconds);
+        // Last: a scraper that sees the count move sees this walk's gauges.
+        self.scans.inc();
     }
 
     /// Sets idlemon_node_info.
@@ -1000,7 +523,8 @@ impl Metrics {
             _ => return,
         }
         let classification = record.classification.unwrap_or(Classification::Other);
-        self.resets_received
+        self.scraped
+            .resets_received
             .with_label_values(&[classification.as_str()])
             .inc();
         if classification == Classification::IdleTimeoutSuspected {
@@ -1035,7 +559,7 @@ impl Metrics {
             return;
         }
         let destination = record.remote.to_string();
-        let label = match self.failed_destinations.lock() {
+        let label = match self.scraped.failed_destinations.lock() {
             Ok(mut seen)
                 if seen.contains(&destination) || seen.len() < self.limits.destinations =>
             {
@@ -1047,28 +571,6 @@ impl Metrics {
         self.destination_connect_failures
             .with_label_values(&[&label, reason.as_str()])
             .inc();
-    }
-
-    /// Brings idlemon_destination_connects_succeeded_total up to the
-    /// kernel's count (`succeeded`: the `CONNECTS` map) for each destination
-    /// that has a failure series.
-    pub fn sync_destination_connects(
-        &self,
-        succeeded: impl Fn(std::net::SocketAddr) -> Option<u64>,
-    ) {
-        let Ok(destinations) = self.failed_destinations.lock() else {
-            return;
-        };
-        for destination in destinations.iter() {
-            let Ok(address) = destination.parse() else {
-                continue;
-            };
-            let total = succeeded(address).unwrap_or(0);
-            let counter = self.destination_connects.with_label_values(&[destination]);
-            if total > counter.get() {
-                counter.inc_by(total - counter.get());
-            }
-        }
     }
 
     pub fn event_log_dropped(&self, kind: Kind) {
@@ -1088,7 +590,10 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
+    use monitor_common::counter;
+
     use super::*;
+    use crate::sockets::Risk;
 
     #[test]
     fn build_info_names_version_revision_and_arch() {
@@ -1107,24 +612,105 @@ mod tests {
     }
 
     #[test]
-    fn kernel_counters_advance_and_never_go_back() {
+    fn kernel_counters_are_summed_at_scrape_and_never_go_back() {
         let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
+        metrics.enable_enforcement("dry_run");
+        let kernel = FakeKernel::default();
+        metrics.read_kernel(kernel.clone());
         let mut totals = vec![0u64; counter::SLOTS as usize];
         totals[1] = 5;
         totals[counter::SEND_AFTER_IDLE as usize] = 2;
-        metrics.sync_kernel_counters(&totals);
+        totals[counter::SOCKET_TABLE_INSERTS as usize] = 10;
+        totals[counter::SOCKET_TABLE_REMOVES as usize] = 4;
+        totals[counter::RESET_EVENTS_LOST as usize] = 3;
+        totals[counter::ENFORCEMENTS as usize] = 6;
+        kernel.set(&totals);
+        let text = metrics.render().expect("render");
+        for series in [
+            "idlemon_tcp_state_transitions_total{state=\"ESTABLISHED\"} 5",
+            "idlemon_tcp_state_transitions_total{state=\"NEW_SYN_RECV\"} 0",
+            "idlemon_sends_after_idle_total 2",
+            "idlemon_socket_table_entries 6",
+            "idlemon_resets_received_total{classification=\"unclassified\"} 3",
+            "idlemon_resets_received_total{classification=\"other\"} 0",
+            "idlemon_keepalive_enforcements_total{mode=\"dry_run\",reason=\"no_keepalive\"} 6",
+            "# TYPE idlemon_sends_after_idle_total counter",
+            "# TYPE idlemon_socket_table_entries gauge",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+        // Every reason from zero, each once.
+        let enforcements = text
+            .lines()
+            .filter(|line| line.starts_with("idlemon_keepalive_enforcements_total{"))
+            .count();
+        assert_eq!(enforcements, 7, "{text}");
+        assert!(text.contains(
+            "idlemon_keepalive_enforcements_total{mode=\"dry_run\",reason=\"unreadable\"} 0"
+        ));
+        // A read that fails (0) or goes back does not take a counter back.
         totals[1] = 3;
-        metrics.sync_kernel_counters(&totals);
+        totals[counter::SEND_AFTER_IDLE as usize] = 7;
+        kernel.set(&totals);
         let text = metrics.render().expect("render");
         assert!(text.contains("idlemon_tcp_state_transitions_total{state=\"ESTABLISHED\"} 5"));
-        assert!(text.contains("idlemon_sends_after_idle_total 2"));
+        assert!(text.contains("idlemon_sends_after_idle_total 7"));
+        kernel.set(&[]);
+        assert!(
+            metrics
+                .render()
+                .expect("render")
+                .contains("idlemon_sends_after_idle_total 7")
+        );
+    }
+
+    #[test]
+    fn without_the_kernel_counters_start_at_zero() {
+        let text = Metrics::new(300.0, 350.0, &[], LIMITS)
+            .expect("metrics")
+            .render()
+            .expect("render");
+        assert!(text.contains("idlemon_tcp_state_transitions_total{state=\"ESTABLISHED\"} 0"));
+        assert!(text.contains("idlemon_sends_after_idle_total 0"));
         assert!(text.contains("idlemon_idle_timeout_seconds 350"));
         assert!(text.contains(
             "idlemon_at_risk_sockets{namespace=\"\",reason=\"keepalive_too_slow\",workload=\"\"} 0"
         ));
+        assert!(text.contains("idlemon_tracked_sockets 0"));
+        assert!(text.contains("idlemon_long_idle_sockets{keepalive=\"off\"} 0"));
+        // Off unless enabled.
+        assert!(!text.contains("idlemon_keepalive_enforcements_total"));
         // The daemon's own cost, from the process collector.
         assert!(text.contains("process_cpu_seconds_total "), "{text}");
         assert!(text.contains("process_resident_memory_bytes "));
+    }
+
+    /// Kernel counters a test sets.
+    #[derive(Clone, Default)]
+    struct FakeKernel {
+        totals: Arc<std::sync::Mutex<Vec<u64>>>,
+        connects: Arc<std::sync::Mutex<Vec<(std::net::SocketAddr, u64)>>>,
+    }
+
+    impl FakeKernel {
+        fn set(&self, totals: &[u64]) {
+            *self.totals.lock().expect("lock") = totals.to_vec();
+        }
+    }
+
+    impl KernelCounters for FakeKernel {
+        fn totals(&self) -> Vec<u64> {
+            self.totals.lock().expect("lock").clone()
+        }
+
+        fn connects_succeeded(&self, destination: std::net::SocketAddr) -> Option<u64> {
+            self.connects
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|(address, _)| *address == destination)
+                .map(|(_, count)| *count)
+        }
     }
 
     /// Every `idlemon_*` and `process_*` name a dashboard query or alert rule
@@ -1152,13 +738,27 @@ mod tests {
             .with_label_values(&["198.51.100.2:5432", "timeout"])
             .inc();
         metrics
-            .destination_connects
-            .with_label_values(&["198.51.100.2:5432"])
-            .inc();
-        metrics
-            .destination_established
-            .with_label_values(&["198.51.100.2:443"])
-            .set(1);
+            .scraped
+            .failed_destinations
+            .lock()
+            .expect("lock")
+            .insert("198.51.100.2:5432".to_owned());
+        let mut summary = Summary::default();
+        summary
+            .at_risk_destinations
+            .insert("198.51.100.2".parse().expect("ip"), 1);
+        summary
+            .namespace_keepalive
+            .push(crate::sockets::NamespaceKeepalive {
+                pod: "cart-1".to_owned(),
+                namespace: "shop".to_owned(),
+                netns: 7,
+                keepalive_time_seconds: 60,
+            });
+        summary
+            .opened_destinations
+            .insert("198.51.100.2:443".parse().expect("address"), 1);
+        metrics.publish_walk(&summary, WalkCost::default());
         let mut exported = std::collections::BTreeSet::new();
         for family in metrics.registry.gather() {
             let name = family.name().to_owned();
@@ -1317,7 +917,7 @@ mod tests {
             ],
             ..Summary::default()
         };
-        metrics.observe(&summary);
+        metrics.publish_walk(&summary, WalkCost::default());
         let text = metrics.render().expect("render");
         assert_eq!(
             series(&text),
@@ -1332,7 +932,7 @@ mod tests {
         );
         // The api pod went away.
         summary.namespace_keepalive = vec![row(7, "shop", "cart-1", 30)];
-        metrics.observe(&summary);
+        metrics.publish_walk(&summary, WalkCost::default());
         assert_eq!(
             series(&metrics.render().expect("render")),
             [
@@ -1357,7 +957,7 @@ mod tests {
         summary
             .at_risk_destinations
             .insert("10.0.0.2".parse().expect("ip"), 4);
-        metrics.observe(&summary);
+        metrics.publish_walk(&summary, WalkCost::default());
         let text = metrics.render().expect("render");
         let line = |labels: &str| {
             text.lines()
@@ -1388,7 +988,7 @@ mod tests {
         assert!(text.contains("idlemon_at_risk_destination_sockets{destination=\"10.0.0.1\"} 7"));
         assert!(text.contains("idlemon_at_risk_destination_sockets{destination=\"_other\"} 4"));
 
-        metrics.observe(&Summary::default());
+        metrics.publish_walk(&Summary::default(), WalkCost::default());
         let text = metrics.render().expect("render");
         assert!(!text.contains("workload=\"a\""), "stale series removed");
         assert!(!text.contains("destination=\"10.0.0.1\""));
@@ -1408,7 +1008,7 @@ mod tests {
         summary.at_risk.insert(pod("cart-7d9f-abcde"), 2);
         summary.at_risk.insert(pod("cart-7d9f-fghij"), 3);
         summary.at_risk.insert(owner(Risk::NoKeepalive, "b"), 1);
-        metrics.observe(&summary);
+        metrics.publish_walk(&summary, WalkCost::default());
         let text = metrics.render().expect("render");
         assert!(
             text.contains(
@@ -1435,22 +1035,171 @@ mod tests {
     }
 
     #[test]
-    fn walks_are_a_histogram_and_a_cpu_counter() {
+    fn walks_are_a_histogram_a_cpu_counter_and_the_last_walks_gauges() {
         let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
-        metrics.walk_seconds.observe(0.003);
-        metrics.walk_seconds.observe(0.2);
-        metrics.walk_cpu_seconds.inc_by(0.25);
-        metrics.walk_cpu_seconds.inc_by(0.5);
+        let cost = |wall_seconds: f64, cpu_seconds: f64| WalkCost {
+            namespaces: 3,
+            namespace_walks: 2,
+            shared_table_walks: 1,
+            wall_seconds,
+            cpu_seconds,
+            finished_at: 1_700_000_000.0,
+        };
+        metrics.publish_walk(&Summary::default(), cost(0.003, 0.25));
+        metrics.publish_walk(&Summary::default(), cost(0.2, 0.5));
         metrics.node_info("node-a", "6.18.0");
         let text = metrics.render().expect("render");
-        assert!(text.contains("idlemon_walk_duration_seconds_bucket{le=\"0.005\"} 1"));
-        assert!(text.contains("idlemon_walk_duration_seconds_bucket{le=\"0.25\"} 2"));
-        assert!(text.contains("idlemon_walk_duration_seconds_count 2"));
+        for series in [
+            "idlemon_walk_duration_seconds_bucket{le=\"0.005\"} 1",
+            "idlemon_walk_duration_seconds_bucket{le=\"0.25\"} 2",
+            "idlemon_walk_duration_seconds_count 2",
+            "idlemon_walk_cpu_seconds_total 0.75",
+            "idlemon_scans_total 2",
+            // The last walk's.
+            "idlemon_scan_duration_seconds 0.2",
+            "idlemon_scan_cpu_seconds 0.5",
+            "idlemon_network_namespaces 3",
+            "idlemon_scan_namespace_walks 2",
+            "idlemon_scan_shared_table_walks 1",
+            "idlemon_last_scan_timestamp_seconds 1700000000",
+            "idlemon_node_info{kernel_release=\"6.18.0\",node=\"node-a\"} 1",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_gauges_render_the_last_walk_of_a_built_snapshot_and_nothing_older() {
+        use std::{num::NonZeroU32, time::Duration};
+
+        use monitor_common::{AF_INET, SocketRecord};
+
+        use crate::{
+            config::{IdleTimeout, PathConfig},
+            sockets::{Classifier, SnapshotBuilder},
+        };
+
+        const HZ: u32 = 100;
+        let classifier = std::sync::Arc::new(Classifier {
+            hz: HZ,
+            idle_threshold: Duration::from_secs(300),
+            default_timeout: IdleTimeout::After(NonZeroU32::new(350).expect("non-zero")),
+            paths: PathConfig::default(),
+            keepalive_timer_seen: false,
+            weakened: Default::default(),
+        });
+        // Sockets of process `pid` (in its own network namespace) to
+        // `remote`, idle `idle` seconds, with keepalive on or off.
+        let record = |pid: u32, remote: [u8; 4], idle: u32, keepalive: bool| {
+            let mut record = SocketRecord {
+                family: AF_INET,
+                local_port: 40000,
+                remote_port: 5432,
+                netns: 4026531000 + pid,
+                keepalive_enabled: u8::from(keepalive),
+                last_send_age: idle * HZ,
+                last_recv_age: idle * HZ,
+                last_ack_age: idle * HZ,
+                ns_keepalive_time: 7200 * HZ,
+                ns_keepalive_intvl: 75 * HZ,
+                ns_keepalive_probes: 9,
+                info_known: monitor_common::INFO_KNOWN,
+                ..SocketRecord::default()
+            };
+            record.info.owner_tgid = pid;
+            record.remote_addr[..4].copy_from_slice(&remote);
+            record
+        };
+        let walk = |records: &[SocketRecord]| {
+            let mut builder = SnapshotBuilder::new(std::sync::Arc::clone(&classifier), 0, false);
+            for record in records {
+                builder.add(record, |pid, _| {
+                    std::sync::Arc::new(crate::attribution::Attribution {
+                        namespace: Some("shop".to_owned()),
+                        pod: pid.map(|pid| format!("pod-{pid}")),
+                        workload: pid.map(|pid| format!("app-{pid}")),
+                        ..Default::default()
+                    })
+                });
+            }
+            Summary::of(&builder.finish(std::time::Instant::now()))
+        };
+        let metrics = Metrics::new(300.0, 350.0, &[], LIMITS).expect("metrics");
+        let db = [10, 0, 0, 9];
+        let cache = [10, 0, 0, 7];
+        metrics.publish_walk(
+            &walk(&[
+                record(1, db, 400, false),
+                record(1, db, 500, false),
+                record(2, cache, 400, true),
+                record(2, cache, 450, true),
+                record(3, db, 400, false),
+                record(3, cache, 10, false),
+            ]),
+            WalkCost::default(),
+        );
+        let text = metrics.render().expect("render");
+        let family = |name: &str| -> Vec<&str> {
+            text.lines()
+                .filter(|line| {
+                    line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+                })
+                .collect()
+        };
+        assert_eq!(
+            family("idlemon_tracked_sockets"),
+            ["idlemon_tracked_sockets 6"]
+        );
+        // Two owner series (LIMITS); the third busiest is folded.
+        assert_eq!(
+            family("idlemon_at_risk_sockets"),
+            [
+                "idlemon_at_risk_sockets{namespace=\"\",reason=\"keepalive_too_slow\",workload=\"\"} 0",
+                "idlemon_at_risk_sockets{namespace=\"\",reason=\"no_keepalive\",workload=\"\"} 0",
+                "idlemon_at_risk_sockets{namespace=\"\",reason=\"no_keepalive\",workload=\"_other\"} 1",
+                "idlemon_at_risk_sockets{namespace=\"shop\",reason=\"keepalive_too_slow\",workload=\"app-2\"} 2",
+                "idlemon_at_risk_sockets{namespace=\"shop\",reason=\"no_keepalive\",workload=\"app-1\"} 2",
+            ]
+        );
+        assert_eq!(
+            family("idlemon_long_idle_sockets"),
+            [
+                "idlemon_long_idle_sockets{keepalive=\"effective\"} 0",
+                "idlemon_long_idle_sockets{keepalive=\"off\"} 3",
+                "idlemon_long_idle_sockets{keepalive=\"too_slow\"} 2",
+            ]
+        );
+        // One destination series (LIMITS): the busiest.
+        assert_eq!(
+            family("idlemon_at_risk_destination_sockets"),
+            [
+                "idlemon_at_risk_destination_sockets{destination=\"10.0.0.9\"} 3",
+                "idlemon_at_risk_destination_sockets{destination=\"_other\"} 2",
+            ]
+        );
+        assert_eq!(family("idlemon_namespace_keepalive_time_seconds").len(), 2);
+        // Per walk: one owner set and one namespace past the caps.
         assert!(
-            text.contains("idlemon_walk_cpu_seconds_total 0.75"),
+            text.contains("idlemon_attribution_series_dropped_total 2"),
             "{text}"
         );
-        assert!(text.contains("idlemon_node_info{kernel_release=\"6.18.0\",node=\"node-a\"} 1"));
+
+        // The next walk finds only the cache's socket: nothing of the first
+        // walk is left behind.
+        metrics.publish_walk(&walk(&[record(2, cache, 400, true)]), WalkCost::default());
+        let text = metrics.render().expect("render");
+        assert!(!text.contains("app-1"), "{text}");
+        assert!(!text.contains("workload=\"_other\"}"), "{text}");
+        assert!(!text.contains("destination=\"_other\"}"), "{text}");
+        assert!(!text.contains("10.0.0.9"), "{text}");
+        assert!(text.contains(
+            "idlemon_namespace_keepalive_time_seconds{namespace=\"shop\",netns=\"4026531002\",pod=\"pod-2\"} 7200"
+        ), "{text}");
+        assert!(text.contains("idlemon_tracked_sockets 1"));
+        assert!(text.contains("idlemon_attribution_series_dropped_total 2"));
+        assert!(text.contains(
+            "# HELP idlemon_at_risk_sockets Sockets idle at least the threshold whose keepalive cannot keep the path alive, by reason and owner"
+        ));
     }
 
     fn reset(classification: Classification, workload: &str) -> EventRecord {
@@ -1522,9 +1271,13 @@ mod tests {
         ] {
             assert!(text.contains(series), "{series} missing:\n{text}");
         }
-        metrics.sync_destination_connects(|address| {
-            (address.to_string() == "198.51.100.2:5432").then_some(3)
-        });
+        let kernel = FakeKernel::default();
+        kernel
+            .connects
+            .lock()
+            .expect("lock")
+            .push(("198.51.100.2:5432".parse().expect("address"), 3));
+        metrics.read_kernel(kernel);
         let text = metrics.render().expect("render");
         assert!(
             text.contains(

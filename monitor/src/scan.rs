@@ -24,7 +24,7 @@ use crate::{
     attribution::{Attributor, pods::PodCache},
     kernel::netns::{self, WalkError, Walked, Walker},
     liveness::Liveness,
-    metrics::Metrics,
+    metrics::{Metrics, WalkCost},
     sockets::{
         Classifier, OpenedBeforeStart, PreviousOwners, Risk, SnapshotBuilder, Summary, WalkMap,
     },
@@ -160,7 +160,6 @@ fn run(
         // The previous table is freed here (or when its last reader is done).
         publish.send_replace(Arc::new(snapshot));
         config.liveness.walked();
-        metrics.last_scan_timestamp.set(unix_now());
         if complete {
             asked = false;
             metrics.api_walks.inc();
@@ -325,10 +324,21 @@ fn scan(
         opened.count(&snapshot, &mut summary);
     }
 
-    metrics.observe(&summary);
-    metrics.namespaces.set(namespaces.len() as i64);
-    metrics.namespace_walks.set(namespace_walks as i64);
-    metrics.shared_table_walks.set(shared_tables as i64);
+    let (wall, cpu) = (
+        started.elapsed().as_secs_f64(),
+        (thread_cpu_time() - cpu_started).as_secs_f64(),
+    );
+    metrics.publish_walk(
+        &summary,
+        WalkCost {
+            namespaces: namespaces.len(),
+            namespace_walks,
+            shared_table_walks: shared_tables,
+            wall_seconds: wall,
+            cpu_seconds: cpu,
+            finished_at: unix_now(),
+        },
+    );
     if shared_tables >= SHARED_TABLE_WALKS_TO_TELL && !state.told_shared_tables {
         state.told_shared_tables = true;
         warn!(
@@ -336,15 +346,6 @@ fn scan(
             "each scan walks the host's whole TCP connection table once for every network namespace with sockets that shares it, which is most of its CPU (idlemon_walk_cpu_seconds_total); setting net.ipv4.tcp_child_ehash_entries (Linux 6.1+, e.g. to 1024) before pods start gives each new namespace a table of its own"
         );
     }
-    metrics.scans.inc();
-    let (wall, cpu) = (
-        started.elapsed().as_secs_f64(),
-        (thread_cpu_time() - cpu_started).as_secs_f64(),
-    );
-    metrics.walk_seconds.observe(wall);
-    metrics.walk_cpu_seconds.inc_by(cpu);
-    metrics.scan_seconds.set(wall);
-    metrics.scan_cpu_seconds.set(cpu);
     debug!(
         sockets = snapshot.sockets.len(),
         owners = snapshot.owners.len(),

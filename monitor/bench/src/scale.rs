@@ -153,6 +153,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let flagged = daemon.sample_scans(bench.settings.scan_samples, SCAN_INTERVAL)?;
     let memory_use = daemon::process_memory(daemon.pid())?;
     let rss = memory_use.rss;
+    let (scrapes, scrape_bytes) = time_scrapes(&mut daemon)?;
     let metrics = daemon.metrics()?;
     let tracked = metrics.value("idlemon_tracked_sockets").unwrap_or(0.0);
     let table_full = metrics
@@ -222,6 +223,19 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
             &[],
         );
     }
+    table.summary_row(
+        "GET /metrics, wall (every socket flagged)",
+        scrapes,
+        |v| format!("{:.2} ms", v * 1e3),
+        &[],
+    );
+    table.row([
+        "  its Prometheus text".to_owned(),
+        "1".to_owned(),
+        String::new(),
+        format!("{scrape_bytes} bytes"),
+        String::new(),
+    ]);
     table.row([
         "time to track every pre-existing socket".to_owned(),
         "1".to_owned(),
@@ -377,10 +391,30 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         }
     }
     bench.check(Check::info(
+        &label("GET /metrics wall, median"),
+        scrapes.map_or_else(|| "-".to_owned(), |s| format!("{:.2} ms", s.median * 1e3)),
+    ));
+    bench.check(Check::info(
         &label("time to track pre-existing sockets"),
         format!("{:.2} s", time_to_track.as_secs_f64()),
     ));
     Ok(())
+}
+
+/// Scrapes timed back to back once every socket is flagged.
+const SCRAPES: usize = 20;
+
+/// The wall time of `SCRAPES` scrapes of /metrics (connect, render, read;
+/// what Prometheus waits for), and the size of the last one's text.
+fn time_scrapes(daemon: &mut Daemon) -> anyhow::Result<(Option<Summary>, usize)> {
+    let mut walls = Vec::with_capacity(SCRAPES);
+    let mut bytes = 0;
+    for _ in 0..SCRAPES {
+        let started = Instant::now();
+        bytes = daemon.metrics()?.0.len();
+        walls.push(started.elapsed().as_secs_f64());
+    }
+    Ok((Summary::of(&walls), bytes))
 }
 
 /// Thread CPU time of a walk of `iter/{target}` by a no-op program, from a
