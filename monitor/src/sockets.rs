@@ -44,34 +44,17 @@ pub fn comm(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::HashSet,
-        net::SocketAddr,
-        num::NonZeroU32,
-        sync::Arc,
-        time::{Duration, Instant},
-    };
+    use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Instant};
 
     use monitor_common::{AF_INET, AF_INET6, SocketRecord};
 
     use super::*;
-    use crate::{
-        attribution::Attribution,
-        config::{IdleTimeout, PathConfig},
-        fix::Fix,
-    };
+    use crate::{attribution::Attribution, fix::Fix};
 
     const HZ: u32 = 250;
 
     fn classifier(paths: &str) -> Classifier {
-        Classifier {
-            hz: HZ,
-            idle_threshold: Duration::from_secs(300),
-            default_timeout: IdleTimeout::After(NonZeroU32::new(350).expect("non-zero")),
-            paths: PathConfig::parse(paths, "test.toml").expect("valid config"),
-            keepalive_timer_seen: false,
-            weakened: Default::default(),
-        }
+        Classifier::for_tests(HZ, paths)
     }
 
     /// An IPv4 socket idle `idle` seconds, with the usual 7200 s namespace keepalive.

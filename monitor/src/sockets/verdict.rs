@@ -83,6 +83,23 @@ pub struct Classifier {
     pub weakened: Arc<Weakenings>,
 }
 
+#[cfg(test)]
+impl Classifier {
+    /// A classifier for unit tests: `hz` ticks per second, a 300 s idle
+    /// threshold, a 350 s default timeout and the `[[path]]` rules of
+    /// `paths` (a config file's text).
+    pub(crate) fn for_tests(hz: u32, paths: &str) -> Self {
+        Self {
+            hz,
+            idle_threshold: Duration::from_secs(300),
+            default_timeout: IdleTimeout::After(NonZeroU32::new(350).expect("non-zero")),
+            paths: PathConfig::parse(paths, "test.toml").expect("valid config"),
+            keepalive_timer_seen: false,
+            weakened: Default::default(),
+        }
+    }
+}
+
 /// What the verdict needs to know of a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Facts {
@@ -200,14 +217,7 @@ mod tests {
     const HZ: u32 = 100;
 
     fn classifier(paths: &str) -> Classifier {
-        Classifier {
-            hz: HZ,
-            idle_threshold: Duration::from_secs(300),
-            default_timeout: IdleTimeout::After(NonZeroU32::new(350).expect("non-zero")),
-            paths: PathConfig::parse(paths, "test.toml").expect("valid config"),
-            keepalive_timer_seen: false,
-            weakened: Default::default(),
-        }
+        Classifier::for_tests(HZ, paths)
     }
 
     /// Idle `idle` seconds on a 350 s path, keepalive after `keepalive` seconds.
