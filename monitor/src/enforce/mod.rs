@@ -319,55 +319,21 @@ impl Enforcer {
         } else {
             load_setsockopt(ebpf)
         };
-        hooks.push(match &setsockopt {
-            Ok(()) => HookStatus {
-                hook: "enforce_setsockopt",
-                kind: Some(AttachKind::CgroupSockopt),
-                refused: Vec::new(),
-                lost: None,
-                degraded: false,
-            },
-            Err(error) => {
-                let reason = format!("{error:#}");
-                warn!(
-                    %reason,
-                    "an application that turns off or slows the keepalive idlemon set is not seen \
-                     (needs cgroup/setsockopt programs, Linux 5.3+); enforcement goes on"
-                );
-                HookStatus {
-                    hook: "enforce_setsockopt",
-                    kind: None,
-                    refused: vec![(AttachKind::CgroupSockopt, reason)],
-                    lost: crate::probes::enforce_hook_lost("enforce_setsockopt"),
-                    degraded: false,
-                }
-            }
-        });
+        hooks.push(optional_hook(
+            "enforce_setsockopt",
+            AttachKind::CgroupSockopt,
+            &setsockopt,
+            "an application that turns off or slows the keepalive idlemon set is not seen \
+             (needs cgroup/setsockopt programs, Linux 5.3+); enforcement goes on",
+        ));
         let walk = load_walk(ebpf, btf);
-        hooks.push(match &walk {
-            Ok(()) => HookStatus {
-                hook: "enforce_existing",
-                kind: Some(AttachKind::Iter),
-                refused: Vec::new(),
-                lost: None,
-                degraded: false,
-            },
-            Err(error) => {
-                let reason = format!("{error:#}");
-                warn!(
-                    %reason,
-                    "connections older than idlemon (or than their selection) are not enforced \
-                     (the walk needs bpf_setsockopt in iter/tcp, Linux 5.15+); new ones are"
-                );
-                HookStatus {
-                    hook: "enforce_existing",
-                    kind: None,
-                    refused: vec![(AttachKind::Iter, reason)],
-                    lost: crate::probes::enforce_hook_lost("enforce_existing"),
-                    degraded: false,
-                }
-            }
-        });
+        hooks.push(optional_hook(
+            "enforce_existing",
+            AttachKind::Iter,
+            &walk,
+            "connections older than idlemon (or than their selection) are not enforced \
+             (the walk needs bpf_setsockopt in iter/tcp, Linux 5.15+); new ones are",
+        ));
         if plan.selection.pods.is_some() && pods.is_none() {
             warn!(
                 "[enforce] selects pods by namespace or label, but there is no pod watch \
@@ -781,6 +747,37 @@ fn established_sockets(
             })
         })
         .collect()
+}
+
+/// The status of an enforcement program that enforcement can do without:
+/// attached, or refused with its reason and a warning saying what is lost
+/// (never degraded: enforcement goes on).
+fn optional_hook(
+    hook: &'static str,
+    kind: AttachKind,
+    loaded: &anyhow::Result<()>,
+    without: &str,
+) -> HookStatus {
+    match loaded {
+        Ok(()) => HookStatus {
+            hook,
+            kind: Some(kind),
+            refused: Vec::new(),
+            lost: None,
+            degraded: false,
+        },
+        Err(error) => {
+            let reason = format!("{error:#}");
+            warn!(%reason, "{without}");
+            HookStatus {
+                hook,
+                kind: None,
+                refused: vec![(kind, reason)],
+                lost: crate::probes::enforce_hook_lost(hook),
+                degraded: false,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
