@@ -187,18 +187,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     };
     let enforced = decided(&after) - decided(&before);
     let enforced_with_stats = decided(&stats_metrics) - decided(&after);
-    let ratios: Vec<f64> = a.iter().zip(&b).map(|(a, b)| b / a).collect();
-    let rate = |v: f64| format!("{v:.0}");
-    let mut table = Table::new(&["connections/s", "n", "min", "median", "max"]);
-    table.summary_row("A: not enforced", Summary::of(&a), rate, &[]);
-    table.summary_row("B: enforced", Summary::of(&b), rate, &[]);
-    table.summary_row(
-        "B/A per pair",
-        Summary::of(&ratios),
-        |v| format!("{v:.3}"),
-        &[],
-    );
-    print!("{}", table.render());
+    let ratios = print_pairs("connections/s", "B: enforced", &a, &b);
     let program = super::run_deltas(&stats_before, &stats_after)
         .into_iter()
         .find(|(_, _, prog)| prog.name.starts_with("enforce_keepa"));
@@ -244,17 +233,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         ));
     }
     if let Some((calls_a, calls_b, stats_before, stats_after, stats_rate)) = calls.pop() {
-        let ratios: Vec<f64> = calls_a.iter().zip(&calls_b).map(|(a, b)| b / a).collect();
-        let mut table = Table::new(&["setsockopt/s", "n", "min", "median", "max"]);
-        table.summary_row("A: not enforced", Summary::of(&calls_a), rate, &[]);
-        table.summary_row("B: enforced socket", Summary::of(&calls_b), rate, &[]);
-        table.summary_row(
-            "B/A per pair",
-            Summary::of(&ratios),
-            |v| format!("{v:.3}"),
-            &[],
-        );
-        print!("{}", table.render());
+        let ratios = print_pairs("setsockopt/s", "B: enforced socket", &calls_a, &calls_b);
         let program = super::run_deltas(&stats_before, &stats_after)
             .into_iter()
             .find(|(_, _, prog)| prog.name.starts_with("enforce_setso"));
@@ -432,4 +411,22 @@ fn move_to(path: &Path) -> anyhow::Result<()> {
         .open(&procs)
         .and_then(|mut file| file.write_all(std::process::id().to_string().as_bytes()))
         .with_context(|| format!("cannot move the bench into {}", procs.display()))
+}
+
+/// Prints the A (not enforced) and B rates of the pairs and their B/A
+/// ratios as one table; returns the ratios.
+fn print_pairs(unit: &str, b_label: &str, a: &[f64], b: &[f64]) -> Vec<f64> {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| b / a).collect();
+    let rate = |v: f64| format!("{v:.0}");
+    let mut table = Table::new(&[unit, "n", "min", "median", "max"]);
+    table.summary_row("A: not enforced", Summary::of(a), rate, &[]);
+    table.summary_row(b_label, Summary::of(b), rate, &[]);
+    table.summary_row(
+        "B/A per pair",
+        Summary::of(&ratios),
+        |v| format!("{v:.3}"),
+        &[],
+    );
+    print!("{}", table.render());
+    ratios
 }
