@@ -872,18 +872,10 @@ fn pods_are_selected_by_namespace_and_label_and_relabelling_fixes_their_connecti
     });
     let daemon = Daemon::start_in(
         netns,
-        &[
-            "--node-name",
-            fake_api::NODE,
-            "--kube-api",
-            fake_api::URL,
-            "--idle-threshold",
-            "2",
-            "--scan-interval",
-            "0.5",
-            "--config",
-            config.path(),
-        ],
+        &Daemon::quick_args(
+            &config,
+            &["--node-name", fake_api::NODE, "--kube-api", fake_api::URL],
+        ),
     );
     // The selected pod's cgroup only.
     wait_for_enforced_cgroups(&daemon, 1.0);
