@@ -62,7 +62,8 @@ fn names() -> Vec<&'static str> {
 }
 
 /// Builds the integration tests of `SCENARIOS` for `arch` (`cargo test
-/// --no-run`; arm64 cross-compiled with the linker `cargo xtask setup`
+/// --no-run`, which for this host's architecture `cargo xtask test` has
+/// just done; arm64 cross-compiled with the linker `cargo xtask setup`
 /// installs) and returns their executables, from cargo's JSON messages.
 pub fn build(root: &Path, arch: Arch) -> anyhow::Result<Vec<TestBinary>> {
     let names = names();
@@ -75,10 +76,15 @@ pub fn build(root: &Path, arch: Arch) -> anyhow::Result<Vec<TestBinary>> {
         .env("PATH", crate::setup::path_with_cargo_bin())
         .stdout(Stdio::piped());
     if arch != Arch::host() {
-        command.args(["--target", arch.rust_target()]).env(
-            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
-            "aarch64-linux-gnu-gcc",
-        );
+        // Release: the dependencies are then those the arm64 image's build
+        // (`cargo xtask image`, just before) compiled, not a second build
+        // of them all.
+        command
+            .args(["--release", "--target", arch.rust_target()])
+            .env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+                "aarch64-linux-gnu-gcc",
+            );
     }
     for name in &names {
         command.args(["--test", name]);
