@@ -7,6 +7,11 @@
 // Shared with the vm part's guest driver, which uses only part of it.
 #[allow(dead_code)]
 pub(crate) mod noop;
+// The vm part's guest driver, built alone by rustc (`vm.rs`); here for its tests.
+#[cfg(test)]
+pub(crate) mod guest;
+#[allow(dead_code, reason = "the scenario half goes with the driver")]
+pub(crate) mod protocol;
 // One copy of the tables and targets, the bench's.
 #[expect(dead_code, reason = "the bench crate uses the rest")]
 #[path = "../../monitor/bench/src/table.rs"]

@@ -40,10 +40,15 @@ use super::{
     Bench, interrupted,
     table::{Check, Summary, Table},
 };
-use crate::vm::{self, Mode, Target, protocol as tag};
+use idlemon_testkit::{
+    attach::{HOOKS, Mode, Target, expected_kinds},
+    vm::{self as harness, Arch, Series},
+};
+
+use super::protocol as tag;
 
 /// The kernels, in the order they boot.
-const TARGETS: [Target; 2] = [Target::V6_1, Target::V6_12];
+const TARGETS: [Series; 2] = [Series::V6_1, Series::V6_12];
 /// The guest's clock advances 4 ns per instruction, about as fast as this
 /// host emulates them, so that guest seconds stay close to wall seconds
 /// (timeouts, run time); only idle time runs on the host's clock
@@ -152,7 +157,10 @@ fn guest_args(rounds: usize, window: Duration) -> Vec<String> {
         READY_TIMEOUT.as_secs().to_string(),
     ];
     for mode in [B1, B2].into_iter().filter_map(Side::mode) {
-        args.extend(["--mode".to_owned(), mode.guest_arg()]);
+        args.extend([
+            "--mode".to_owned(),
+            format!("{}:{}", mode.name(), mode.disable()),
+        ]);
     }
     args.extend([
         "--bench-window".to_owned(),
@@ -247,7 +255,10 @@ fn parse_report(text: &str) -> Report {
                 None => report.garbled.push(line.to_owned()),
             },
             (tag::METRIC, Some(side)) => {
-                if let Some((hook, kind)) = vm::parse_probe_info(rest) {
+                if let Some((hook, kind)) = idlemon_testkit::metrics::probe_info(rest)
+                    .into_iter()
+                    .next()
+                {
                     report
                         .hooks
                         .entry(side)
@@ -334,14 +345,25 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     // Apart from vm-test's files, so that the two never overwrite each other.
     let work = cache.join("bench");
     fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
-    let guest = vm::build_guest(&root, &work, vm::Target::V6_1.arch())?;
-    let (kernels, initrd) = vm::prepare_vms(
+    let guest = build_guest(&root, &work)?;
+    crate::setup::install_packages("xtask bench", Arch::Amd64.packages())?;
+    let args: Vec<String> = guest_args(rounds, window)
+        .iter()
+        .map(|arg| harness::shell_quote(arg))
+        .collect();
+    let (kernels, initrd) = harness::prepare(
         &cache,
         &work,
         &TARGETS,
-        &vm::Daemon::Binary(bench.binary.clone()),
-        &guest,
-        &guest_args(rounds, window),
+        &harness::Guest {
+            arch: Arch::Amd64,
+            daemon: &harness::Daemon::Binary(bench.binary.clone()),
+            programs: vec![(guest, "/vm-guest".to_owned())],
+            script: format!(
+                "/vm-guest --out - --idlemon /idlemon --workdir /tmp {}",
+                args.join(" ")
+            ),
+        },
     )?;
     let timeout =
         BOOT_BUDGET + (window + WINDOW_OVERHEAD) * (Side::ALL.len() as u32 * rounds as u32);
@@ -353,32 +375,33 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         ICOUNT[1]
     );
     let mut failed = Vec::new();
-    for (target, kernel) in &kernels {
-        let label = target.label();
+    for kernel in &kernels {
+        let target = Target::Vm(kernel.arch, kernel.series);
+        let label = kernel.label();
         println!("\n-- {label}: {} --", kernel.package);
-        match measure(*target, kernel, &initrd, &work, timeout) {
+        match measure(kernel, &initrd, &work, timeout) {
             Ok(measured) => {
-                report(bench, *target, &measured);
+                report(bench, target, &measured);
                 if !measured.problems.is_empty() {
                     println!(
                         "{label} FAILED (console: {}):\n  {}",
                         measured.console_log.display(),
                         measured.problems.join("\n  ")
                     );
-                    failed.push(label);
+                    failed.push(label.clone());
                 }
             }
             Err(error) => {
                 println!("{label} FAILED: {error:#}");
                 for side in [B1, B2, F] {
                     bench.check(Check::new(
-                        &check_name(label, side),
+                        &check_name(&label, side),
                         "-".to_owned(),
                         "-",
                         None,
                     ));
                 }
-                failed.push(label);
+                failed.push(label.clone());
             }
         }
         if interrupted() {
@@ -395,6 +418,36 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds the guest driver with plain rustc: a second cargo binary in
+/// this package would make `cargo xtask` ambiguous (see `guest.rs`).
+fn build_guest(root: &Path, work: &Path) -> anyhow::Result<PathBuf> {
+    let source = root.join("xtask/src/bench/guest.rs");
+    let output = work.join("vm-guest");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    println!(
+        "xtask bench: building the guest driver from {}",
+        source.display()
+    );
+    crate::setup::run_command(
+        std::process::Command::new(&rustc)
+            .args([
+                "--edition",
+                "2024",
+                "--crate-name",
+                "vm_guest",
+                "--crate-type",
+                "bin",
+            ])
+            .args(["-C", "opt-level=2", "-C", "strip=symbols", "-o"])
+            .arg(&output)
+            .arg(&source)
+            .current_dir(root)
+            .env("PATH", crate::setup::path_with_cargo_bin()),
+    )
+    .with_context(|| format!("cannot build the guest driver with {rustc}"))?;
+    Ok(output)
+}
+
 /// One kernel's run, parsed and paired.
 struct Measured {
     report: Report,
@@ -406,13 +459,12 @@ struct Measured {
 
 /// Boots one kernel, and pairs what came back.
 fn measure(
-    target: Target,
-    kernel: &vm::Kernel,
+    kernel: &harness::Kernel,
     initrd: &Path,
     work: &Path,
     timeout: Duration,
 ) -> anyhow::Result<Measured> {
-    let booted = vm::launch(target, kernel, initrd, work, timeout, &ICOUNT, "bench")?;
+    let booted = harness::launch(kernel, initrd, work, timeout, &ICOUNT, "bench", "vm-guest:")?;
     let report = parse_report(&booted.results);
     let mut problems: Vec<String> = booted.problem.iter().cloned().collect();
     if !report.done {
@@ -473,7 +525,7 @@ fn hooks_line(target: Target, side: Side, report: &Report) -> (String, Vec<Strin
     let seen = report.hooks.get(&side);
     let mut parts = Vec::new();
     let mut unexpected = Vec::new();
-    for hook in vm::HOOKS {
+    for hook in HOOKS {
         let kinds: Vec<&str> = seen
             .and_then(|seen| seen.get(hook))
             .map(|kinds| kinds.iter().map(String::as_str).collect())
@@ -483,7 +535,7 @@ fn hooks_line(target: Target, side: Side, report: &Report) -> (String, Vec<Strin
         } else {
             kinds.join("/")
         };
-        let expected = vm::expected_kinds(target, mode, hook);
+        let expected = expected_kinds(target, mode, hook);
         if kinds.len() != 1 || !expected.contains(&kinds[0]) {
             unexpected.push(format!("{hook}={shown}"));
         }
@@ -570,8 +622,8 @@ fn report(bench: &mut Bench, target: Target, measured: &Measured) {
             let _ = write!(measured, ", {unsteady} windows unsteady");
         }
         checks.push(match summary {
-            Some(_) => Check::info(&check_name(label, side), measured),
-            None => Check::new(&check_name(label, side), measured, "-", None),
+            Some(_) => Check::info(&check_name(&label, side), measured),
+            None => Check::new(&check_name(&label, side), measured, "-", None),
         });
     }
     let over_floor: Vec<f64> = rounds.iter().filter_map(Round::over_floor).collect();
@@ -601,7 +653,7 @@ fn report(bench: &mut Bench, target: Target, measured: &Measured) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::guest;
+    use crate::bench::guest;
 
     #[test]
     fn every_side_takes_every_position_equally_often() {
