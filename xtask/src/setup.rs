@@ -289,16 +289,8 @@ fn tracefs() -> anyhow::Result<()> {
     run_command(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))
 }
 
-/// Runs a command, failing with its status when it fails.
-pub fn run_command(command: &mut Command) -> anyhow::Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("cannot run {command:?}"))?;
-    if !status.success() {
-        bail!("{command:?} failed ({status})");
-    }
-    Ok(())
-}
+/// Runs a command, failing with its status when it fails (the test kit's).
+pub use idlemon_testkit::vm::run_checked as run_command;
 
 pub fn capture(command: &mut Command) -> anyhow::Result<String> {
     let output = command
