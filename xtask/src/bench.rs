@@ -2,11 +2,6 @@
 //! which holds every part, the vm part's VMs included, and explains how to
 //! read the output), then runs the bench with the same arguments.
 
-// The vm-test driver's copy of the bench's no-op fentry loader, until that
-// driver goes; the bench loads its own with aya (monitor/bench/src/noop.rs).
-#[allow(dead_code)]
-pub(crate) mod noop;
-
 use std::{os::unix::process::CommandExt as _, process::Command};
 
 use anyhow::Context as _;

@@ -151,7 +151,14 @@ impl Daemon {
     /// Asserts `idlemon_probe_info` against `expected`.
     pub fn assert_attach(&self, expected: &Expected) {
         let (_, body) = self.get("/metrics");
-        let mismatches = expected.mismatches(&metrics::probe_info(&body));
+        let info = metrics::probe_info(&body);
+        // What attached, for `cargo xtask vm-test`'s table.
+        let shown: Vec<String> = info
+            .iter()
+            .map(|(hook, kind)| format!("{hook}={kind}"))
+            .collect();
+        println!("ATTACHED: {}", shown.join(","));
+        let mismatches = expected.mismatches(&info);
         assert!(
             mismatches.is_empty(),
             "attach kinds differ from {}: {}; log:\n{}",

@@ -28,6 +28,7 @@ pub mod metrics;
 mod netns;
 pub mod programs;
 pub mod socket;
+pub mod vm;
 
 use std::{
     path::PathBuf,
