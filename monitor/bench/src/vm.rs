@@ -156,7 +156,10 @@ fn parse_report(text: &str) -> Report {
                 None => report.garbled.push(line.to_owned()),
             },
             (tag::HOOKS, Some(side)) => {
-                for (hook, kind) in rest.split_whitespace().filter_map(|pair| pair.split_once('=')) {
+                for (hook, kind) in rest
+                    .split_whitespace()
+                    .filter_map(|pair| pair.split_once('='))
+                {
                     report
                         .hooks
                         .entry(side)
@@ -572,8 +575,7 @@ mod tests {
                     side: *side,
                     round: index + 1,
                     seconds: 2.0,
-                    transactions: rates[Side::ALL.iter().position(|s| s == side).unwrap_or(0)]
-                        * 2,
+                    transactions: rates[Side::ALL.iter().position(|s| s == side).unwrap_or(0)] * 2,
                     settled: 1.5,
                     steady: index == 0,
                 };

@@ -58,12 +58,15 @@ impl Out {
         if args.out.as_os_str() == "-" {
             return Ok(Self(Box::new(io::stdout()), None));
         }
-        let file = OpenOptions::new().write(true).open(&args.out).map_err(|error| {
-            anyhow::anyhow!(
-                "cannot open the result channel {}: {error}",
-                args.out.display()
-            )
-        })?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&args.out)
+            .map_err(|error| {
+                anyhow::anyhow!(
+                    "cannot open the result channel {}: {error}",
+                    args.out.display()
+                )
+            })?;
         Ok(Self(Box::new(file.try_clone()?), Some(file)))
     }
 
@@ -78,8 +81,15 @@ impl Out {
     fn fail(&mut self, side: Option<Side>, step: &str, error: &anyhow::Error) {
         let text = format!("{error:#}");
         let mut lines = text.lines();
-        eprintln!("vm-guest: {}: {step} failed: {text}", side.map_or("-", Side::label));
-        self.emit(tag::FAIL, side, &format!("{step} {}", lines.next().unwrap_or("")));
+        eprintln!(
+            "vm-guest: {}: {step} failed: {text}",
+            side.map_or("-", Side::label)
+        );
+        self.emit(
+            tag::FAIL,
+            side,
+            &format!("{step} {}", lines.next().unwrap_or("")),
+        );
         let rest: Vec<&str> = lines.collect();
         for line in &rest[rest.len().saturating_sub(LOG_TAIL_LINES)..] {
             self.emit(tag::LOG, side, line);
@@ -156,13 +166,6 @@ fn load_failed(error: String) -> Failure {
     Failure::Load(anyhow::Error::msg(error))
 }
 
-/// What runs beside the load during a window, dropped after it.
-enum Beside {
-    Nothing,
-    Daemon(Daemon),
-    Floor(Vec<noop::Floor>),
-}
-
 /// One window of `side`, with its idlemon or its no-op programs set up first.
 fn window(
     args: &GuestArgs,
@@ -171,39 +174,43 @@ fn window(
     load: &mut PingPong,
     out: &mut Out,
 ) -> Result<Window, Failure> {
-    let beside = match side.mode() {
-        None if side == Side::F => Beside::Floor(
-            tag::FLOOR_FUNCTIONS
-                .iter()
-                .map(|function| noop::Floor::fentry(function))
-                .collect::<anyhow::Result<_>>()
-                .map_err(|error| Failure::Side("start", error))?,
-        ),
-        None => Beside::Nothing,
+    let mut daemon = None;
+    // The floor: programs that do nothing where idlemon's per-packet hooks
+    // attach by fentry, held for the window.
+    let mut _floor = Vec::new();
+    match side.mode() {
+        None if side == Side::F => {
+            for function in tag::FLOOR_FUNCTIONS {
+                _floor.push(
+                    noop::Floor::fentry(function).map_err(|error| Failure::Side("start", error))?,
+                );
+            }
+        }
+        None => {}
         Some(mode) => {
             let mut flags = vec!["--scan-interval".to_owned(), SCAN_INTERVAL.to_owned()];
             if !mode.disable().is_empty() {
                 flags.extend(["--disable-attach".to_owned(), mode.disable().to_owned()]);
             }
-            let mut daemon =
-                Daemon::start(&args.idlemon, &flags).map_err(|error| Failure::Side("start", error))?;
-            let hooks = daemon
+            let mut running = Daemon::start(&args.idlemon, &flags)
+                .map_err(|error| Failure::Side("start", error))?;
+            let hooks = running
                 .wait_ready(args.ready_timeout())
-                .and_then(|_| daemon.metrics())
+                .and_then(|_| running.metrics())
                 .map_err(|error| Failure::Side("ready", error))?;
             let hooks: Vec<String> = metrics::probe_info(&hooks.0)
                 .into_iter()
                 .map(|(hook, kind)| format!("{hook}={kind}"))
                 .collect();
             out.emit(tag::HOOKS, Some(side), &hooks.join(" "));
-            Beside::Daemon(daemon)
+            daemon = Some(running);
         }
-    };
+    }
     let (settled, steady) = settle(load).map_err(load_failed)?;
     let (first, started) = (load.transactions().map_err(load_failed)?, Instant::now());
     thread::sleep(args.window());
     let (last, ended) = (load.transactions().map_err(load_failed)?, Instant::now());
-    if let Beside::Daemon(mut daemon) = beside {
+    if let Some(mut daemon) = daemon {
         // A daemon that died during the window leaves it half measured.
         daemon
             .check_alive()
