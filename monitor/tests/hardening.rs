@@ -11,15 +11,15 @@ use idlemon_testkit as kit;
 
 use std::{
     io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     process::Command,
     thread,
     time::Duration,
 };
 
 use kit::{
-    DAEMON_PORT, Daemon, Netns, TempFile, assert_programs_back_to, port_for, raise_fd_limit,
-    settled_idlemon_programs, wait_for,
+    DAEMON_PORT, Daemon, Netns, TempFile, assert_programs_back_to, idle_connections, port_for,
+    raise_fd_limit, settled_idlemon_programs, wait_for,
 };
 
 /// Loopback connections to port 8400 have a 5 s idle timeout here.
@@ -30,23 +30,8 @@ fn loopback_config() -> TempFile {
     )
 }
 
-/// `count` idle connections to 127.0.0.1:8400 inside `netns`, with a byte
-/// exchanged on each; returns both ends.
-fn idle_connections(netns: &Netns, count: usize) -> Vec<TcpStream> {
-    netns.run(move || {
-        let listener = TcpListener::bind("127.0.0.1:8400").unwrap();
-        let mut streams = Vec::new();
-        for _ in 0..count {
-            let mut client = TcpStream::connect("127.0.0.1:8400").unwrap();
-            let (mut server, _) = listener.accept().unwrap();
-            client.write_all(b"x").unwrap();
-            server.read_exact(&mut [0u8; 1]).unwrap();
-            streams.push(client);
-            streams.push(server);
-        }
-        streams
-    })
-}
+/// Where the idle connections are: a path with a 5 s idle timeout.
+const IDLE_SERVER: &str = "127.0.0.1:8400";
 
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
@@ -63,7 +48,7 @@ fn a_full_socket_table_is_counted_and_tracking_stays_correct() {
         config.path(),
     ]);
     let netns = Netns::new("full");
-    let _streams = idle_connections(&netns, 100);
+    let _streams = idle_connections(&netns, IDLE_SERVER.parse().unwrap(), 100);
 
     // Every socket is still found and classified by the walk; only the
     // per-socket kernel state (owner, reuse) is missing for the overflow.
@@ -108,7 +93,7 @@ fn a_full_socket_table_is_counted_and_tracking_stays_correct() {
 fn kill_9_leaks_nothing_and_a_restart_rediscovers_every_socket() {
     let baseline = settled_idlemon_programs();
     let netns = Netns::new("restart");
-    let _streams = idle_connections(&netns, 10);
+    let _streams = idle_connections(&netns, IDLE_SERVER.parse().unwrap(), 10);
     let first = Daemon::start(&["--scan-interval", "60"]);
     assert_eq!(first.sockets_in(&netns, "").len(), 20);
     // SAFETY: killing our own child.

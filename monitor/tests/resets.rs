@@ -53,6 +53,16 @@ fn reuse_after_the_nat_timeout_is_logged_then_the_reset_explained() {
     assert_eq!(error.kind(), ErrorKind::ConnectionReset);
 
     let reset = wait_event(&daemon, "reset_received", &local);
+    assert_eq!(
+        reset["classification"], "idle_timeout_suspected",
+        "{reset:#}"
+    );
+    // A run without the send hook (`cargo xtask vm-test`'s mode without
+    // fentry and kprobes on kernels that have no send tracepoint) still
+    // explains the reset; the send after idle it cannot see.
+    if kit::attach::Expected::from_env().is_some_and(|expected| expected.missing("send")) {
+        return;
+    }
     // The log's own thread writes it after /events has the event, and may be
     // mid-line (every host's connect failures and deaths are logged too):
     // whole lines only, until both events are there.

@@ -17,10 +17,8 @@
 //! (`cargo xtask release` prints the command).
 
 use std::{
-    collections::BTreeSet,
     fs,
     io::{BufRead as _, BufReader},
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Instant,
@@ -28,8 +26,10 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 
+use idlemon_testkit::vm;
+
 use crate::{
-    setup::{self, ARM64_TARGET, capture, run_command},
+    setup::{self, capture, run_command},
     workspace::Workspace,
     workspace_root,
 };
@@ -53,45 +53,15 @@ const DEBIAN_PACKAGES: &[(&str, bool)] = &[
     ("ca-certificates", false),
 ];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
-pub enum Platform {
-    Amd64,
-    Arm64,
-}
+/// An image platform: the test kit's architecture, whose names, Rust
+/// targets and Debian multiarch directories the image and the VMs share.
+pub use idlemon_testkit::vm::Arch as Platform;
 
-impl Platform {
-    pub const ALL: [Self; 2] = [Self::Amd64, Self::Arm64];
-
-    /// OCI's (and Debian's) name for the architecture.
-    pub fn arch(self) -> &'static str {
-        match self {
-            Self::Amd64 => "amd64",
-            Self::Arm64 => "arm64",
-        }
-    }
-
-    fn rust_target(self) -> &'static str {
-        match self {
-            Self::Amd64 => "x86_64-unknown-linux-gnu",
-            Self::Arm64 => ARM64_TARGET,
-        }
-    }
-
-    /// Debian's multiarch directory, where its libraries live.
-    fn multiarch(self) -> &'static str {
-        match self {
-            Self::Amd64 => "x86_64-linux-gnu",
-            Self::Arm64 => "aarch64-linux-gnu",
-        }
-    }
-
-    /// `Machine:` as readelf prints it.
-    fn elf_machine(self) -> &'static str {
-        match self {
-            Self::Amd64 => "Advanced Micro Devices X86-64",
-            Self::Arm64 => "AArch64",
-        }
-    }
+fn platform(name: &str) -> Result<Platform, String> {
+    Platform::ALL
+        .into_iter()
+        .find(|platform| platform.name() == name)
+        .ok_or_else(|| format!("unknown platform {name:?}: amd64 or arm64"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -102,7 +72,7 @@ pub struct ImageArgs {
     pub version: Option<String>,
     /// Build only these platforms (comma-separated); the archive is then
     /// named after them. Default: amd64 and arm64.
-    #[arg(long = "platform", value_enum, value_delimiter = ',')]
+    #[arg(long = "platform", value_parser = platform, value_delimiter = ',')]
     pub platforms: Vec<Platform>,
 }
 
@@ -173,7 +143,7 @@ pub fn build(args: &ImageArgs) -> anyhow::Result<Archive> {
     let file_name = if platforms == Platform::ALL {
         format!("idlemon-{version}.oci.tar")
     } else {
-        let names: Vec<&str> = platforms.iter().map(|platform| platform.arch()).collect();
+        let names: Vec<&str> = platforms.iter().map(|platform| platform.name()).collect();
         format!("idlemon-{version}.{}.oci.tar", names.join("+"))
     };
     let archive = work.join(file_name);
@@ -202,7 +172,7 @@ pub fn build(args: &ImageArgs) -> anyhow::Result<Archive> {
     let result = (|| {
         for &platform in &platforms {
             let rootfs = rootfs(&root, &work, platform, &source)?;
-            let image = format!("{list}-{}", platform.arch());
+            let image = format!("{list}-{}", platform.name());
             commit(&rootfs, platform, &labels, source.epoch, &image)?;
             images.push(image);
         }
@@ -235,7 +205,7 @@ pub fn build(args: &ImageArgs) -> anyhow::Result<Archive> {
 
     let contents = read_archive(&archive)?;
     let found: Vec<&str> = contents.iter().map(|image| image.arch.as_str()).collect();
-    let wanted: Vec<&str> = platforms.iter().map(|platform| platform.arch()).collect();
+    let wanted: Vec<&str> = platforms.iter().map(|platform| platform.name()).collect();
     if found != wanted {
         bail!("{} holds {found:?}, not {wanted:?}", archive.display());
     }
@@ -404,7 +374,7 @@ pub fn rootfs(
     let build = cargo_build(root, platform)?;
     check_binary(&build, platform, source)?;
 
-    let dir = work.join(platform.arch());
+    let dir = work.join(platform.name());
     let debian = debian_packages(&dir, platform)?;
     let rootfs = dir.join("rootfs");
     if rootfs.exists() {
@@ -413,30 +383,27 @@ pub fn rootfs(
     }
     fs::create_dir_all(&rootfs)?;
 
-    // On PATH, so that `kubectl exec ds/idlemon -- idlemon sockets` finds it.
-    copy_file(&build.binary, &rootfs.join("usr/bin/idlemon"))?;
-    // The loader, then every library the binary needs, and theirs.
-    let interpreter = elf_interpreter(&build.binary)?;
-    install_from(&debian, &rootfs, Path::new(&interpreter))?;
-    let mut pending = elf_needed(&build.binary)?;
-    let mut installed = BTreeSet::new();
-    while let Some(library) = pending.pop() {
-        if !installed.insert(library.clone()) {
-            continue;
-        }
-        let path = Path::new("/lib").join(platform.multiarch()).join(&library);
-        let file = install_from(&debian, &rootfs, &path).with_context(|| {
-            format!(
-                "idlemon needs {library}, which is not in Debian's {}: add the package that has it to DEBIAN_PACKAGES in xtask/src/image.rs",
-                DEBIAN_PACKAGES.iter().map(|(package, _)| *package).collect::<Vec<_>>().join(", ")
-            )
-        })?;
-        pending.extend(elf_needed(&file)?);
-    }
+    // On PATH, so that `kubectl exec ds/idlemon -- idlemon sockets` finds
+    // it; with its loader, then every library it needs, and theirs.
+    let libraries = vm::install_program(
+        &debian,
+        &rootfs,
+        &build.binary,
+        Path::new("/usr/bin/idlemon"),
+        platform,
+        &format!(
+            "add the package that has it to DEBIAN_PACKAGES in xtask/src/image.rs ({})",
+            DEBIAN_PACKAGES
+                .iter()
+                .map(|(package, _)| *package)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )?;
     println!(
-        "xtask image: linux/{}: /usr/bin/idlemon, {interpreter}, {}",
-        platform.arch(),
-        installed.iter().cloned().collect::<Vec<_>>().join(", ")
+        "xtask image: linux/{}: /usr/bin/idlemon, {}",
+        platform.name(),
+        libraries.into_iter().collect::<Vec<_>>().join(", ")
     );
 
     // One bundle, as update-ca-certificates makes it from Debian's default
@@ -471,7 +438,7 @@ pub fn rootfs(
             continue;
         }
         let copyright = format!("{doc}/copyright");
-        copy_file(&debian.join(&copyright), &rootfs.join(&copyright))?;
+        vm::copy_file(&debian.join(&copyright), &rootfs.join(&copyright))?;
     }
     Ok(rootfs)
 }
@@ -482,19 +449,7 @@ pub fn rootfs(
 /// kprobes read function arguments from `pt_regs` (x86-64: %rdi at offset
 /// 112; arm64: x0 at offset 0).
 fn check_binary(build: &Build, platform: Platform, source: &Source) -> anyhow::Result<()> {
-    let header = capture(Command::new("readelf").arg("-h").arg(&build.binary))?;
-    let machine = header
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("Machine:"))
-        .map(str::trim)
-        .unwrap_or_default();
-    if machine != platform.elf_machine() {
-        bail!(
-            "{} is for {machine:?}, not {}",
-            build.binary.display(),
-            platform.elf_machine()
-        );
-    }
+    vm::check_machine(&build.binary, platform)?;
     let contents = fs::read(&build.binary)?;
     if source.revision != "unknown"
         && !contents
@@ -517,7 +472,7 @@ fn check_binary(build: &Build, platform: Platform, source: &Source) -> anyhow::R
         bail!(
             "the kernel programs in {} read the first kprobe argument at pt_regs offset {first_read}, not {expected} as on {}: built for the wrong architecture",
             object.display(),
-            platform.arch()
+            platform.name()
         );
     }
     Ok(())
@@ -562,141 +517,24 @@ fn kprobe_first_argument_offset(object: &Path) -> anyhow::Result<i64> {
 /// Downloads and unpacks the Debian packages the image
 /// takes files from, for the platform's architecture; returns where.
 fn debian_packages(dir: &Path, platform: Platform) -> anyhow::Result<PathBuf> {
-    let arch = platform.arch();
-    let native = capture(Command::new("dpkg").arg("--print-architecture"))?;
-    if native.trim() != arch {
-        let foreign = capture(Command::new("dpkg").arg("--print-foreign-architectures"))?;
-        if !foreign.lines().any(|line| line.trim() == arch) {
-            println!("xtask image: dpkg --add-architecture {arch} (to download {arch} packages)");
-            run_command(Command::new("dpkg").args(["--add-architecture", arch]))?;
-            run_command(Command::new("apt-get").args(["update", "-q"]))?;
-        }
-    }
-    let debs = dir.join("debs");
-    if debs.exists() {
-        fs::remove_dir_all(&debs)?;
-    }
-    fs::create_dir_all(&debs)?;
+    vm::ensure_architecture(platform)?;
     let names: Vec<String> = DEBIAN_PACKAGES
         .iter()
         .map(|(package, per_arch)| {
             if *per_arch {
-                format!("{package}:{arch}")
+                format!("{package}:{}", platform.name())
             } else {
                 (*package).to_owned()
             }
         })
         .collect();
-    let download = || {
-        run_command(
-            Command::new("apt-get")
-                // As root into a directory apt's sandbox user cannot
-                // write: say so instead of warning about it.
-                .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
-                .args(&names)
-                .current_dir(&debs),
-        )
-    };
-    if download().is_err() {
-        // Stale package lists name versions the mirror no longer has.
-        run_command(Command::new("apt-get").args(["update", "-q"]))?;
-        download()?;
-    }
-    let unpacked = dir.join("debian");
-    if unpacked.exists() {
-        fs::remove_dir_all(&unpacked)?;
-    }
-    fs::create_dir_all(&unpacked)?;
-    let mut versions = Vec::new();
-    let mut files: Vec<PathBuf> = fs::read_dir(&debs)?
-        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .collect();
-    files.sort();
-    for deb in files {
-        run_command(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
-        versions.push(
-            capture(
-                Command::new("dpkg-deb")
-                    .args(["-f"])
-                    .arg(&deb)
-                    .args(["Package", "Version"]),
-            )?
-            .lines()
-            .filter_map(|line| line.split_once(": ").map(|(_, value)| value.to_owned()))
-            .collect::<Vec<_>>()
-            .join(" "),
-        );
-    }
-    println!("xtask image: linux/{arch}: Debian {}", versions.join(", "));
+    let (unpacked, versions) = vm::unpack(dir, &names)?;
+    println!(
+        "xtask image: linux/{}: Debian {}",
+        platform.name(),
+        versions.join(", ")
+    );
     Ok(unpacked)
-}
-
-/// Copies `path` (absolute, as in the image) from the unpacked packages into
-/// the image, keeping symbolic links as links and copying what they point to;
-/// returns the regular file it ends at.
-fn install_from(debian: &Path, rootfs: &Path, path: &Path) -> anyhow::Result<PathBuf> {
-    let relative = path.strip_prefix("/").unwrap_or(path);
-    let source = debian.join(relative);
-    let destination = rootfs.join(relative);
-    let metadata = fs::symlink_metadata(&source)
-        .with_context(|| format!("{} is not in the Debian packages", path.display()))?;
-    if let Some(parent) = destination.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    if metadata.file_type().is_symlink() {
-        let target = fs::read_link(&source)?;
-        if !destination.exists() {
-            std::os::unix::fs::symlink(&target, &destination)
-                .with_context(|| format!("cannot link {}", destination.display()))?;
-        }
-        let resolved = if target.is_absolute() {
-            target
-        } else {
-            path.parent().unwrap_or(Path::new("/")).join(target)
-        };
-        return install_from(debian, rootfs, &resolved);
-    }
-    copy_file(&source, &destination)?;
-    Ok(destination)
-}
-
-fn copy_file(source: &Path, destination: &Path) -> anyhow::Result<()> {
-    if let Some(parent) = destination.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    fs::copy(source, destination).with_context(|| {
-        format!(
-            "cannot copy {} to {}",
-            source.display(),
-            destination.display()
-        )
-    })?;
-    let mode = fs::metadata(source)?.permissions().mode() & 0o755;
-    fs::set_permissions(destination, fs::Permissions::from_mode(mode | 0o444))?;
-    Ok(())
-}
-
-fn elf_interpreter(binary: &Path) -> anyhow::Result<String> {
-    let program_headers = capture(Command::new("readelf").arg("-lW").arg(binary))?;
-    program_headers
-        .lines()
-        .find_map(|line| {
-            let (_, rest) = line.split_once("program interpreter: ")?;
-            Some(rest.trim_end_matches(']').to_owned())
-        })
-        .ok_or_else(|| anyhow!("{} names no program interpreter", binary.display()))
-}
-
-fn elf_needed(file: &Path) -> anyhow::Result<Vec<String>> {
-    let dynamic = capture(Command::new("readelf").arg("-dW").arg(file))?;
-    Ok(dynamic
-        .lines()
-        .filter(|line| line.contains("(NEEDED)"))
-        .filter_map(|line| {
-            let (_, rest) = line.split_once("Shared library: [")?;
-            Some(rest.trim_end_matches(']').to_owned())
-        })
-        .collect())
 }
 
 /// Commits the platform's image to the local containers storage as `name`.
@@ -709,7 +547,7 @@ fn commit(
 ) -> anyhow::Result<()> {
     let container = format!(
         "idlemon-xtask-image-{}-{}",
-        platform.arch(),
+        platform.name(),
         std::process::id()
     );
     buildah_quiet(&["rm", &container]);
@@ -720,7 +558,7 @@ fn commit(
         let mut config = vec![
             "config".to_owned(),
             "--os=linux".to_owned(),
-            format!("--arch={}", platform.arch()),
+            format!("--arch={}", platform.name()),
             "--entrypoint=[\"/usr/bin/idlemon\"]".to_owned(),
             "--env=PATH=/usr/bin".to_owned(),
             "--cmd=[]".to_owned(),

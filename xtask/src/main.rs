@@ -4,7 +4,6 @@
 //! fresh machine they are the only two commands anyone needs.
 
 mod bench;
-mod container;
 mod image;
 mod release;
 mod setup;
@@ -88,7 +87,7 @@ fn main() -> anyhow::Result<()> {
         Action::Release(args) => release::run(&args),
         Action::ContainerTest => {
             setup::run()?;
-            container::run(&workspace_root())
+            container_test()
         }
         Action::Test {
             unit,
@@ -160,7 +159,7 @@ fn test(unit_only: bool, no_container: bool, filter: Option<&str>) -> anyhow::Re
         if no_container {
             println!("xtask: container test skipped (--no-container)");
         } else {
-            container::run(&workspace_root())?;
+            container_test()?;
         }
         deploy_checks()?;
     }
@@ -193,11 +192,42 @@ fn deploy_checks() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The container test (monitor/tests/container.rs), which skips without
+/// the image: it runs the amd64 image, built here, under podman.
+fn container_test() -> anyhow::Result<()> {
+    let archive = image::build(&image::ImageArgs {
+        version: None,
+        platforms: vec![image::Platform::Amd64],
+    })?;
+    let variable = ("IDLEMON_IMAGE_ARCHIVE", archive.path.as_os_str());
+    println!("xtask: {}={}", variable.0, archive.path.display());
+    cargo_with(
+        &[
+            "test",
+            "--package",
+            "monitor",
+            "--test",
+            "container",
+            "--",
+            "--include-ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ],
+        &[variable],
+    )
+}
+
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    cargo_with(args, &[])
+}
+
+/// `cargo` with these environment variables set.
+fn cargo_with(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     println!("xtask: cargo {}", args.join(" "));
     let status = Command::new(&cargo)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .env("PATH", setup::path_with_cargo_bin())
         .status()

@@ -66,7 +66,7 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 /// The target of the arm64 image's daemon (cargo xtask image).
-pub const ARM64_TARGET: &str = "aarch64-unknown-linux-gnu";
+const ARM64_TARGET: &str = "aarch64-unknown-linux-gnu";
 
 pub fn run() -> anyhow::Result<()> {
     packages()?;

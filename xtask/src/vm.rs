@@ -17,7 +17,7 @@
 mod integration;
 
 use std::{
-    fs,
+    fs, thread,
     time::{Duration, Instant},
 };
 
@@ -184,17 +184,38 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
                 script: integration::script(&kernels, arch, &binaries, daemon.inside(), timeout),
             };
             let (kernels, initrd) = harness::prepare(&cache, &cache, &kernels, &guest)?;
-            for kernel in &kernels {
-                let booted = harness::launch(
-                    kernel,
-                    &initrd,
-                    &cache,
-                    timeout,
-                    &[],
-                    "xtask vm-test",
-                    "vm-guest:",
-                )?;
-                runs.extend(integration::judge_vm(kernel, &booted, &binaries));
+            // The kernels of one architecture boot side by side, one vCPU
+            // each: the tests mostly wait on the NAT's timeouts, and the
+            // guests' clocks are their own.
+            let booted = thread::scope(|scope| {
+                let boots: Vec<_> = kernels
+                    .iter()
+                    .map(|kernel| {
+                        let initrd = &initrd;
+                        let cache = &cache;
+                        scope.spawn(move || {
+                            harness::launch(
+                                kernel,
+                                initrd,
+                                cache,
+                                timeout,
+                                &[],
+                                "xtask vm-test",
+                                "vm-guest:",
+                            )
+                        })
+                    })
+                    .collect();
+                boots
+                    .into_iter()
+                    .map(|boot| {
+                        boot.join()
+                            .unwrap_or_else(|_| bail!("a VM's supervisor panicked"))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })?;
+            for (kernel, booted) in kernels.iter().zip(&booted) {
+                runs.extend(integration::judge_vm(kernel, booted, &binaries));
             }
         }
         if of_arch.contains(&Target::Native) {

@@ -17,38 +17,7 @@ use aya::{
 };
 use monitor_common::SocketInfo;
 
-/// The BPF programs and maps a process holds open, from /proc/PID/fdinfo:
-/// exact even when another idlemon (someone's test) has loaded the same
-/// programs next to it.
-#[derive(Debug, Default, Clone)]
-pub struct Objects {
-    pub maps: BTreeSet<u32>,
-    pub progs: BTreeSet<u32>,
-}
-
-pub fn objects_of(pid: u32) -> anyhow::Result<Objects> {
-    let dir = format!("/proc/{pid}/fdinfo");
-    let mut objects = Objects::default();
-    for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {
-        let Ok(entry) = entry else { continue };
-        // An fd may close between the listing and the read.
-        let Ok(info) = fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        for line in info.lines() {
-            let id = |prefix: &str| {
-                line.strip_prefix(prefix)
-                    .and_then(|rest| rest.trim().parse::<u32>().ok())
-            };
-            if let Some(id) = id("map_id:") {
-                objects.maps.insert(id);
-            } else if let Some(id) = id("prog_id:") {
-                objects.progs.insert(id);
-            }
-        }
-    }
-    Ok(objects)
-}
+pub use idlemon_testkit::programs::objects_of;
 
 #[derive(Debug, Clone)]
 pub struct MapInfo {

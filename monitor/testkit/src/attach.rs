@@ -190,6 +190,13 @@ impl Expected {
         })
     }
 
+    /// Whether `hook` is expected missing (`none` its only kind).
+    pub fn missing(&self, hook: &str) -> bool {
+        self.0
+            .get(hook)
+            .is_some_and(|kinds| kinds.iter().all(|kind| kind == "none"))
+    }
+
     /// What differs between `probe_info` (hook -> kind) and the expectation.
     pub fn mismatches(&self, probe_info: &BTreeMap<String, String>) -> Vec<String> {
         self.0
@@ -277,6 +284,8 @@ mod tests {
             ["receive: kprobe, expected tp_btf or raw_tp"]
         );
         assert!(Expected::parse("keepalive=none").expect("parses").ready());
+        assert!(expected.missing("send") && !expected.missing("receive"));
+        assert!(!expected.missing("state"));
         assert!(Expected::parse("send").is_err());
         assert!(Expected::parse("send=fentry|").is_err());
     }

@@ -8,10 +8,10 @@
 //!   events are waited for by `/events` long polls ([`Daemon`]);
 //! - the Prometheus text parser ([`metrics`]);
 //! - socket helpers on `socket2` (keepalive set before connect, resets by
-//!   SO_LINGER 0) ([`socket`]);
+//!   SO_LINGER 0, idle connections) ([`socket`]);
 //! - the attach kinds a run expects ([`attach`], `IDLEMON_EXPECT_ATTACH`);
-//! - a fake Kubernetes API ([`fake_api`]) and counts of loaded programs
-//!   ([`programs`]).
+//! - a fake Kubernetes API ([`fake_api`]), counts of loaded programs and
+//!   the programs a process holds ([`programs`]).
 //!
 //! Traffic stays on loopback and on TEST-NET addresses inside namespaces
 //! these helpers create.
@@ -46,7 +46,9 @@ pub use netns::{
 pub use programs::{
     assert_programs_back_to, idlemon_programs, loaded_programs, settled_idlemon_programs,
 };
-pub use socket::{Keepalive, connect, echo, http_get, reset_on_close, set_keepalive_probes};
+pub use socket::{
+    Keepalive, connect, echo, http_get, idle_connections, reset_on_close, set_keepalive_probes,
+};
 
 /// This test process's name, which idlemon reports for its sockets.
 pub fn own_comm() -> String {

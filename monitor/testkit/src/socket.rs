@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     time::Duration,
 };
 
@@ -77,6 +77,26 @@ pub fn reset_on_close(stream: &TcpStream) {
     SockRef::from(stream)
         .set_linger(Some(Duration::ZERO))
         .unwrap();
+}
+
+/// `count` connections inside `netns` to a listener on `address` (port 0:
+/// any), a byte exchanged on each and then quiet, as an application's
+/// connection between requests; both ends of each.
+pub fn idle_connections(netns: &Netns, address: SocketAddr, count: usize) -> Vec<TcpStream> {
+    netns.run(move || {
+        let listener = TcpListener::bind(address).unwrap();
+        let target = listener.local_addr().unwrap();
+        let mut streams = Vec::new();
+        for _ in 0..count {
+            let mut client = TcpStream::connect(target).unwrap();
+            let (mut server, _) = listener.accept().unwrap();
+            client.write_all(b"x").unwrap();
+            server.read_exact(&mut [0u8; 1]).unwrap();
+            streams.push(client);
+            streams.push(server);
+        }
+        streams
+    })
 }
 
 /// One request/response over an echo connection.

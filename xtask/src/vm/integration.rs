@@ -62,7 +62,8 @@ fn names() -> Vec<&'static str> {
 }
 
 /// Builds the integration tests of `SCENARIOS` for `arch` (`cargo test
-/// --no-run`; arm64 cross-compiled with the linker `cargo xtask setup`
+/// --no-run`, which for this host's architecture `cargo xtask test` has
+/// just done; arm64 cross-compiled with the linker `cargo xtask setup`
 /// installs) and returns their executables, from cargo's JSON messages.
 pub fn build(root: &Path, arch: Arch) -> anyhow::Result<Vec<TestBinary>> {
     let names = names();
@@ -75,10 +76,15 @@ pub fn build(root: &Path, arch: Arch) -> anyhow::Result<Vec<TestBinary>> {
         .env("PATH", crate::setup::path_with_cargo_bin())
         .stdout(Stdio::piped());
     if arch != Arch::host() {
-        command.args(["--target", arch.rust_target()]).env(
-            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
-            "aarch64-linux-gnu-gcc",
-        );
+        // Release: the dependencies are then those the arm64 image's build
+        // (`cargo xtask image`, just before) compiled, not a second build
+        // of them all.
+        command
+            .args(["--release", "--target", arch.rust_target()])
+            .env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+                "aarch64-linux-gnu-gcc",
+            );
     }
     for name in &names {
         command.args(["--test", name]);
@@ -121,15 +127,6 @@ fn test_artifact(line: &str) -> Option<TestBinary> {
         name: message["target"]["name"].as_str()?.to_owned(),
         path: PathBuf::from(message["executable"].as_str()?),
     })
-}
-
-/// Whether `test` can show anything in `mode` on `target`: a daemon
-/// without its send hook (degraded) sees no sends after idle, so the
-/// reset test, which starts from one, runs only where send attaches.
-pub fn runs_in(target: Target, mode: Mode, test: &str) -> bool {
-    let ready = idlemon_testkit::attach::Expected::parse(&expectation(target, mode))
-        .is_ok_and(|expected| expected.ready());
-    ready || !test.starts_with("reuse_after")
 }
 
 /// What libtest said about one test.
@@ -242,11 +239,11 @@ impl Run {
     }
 }
 
-/// The tests of `binary` that run on `target` in `mode`.
-fn tests_of(binary: &str, target: Target, mode: Mode) -> Vec<&'static str> {
+/// The tests of `binary` that every kernel runs in every mode.
+fn tests_of(binary: &str) -> Vec<&'static str> {
     SCENARIOS
         .iter()
-        .filter(|(file, test, _)| *file == binary && runs_in(target, mode, test))
+        .filter(|(file, _, _)| *file == binary)
         .map(|(_, test, _)| *test)
         .collect()
 }
@@ -269,7 +266,7 @@ pub fn run_native(
 ) -> anyhow::Result<Run> {
     let mut run = Run::new(Target::Native, mode);
     for binary in binaries {
-        let tests = tests_of(&binary.name, Target::Native, mode);
+        let tests = tests_of(&binary.name);
         if tests.is_empty() {
             continue;
         }
@@ -329,7 +326,7 @@ pub fn script(
         let _ = writeln!(script, "{})", series.release_pattern());
         for mode in Mode::ALL {
             for binary in binaries {
-                let tests = tests_of(&binary.name, target, mode);
+                let tests = tests_of(&binary.name);
                 if tests.is_empty() {
                     continue;
                 }
@@ -386,7 +383,7 @@ pub fn judge_vm(kernel: &Kernel, booted: &Booted, binaries: &[TestBinary]) -> Ve
         .map(|mode| {
             let mut run = Run::new(target, *mode);
             for binary in binaries {
-                let tests = tests_of(&binary.name, target, *mode);
+                let tests = tests_of(&binary.name);
                 if tests.is_empty() {
                     continue;
                 }
@@ -468,6 +465,7 @@ pub fn render(runs: &[Run]) -> (String, bool) {
     for hook in HOOKS {
         let _ = write!(attached, "{hook:<16}");
     }
+    attached.truncate(attached.trim_end().len());
     attached.push('\n');
     let mut passed = true;
     let mut failures = String::new();
@@ -524,6 +522,7 @@ pub fn render(runs: &[Run]) -> (String, bool) {
                 .unwrap_or("?");
             let _ = write!(attached, "{kind:<16}");
         }
+        attached.truncate(attached.trim_end().len());
         attached.push('\n');
     }
     text.push_str(&attached);
@@ -579,20 +578,6 @@ mod tests {
         );
         let unit = r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"monitor"},"profile":{"test":true},"executable":"/t/debug/deps/monitor-1"}"#;
         assert_eq!(test_artifact(unit), None);
-    }
-
-    #[test]
-    fn degraded_modes_skip_the_reuse_test() {
-        let v6_1 = Target::Vm(Arch::Amd64, Series::V6_1);
-        let reuse = "reuse_after_the_nat_timeout_is_logged_then_the_reset_explained";
-        assert!(!runs_in(v6_1, Mode::NoFentryKprobe, reuse));
-        assert!(runs_in(v6_1, Mode::Default, reuse));
-        assert!(runs_in(
-            v6_1,
-            Mode::NoFentryKprobe,
-            "a_closed_port_is_a_refused_connect"
-        ));
-        assert!(runs_in(Target::Native, Mode::NoFentryKprobe, reuse));
     }
 
     /// The script's sections come back per mode and binary, and a binary

@@ -1,7 +1,7 @@
 //! The guest's whole root file system, as a gzipped cpio (newc) archive:
 //! busybox, the /init script, idlemon, the tools the integration tests call
-//! (`ip` from iproute2, `nft` from nftables, both from Debian's packages of
-//! the guest's architecture), the caller's programs, every library these
+//! (`ip` from iproute2, `nft` from nftables, `bpftool`, from Debian's
+//! packages of the guest's architecture), the caller's programs, every library these
 //! need, and each kernel's modules under its release. One archive per
 //! architecture serves every kernel of it.
 
@@ -20,13 +20,14 @@ use super::{Arch, Kernel, debian, kernels, run_checked};
 const BUSYBOX: [&str; 2] = ["/usr/bin/busybox", "/bin/busybox"];
 
 /// The Debian packages the guest's tools and programs take files from:
-/// the C library and libgcc (the programs'), iproute2 and nftables, and
-/// the libraries `ip` and `nft` need.
+/// the C library and libgcc (the programs'), iproute2, nftables and
+/// bpftool, and the libraries `ip`, `nft` and `bpftool` need.
 const PACKAGES: &[&str] = &[
     "libc6",
     "libgcc-s1",
     "iproute2",
     "nftables",
+    "bpftool",
     "libnftables1",
     "libnftnl11",
     "libmnl0",
@@ -48,6 +49,7 @@ const PACKAGES: &[&str] = &[
 const TOOLS: &[(&str, &str)] = &[
     ("bin/ip", "/usr/local/sbin/ip"),
     ("usr/sbin/nft", "/usr/local/sbin/nft"),
+    ("usr/sbin/bpftool", "/usr/local/sbin/bpftool"),
 ];
 
 /// The daemon under test.
