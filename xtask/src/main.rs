@@ -43,9 +43,6 @@ enum Action {
     },
     /// Measure idlemon's overhead and scale (see README: Benchmarks).
     Bench(bench::BenchArgs),
-    /// The bench's vm part, which the bench runs through xtask.
-    #[command(hide = true)]
-    BenchVm(bench::VmBenchArgs),
     /// Boot EKS-like Debian kernels under qemu and run the attach-kind scenario.
     VmTest(vm::VmArgs),
     /// Build the image for linux/amd64 and linux/arm64 into
@@ -104,7 +101,6 @@ fn main() -> anyhow::Result<()> {
             }
             bench::run(&args)
         }
-        Action::BenchVm(args) => bench::run_vm(&args),
         Action::VmTest(args) => {
             setup::run()?;
             // The arm64 daemon is the image's own build (vm.rs).
@@ -148,6 +144,9 @@ fn test(unit_only: bool, no_container: bool, filter: Option<&str>) -> anyhow::Re
         supply_chain_check()?;
     }
     cargo(&args)?;
+    // The bench's pure parts (no root: its kernel tests are #[ignore]d); it
+    // is not a default member, so the run above leaves it out.
+    cargo(&["test", "--package", "idlemon-bench"])?;
     if !unit_only && filter.is_none() {
         // The kprobe and fentry paths, which this kernel refuses, on the
         // kernels EKS nodes run (qemu; amd64, and arm64 with the arm64

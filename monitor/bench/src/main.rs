@@ -1,8 +1,8 @@
 //! `cargo xtask bench`: idlemon's overhead and scale, measured side by side.
 //!
 //! xtask builds the daemon (release) and this binary, then runs it with the
-//! same arguments; the vm part boots qemu through xtask's vm-test harness,
-//! so for it this binary calls back `xtask bench-vm` (xtask/src/bench.rs).
+//! same arguments. The vm part boots qemu with the test kit's VM harness and
+//! runs this binary inside each VM too, as `idlemon-bench vm-guest` (`vm.rs`).
 //!
 //! ## How to read the bench output
 //!
@@ -82,7 +82,7 @@
 //! `--socket-walk namespaces`, B with the default (every open file once).
 //! **Vm** measures what this host's kernel refuses, the fentry and kprobe
 //! hooks, on Debian's 6.1 and 6.12 cloud kernels, booted once each under qemu
-//! TCG (one vCPU) with the vm-test harness: in the guest, one ping-pong like
+//! TCG (one vCPU) with the test kit's VM harness: in the guest, one ping-pong like
 //! the overhead part's runs through 4 rounds of 3 s windows in rotating order,
 //! A (no idlemon), B1 (idlemon, which attaches by fentry by default), B2
 //! (`--disable-attach fentry`: kprobes) and F (no idlemon, a no-op fentry
@@ -120,8 +120,6 @@ mod load;
 mod netns;
 mod noop;
 mod overhead;
-// Shared with the vm part's guest driver (xtask/src/vm/guest.rs), which
-// includes it by path.
 mod ping_pong;
 mod pods;
 mod scale;
@@ -186,9 +184,6 @@ pub struct BenchArgs {
     /// The daemon to measure (cargo xtask bench builds it).
     #[arg(long, hide = true, default_value = "target/release/idlemon")]
     idlemon: PathBuf,
-    /// The xtask that runs the vm part (cargo xtask bench passes itself).
-    #[arg(long, hide = true)]
-    xtask: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -256,8 +251,6 @@ struct Bench {
     binary: PathBuf,
     settings: Settings,
     checks: Vec<Check>,
-    /// The xtask binary that runs the vm part.
-    xtask: Option<PathBuf>,
 }
 
 impl Bench {
@@ -323,6 +316,12 @@ fn pause(duration: Duration) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Inside the vm part's VMs: `idlemon-bench vm-guest ...` (`vm/guest.rs`).
+    if std::env::args().nth(1).as_deref() == Some(vm::protocol::GUEST_COMMAND) {
+        return vm::guest::run(&vm::protocol::GuestArgs::parse_from(
+            std::env::args().skip(1),
+        ));
+    }
     run(&BenchArgs::parse())
 }
 
@@ -371,7 +370,6 @@ fn run(args: &BenchArgs) -> anyhow::Result<()> {
         binary,
         settings,
         checks: Vec::new(),
-        xtask: args.xtask.clone(),
     };
     let started = Instant::now();
     let mut failed = Vec::new();

@@ -1,6 +1,7 @@
 //! The no-op programs of `monitor/bench/ebpf`, loaded with aya: what the
 //! kernel charges for running any program at all on a hook, or for walking
-//! its sockets, before one instruction of idlemon's runs.
+//! its sockets, before one instruction of idlemon's runs. The vm part's F
+//! side holds one on each function of idlemon's per-packet fentry hooks.
 
 use std::{
     io::{ErrorKind, Read as _},
@@ -10,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Btf, Ebpf,
-    programs::{BtfTracePoint, Iter},
+    programs::{BtfTracePoint, FEntry, Iter},
 };
 
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/noop"));
@@ -19,7 +20,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// without output returns EAGAIN and the next one goes on.
 const MAX_WALK_READS: usize = 1000;
 
-/// A no-op tp_btf program, attached for as long as this lives.
+/// A no-op tp_btf or fentry program, attached for as long as this lives.
 pub struct Floor {
     pub id: u32,
     _ebpf: Ebpf,
@@ -37,6 +38,26 @@ impl Floor {
         program
             .attach()
             .with_context(|| format!("cannot attach a no-op program to tp_btf/{tracepoint}"))?;
+        let id = program
+            .info()
+            .context("cannot read the no-op program's id")?
+            .id();
+        Ok(Self { id, _ebpf: ebpf })
+    }
+
+    /// On a kernel function by fentry, e.g. `tcp_sendmsg` (idlemon's send
+    /// hook where the kernel allows fentry; this host's refuses it). Each
+    /// program loads its own copy of the object: one program loads once.
+    pub fn fentry(function: &str) -> anyhow::Result<Self> {
+        let btf = Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
+        let mut ebpf = Ebpf::load(OBJECT).context("cannot load the no-op programs' object")?;
+        let program: &mut FEntry = program(&mut ebpf, "noop_fentry")?;
+        program
+            .load(function, &btf)
+            .with_context(|| format!("cannot load a no-op program for fentry/{function}"))?;
+        program
+            .attach()
+            .with_context(|| format!("cannot attach a no-op program to fentry/{function}"))?;
         let id = program
             .info()
             .context("cannot read the no-op program's id")?

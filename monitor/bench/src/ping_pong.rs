@@ -1,14 +1,10 @@
 //! The 1-byte ping-pong over one loopback connection, as sockperf's
 //! ping-pong: a client thread sends a byte and waits for it to come back
 //! from an echo thread. It is the load of both the overhead part
-//! (`load.rs`, on this host) and the vm part (the guest driver,
-//! `vm/guest.rs`, under qemu), so that both measure the same traffic.
-//!
-//! std only: the guest driver is built by plain rustc and includes this file
-//! by path, as it does `vm/protocol.rs`.
+//! (`load.rs`, on this host) and the vm part (`vm/guest.rs`, inside qemu),
+//! so that both measure the same traffic.
 
 use std::{
-    ffi::c_int,
     io::{self, ErrorKind, Read as _, Write as _},
     net::{Shutdown, TcpStream},
     sync::{
@@ -139,12 +135,7 @@ impl Drop for PingPong {
 
 fn this_tid() -> u32 {
     // SAFETY: gettid has no preconditions.
-    u32::try_from(unsafe { gettid() }).unwrap_or(0)
-}
-
-// std has no gettid; glibc has had it since 2.30.
-unsafe extern "C" {
-    fn gettid() -> c_int;
+    u32::try_from(unsafe { libc::gettid() }).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -179,53 +179,6 @@ impl Check {
     }
 }
 
-impl Check {
-    /// One line, tab-separated: how the vm part, run by xtask in a process
-    /// of its own, hands its checks to the bench's table.
-    #[allow(
-        dead_code,
-        reason = "xtask, which includes this file, writes the lines the bench reads"
-    )]
-    pub fn to_line(&self) -> String {
-        let met = match self.met {
-            Some(true) => "met",
-            Some(false) => "missed",
-            None => "-",
-        };
-        [
-            self.what.as_str(),
-            &self.measured,
-            &self.target,
-            met,
-            if self.informational { "info" } else { "-" },
-            if self.inconclusive {
-                "inconclusive"
-            } else {
-                "-"
-            },
-        ]
-        .map(|field| field.replace(['\t', '\n'], " "))
-        .join("\t")
-    }
-
-    pub fn from_line(line: &str) -> Option<Self> {
-        let [what, measured, target, met, informational, inconclusive] =
-            <[&str; 6]>::try_from(line.split('\t').collect::<Vec<_>>()).ok()?;
-        Some(Self {
-            what: what.to_owned(),
-            measured: measured.to_owned(),
-            target: target.to_owned(),
-            met: match met {
-                "met" => Some(true),
-                "missed" => Some(false),
-                _ => None,
-            },
-            informational: informational == "info",
-            inconclusive: inconclusive == "inconclusive",
-        })
-    }
-}
-
 pub fn checks_table(checks: &[Check]) -> String {
     let mut table = Table::new(&["target", "measured", "goal", "verdict"]);
     for check in checks {
@@ -256,22 +209,6 @@ mod tests {
         let s = Summary::of(&[5.0, f64::NAN, 1.0, 3.0]).unwrap();
         assert_eq!((s.min, s.median, s.max, s.n), (1.0, 3.0, 5.0, 3));
         assert!(Summary::of(&[]).is_none());
-    }
-
-    #[test]
-    fn checks_survive_their_line() {
-        let mut check = Check::new("vm 6.1: B1/A", "0.93\tx".to_owned(), ">= 0.9", Some(true));
-        check.inconclusive = true;
-        let back = Check::from_line(&check.to_line()).expect("a check line");
-        assert_eq!(back.what, "vm 6.1: B1/A");
-        assert_eq!(back.measured, "0.93 x");
-        assert_eq!(
-            (back.met, back.inconclusive, back.informational),
-            (Some(true), true, false)
-        );
-        let info = Check::from_line(&Check::info("floor", "1.0".to_owned()).to_line()).unwrap();
-        assert_eq!((info.met, info.informational), (None, true));
-        assert!(Check::from_line("too\tfew").is_none());
     }
 
     #[test]

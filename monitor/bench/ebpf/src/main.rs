@@ -11,13 +11,26 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    macros::{btf_tracepoint, fentry},
+    programs::{BtfTracePointContext, FEntryContext},
+};
 
 /// Beside idlemon's receive hook (tp_btf `tcp_probe`; the bench names the
 /// tracepoint at load time), under the BPF run-time stats: its ns/run is
 /// what the stats' own clock reads add to every run.
 #[btf_tracepoint(function = "tcp_probe")]
 pub fn noop_tp_btf(_ctx: BtfTracePointContext) -> u32 {
+    0
+}
+
+/// The vm part's F side: on each kernel function where idlemon's
+/// per-packet hooks attach by fentry (`tcp_sendmsg`, `tcp_rcv_established`;
+/// the bench names the function at load time), the floor of any fentry
+/// program there: the trampoline and the call. This host's kernel refuses
+/// fentry; the VMs' kernels (6.1, 6.12) allow it.
+#[fentry(function = "tcp_sendmsg")]
+pub fn noop_fentry(_ctx: FEntryContext) -> u32 {
     0
 }
 
