@@ -148,10 +148,11 @@ fn test(unit_only: bool, no_container: bool, filter: Option<&str>) -> anyhow::Re
     // is not a default member, so the run above leaves it out.
     cargo(&["test", "--package", "idlemon-bench"])?;
     if !unit_only && filter.is_none() {
-        // The kprobe and fentry paths, which this kernel refuses, on the
-        // kernels EKS nodes run (qemu; amd64, and arm64 with the arm64
-        // image's cross-built daemon), and the native kernel's fallbacks.
-        // It runs the release build, which `cargo test` did not make.
+        // The integration tests that tell attach kinds apart, in each attach
+        // mode, on the kernels EKS nodes run (qemu; amd64, and arm64 with
+        // the arm64 image's cross-built daemon and the tests cross-built),
+        // and on this kernel. It runs the release build of the daemon,
+        // which `cargo test` did not make.
         build(true)?;
         vm::run(&vm::VmArgs::ci())?;
         // The image as the DaemonSet runs it (podman), after the release
