@@ -204,9 +204,9 @@ fn container_test() -> anyhow::Result<()> {
     println!("xtask: {}={}", variable.0, archive.path.display());
     cargo_with(
         &[
+            // The default members, as the `cargo test` before it: their
+            // dependencies' features, and so their builds, are the same.
             "test",
-            "--package",
-            "monitor",
             "--test",
             "container",
             "--",

@@ -4,8 +4,7 @@
 use std::{
     collections::BTreeMap,
     fs::{self, File},
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -302,29 +301,14 @@ impl Metrics {
     }
 }
 
-/// HTTP/1.0 GET without a client library: the daemon closes the connection
-/// after the body, so reading to the end is the whole protocol.
+/// GET `path` from the daemon, by the test kit's HTTP/1.0 client (long
+/// scrapes of 200,000 sockets may take their time).
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
-        .with_context(|| format!("cannot send GET {path} to {addr}"))?;
-    let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .with_context(|| format!("cannot read the answer to GET {path} from {addr}"))?;
-    let response = String::from_utf8_lossy(&response);
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("malformed HTTP answer from {addr}{path}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| anyhow!("no HTTP status in the answer from {addr}{path}"))?;
-    Ok((status, body.to_owned()))
+    Ok(idlemon_testkit::socket::get(
+        addr,
+        path,
+        Duration::from_secs(30),
+    )?)
 }
 
 /// A port nobody listens on now. Another process may take it before the

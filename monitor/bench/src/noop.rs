@@ -29,39 +29,38 @@ pub struct Floor {
 impl Floor {
     /// On a tracepoint by its BTF name, e.g. `tcp_probe` (idlemon's receive hook).
     pub fn attach(tracepoint: &str) -> anyhow::Result<Self> {
-        let btf = Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
-        let mut ebpf = Ebpf::load(OBJECT).context("cannot load the no-op programs' object")?;
-        let program: &mut BtfTracePoint = program(&mut ebpf, "noop_tp_btf")?;
-        program
-            .load(tracepoint, &btf)
-            .with_context(|| format!("cannot load a no-op program for tp_btf/{tracepoint}"))?;
-        program
-            .attach()
-            .with_context(|| format!("cannot attach a no-op program to tp_btf/{tracepoint}"))?;
-        let id = program
-            .info()
-            .context("cannot read the no-op program's id")?
-            .id();
-        Ok(Self { id, _ebpf: ebpf })
+        Self::load("tp_btf", tracepoint, |ebpf, btf| {
+            let program: &mut BtfTracePoint = program(ebpf, "noop_tp_btf")?;
+            program.load(tracepoint, btf)?;
+            program.attach()?;
+            Ok(program.info()?.id())
+        })
     }
 
     /// On a kernel function by fentry, e.g. `tcp_sendmsg` (idlemon's send
     /// hook where the kernel allows fentry; this host's refuses it). Each
     /// program loads its own copy of the object: one program loads once.
     pub fn fentry(function: &str) -> anyhow::Result<Self> {
+        Self::load("fentry", function, |ebpf, btf| {
+            let program: &mut FEntry = program(ebpf, "noop_fentry")?;
+            program.load(function, btf)?;
+            program.attach()?;
+            Ok(program.info()?.id())
+        })
+    }
+
+    /// Loads the object and has `attach` load, attach and identify one of
+    /// its programs on `kind/target`.
+    fn load(
+        kind: &str,
+        target: &str,
+        attach: impl FnOnce(&mut Ebpf, &Btf) -> anyhow::Result<u32>,
+    ) -> anyhow::Result<Self> {
         let btf = Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
         let mut ebpf = Ebpf::load(OBJECT).context("cannot load the no-op programs' object")?;
-        let program: &mut FEntry = program(&mut ebpf, "noop_fentry")?;
-        program
-            .load(function, &btf)
-            .with_context(|| format!("cannot load a no-op program for fentry/{function}"))?;
-        program
-            .attach()
-            .with_context(|| format!("cannot attach a no-op program to fentry/{function}"))?;
-        let id = program
-            .info()
-            .context("cannot read the no-op program's id")?
-            .id();
+        let id = attach(&mut ebpf, &btf).with_context(|| {
+            format!("cannot load and attach a no-op program to {kind}/{target}")
+        })?;
         Ok(Self { id, _ebpf: ebpf })
     }
 }

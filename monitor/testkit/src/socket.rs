@@ -122,15 +122,48 @@ pub(crate) fn http_get_within(
     path: &str,
     read_timeout: Duration,
 ) -> Option<(u16, String)> {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: idlemon\r\n\r\n");
-    netns.run(move || {
-        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
-        stream.set_read_timeout(Some(read_timeout)).ok()?;
-        stream.write_all(request.as_bytes()).ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        let status = head.split_whitespace().nth(1)?.parse().ok()?;
-        Some((status, body.to_owned()))
-    })
+    let path = path.to_owned();
+    netns.run(move || get(address, &path, read_timeout).ok())
+}
+
+/// One GET over HTTP/1.0 from this thread's namespace: the daemon closes
+/// the connection after the body, so reading to the end is the whole
+/// protocol. Connecting may take 2 s, the answer `read_timeout`; an error
+/// says which step failed.
+pub fn get(
+    address: SocketAddr,
+    path: &str,
+    read_timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    let failed = |step: &str, error: std::io::Error| {
+        std::io::Error::new(
+            error.kind(),
+            format!("GET {path} from {address}: {step}: {error}"),
+        )
+    };
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))
+        .map_err(|error| failed("connect", error))?;
+    stream.set_read_timeout(Some(read_timeout))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: idlemon\r\n\r\n").as_bytes())
+        .map_err(|error| failed("send", error))?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .map_err(|error| failed("read", error))?;
+    let response = String::from_utf8_lossy(&response);
+    let malformed = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("GET {path} from {address}: no HTTP status line in the answer"),
+        )
+    };
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(malformed)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(malformed)?;
+    Ok((status, body.to_owned()))
 }

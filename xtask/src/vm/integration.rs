@@ -70,17 +70,27 @@ pub fn build(root: &Path, arch: Arch) -> anyhow::Result<Vec<TestBinary>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut command = Command::new(&cargo);
     command
-        .args(["test", "--package", "monitor", "--no-run"])
+        .args(["test", "--no-run"])
         .arg("--message-format=json-render-diagnostics")
         .current_dir(root)
         .env("PATH", crate::setup::path_with_cargo_bin())
         .stdout(Stdio::piped());
-    if arch != Arch::host() {
-        // Release: the dependencies are then those the arm64 image's build
-        // (`cargo xtask image`, just before) compiled, not a second build
-        // of them all.
+    if arch == Arch::host() {
+        // The default members, as `cargo xtask test`'s `cargo test` just
+        // before: the same features for every dependency, so nothing is
+        // built again.
+    } else {
+        // monitor alone and release, as the arm64 image's build (`cargo
+        // xtask image`, just before): its dependencies are reused, not
+        // built a second time.
         command
-            .args(["--release", "--target", arch.rust_target()])
+            .args([
+                "--package",
+                "monitor",
+                "--release",
+                "--target",
+                arch.rust_target(),
+            ])
             .env(
                 "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
                 "aarch64-linux-gnu-gcc",
@@ -90,7 +100,7 @@ pub fn build(root: &Path, arch: Arch) -> anyhow::Result<Vec<TestBinary>> {
         command.args(["--test", name]);
     }
     println!(
-        "xtask vm-test: cargo test --package monitor --no-run for {} ({})",
+        "xtask vm-test: cargo test --no-run for {} ({})",
         arch.name(),
         names.join(", ")
     );
