@@ -27,10 +27,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-pub use debian::{
-    check_machine, copy_file, elf_interpreter, elf_needed, ensure_architecture, install_from,
-    install_program, unpack,
-};
+pub use debian::{check_machine, copy_file, ensure_architecture, install_program, unpack};
 pub use initramfs::{Daemon, Guest};
 pub use kernels::{Kernel, label};
 
