@@ -17,28 +17,15 @@ use idlemon_testkit as kit;
 use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
-    path::PathBuf,
     process::Stdio,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use kit::fake_api::{self, FakeApi, Reply};
-use kit::{Daemon, Netns, TempFile, wait_for};
+use kit::{Daemon, Netns, TempFile, cgroup::Cgroup, process::Guarded, wait_for};
 
 const POD_UID: &str = "6f1e8d8a-2b0c-4a51-9d7f-3c4e5b6a7d8e";
-
-fn cgroup2_root() -> Option<PathBuf> {
-    fs::read_to_string("/proc/self/mountinfo")
-        .ok()?
-        .lines()
-        .find_map(|line| {
-            let (before, after) = line.split_once(" - ")?;
-            (after.split_whitespace().next()? == "cgroup2")
-                .then(|| before.split_whitespace().nth(4).map(PathBuf::from))
-                .flatten()
-        })
-}
 
 /// A fake API server for one node: lists one pod, labelled as Helm charts
 /// label theirs, and holds watches open.
@@ -72,15 +59,13 @@ time.sleep(60)
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn an_at_risk_socket_names_its_process_cgroup_container_pod_and_workload() {
-    let root = cgroup2_root().expect("cgroup2 is mounted (/sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified in hybrid mode)");
     let container_id = format!("{:064x}", 0xfeed_0000_u64 + u64::from(std::process::id()));
     let slice = format!("idlemon-test-{}.slice", std::process::id());
     let relative = format!(
         "/{slice}/kubepods-burstable-pod{}.slice/cri-containerd-{container_id}.scope",
         POD_UID.replace('-', "_")
     );
-    let cgroup = root.join(relative.trim_start_matches('/'));
-    fs::create_dir_all(&cgroup).unwrap();
+    let cgroup = Cgroup::create(&relative).unwrap();
 
     let daemon_netns = Netns::new("daemon");
     let _api = fake_kubernetes_api(&daemon_netns, container_id.clone());
@@ -108,17 +93,21 @@ fn an_at_risk_socket_names_its_process_cgroup_container_pod_and_workload() {
     );
 
     let app_netns = Netns::new("app");
-    let mut app = app_netns
-        .command("python3")
+    let mut command = app_netns.command("python3");
+    command
         .args(["-c", APP])
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
+        .stdout(Stdio::piped());
+    let mut app = Guarded::spawn(&mut command, "the app", Duration::ZERO).unwrap();
+    cgroup.add(app.pid()).unwrap();
+    app.child()
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"go\n")
         .unwrap();
-    fs::write(cgroup.join("cgroup.procs"), app.id().to_string()).unwrap();
-    app.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let mut port = String::new();
-    BufReader::new(app.stdout.take().unwrap())
+    BufReader::new(app.child().stdout.take().unwrap())
         .read_line(&mut port)
         .unwrap();
     let local = format!("127.0.0.1:{}", port.trim());
@@ -128,8 +117,7 @@ fn an_at_risk_socket_names_its_process_cgroup_container_pod_and_workload() {
             socket["local"] == local.as_str() && socket["netns"] == app_netns.inode()
         })
     });
-    let _ = app.kill();
-    let _ = app.wait();
+    drop(app);
     let socket = socket.unwrap_or_else(|| panic!("app socket not flagged; log:\n{}", daemon.log()));
 
     assert_eq!(socket["comm"], "python3");
@@ -162,13 +150,6 @@ fn an_at_risk_socket_names_its_process_cgroup_container_pod_and_workload() {
         ),
         1.0
     );
-
-    // The cgroups are empty once the app is gone.
-    let mut directory = cgroup.as_path();
-    while directory != root {
-        let _ = fs::remove_dir(directory);
-        directory = directory.parent().unwrap();
-    }
 }
 
 const POD_A: &str = "0a1e8d8a-2b0c-4a51-9d7f-3c4e5b6a7d8e";

@@ -22,7 +22,6 @@ use std::{
     ffi::CString,
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::process::CommandExt as _,
-    path::PathBuf,
     process::Stdio,
     sync::mpsc,
     thread,
@@ -31,7 +30,8 @@ use std::{
 
 use kit::fake_api::{self, FakeApi, Reply};
 use kit::{
-    Daemon, Keepalive, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, echo, wait_for,
+    Daemon, Keepalive, NAT_SERVER_SIDE_IP, NatPath, Netns, SERVER_IP, TempFile, cgroup::Cgroup,
+    echo, wait_for,
 };
 use serde_json::Value;
 
@@ -43,90 +43,36 @@ const LONG_TIMEOUT: u32 = 8;
 const IDLE_SECONDS: u64 = 12;
 const CLIENT_ENV: &str = "IDLEMON_ENFORCE_CLIENT";
 
-/// A cgroup v2 directory of this test, removed on drop (its processes have
-/// exited by then).
-struct TestCgroup {
-    /// From the cgroup root, as `[enforce] cgroups` takes it.
-    name: String,
-    path: PathBuf,
-    /// A parent directory the test made (and removes after it).
-    made_parent: Option<PathBuf>,
+/// `/idlemon-test-<pid>-<tag>`: a cgroup of this test, removed on drop
+/// (its processes have exited by then), as are the others below.
+fn test_cgroup(tag: &str) -> Cgroup {
+    Cgroup::create(&format!("/idlemon-test-{}-{tag}", std::process::id())).unwrap()
 }
 
-impl TestCgroup {
-    fn new(tag: &str) -> Self {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-        let root = mounts
-            .lines()
-            .find_map(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
-            })
-            .expect("a cgroup v2 mount: keepalive enforcement needs cgroup v2");
-        let name = format!("/idlemon-test-{}-{tag}", std::process::id());
-        let path = root.join(name.trim_start_matches('/'));
-        std::fs::create_dir_all(&path).unwrap();
-        Self {
-            name,
-            path,
-            made_parent: None,
-        }
-    }
-
-    /// A systemd system unit's cgroup, `/system.slice/UNIT.service`, as
-    /// systemd makes it (the slice is made when the host has none).
-    fn unit(tag: &str) -> (Self, String) {
-        let plain = Self::new("probe");
-        let root = plain.path.parent().unwrap().to_owned();
-        drop(plain);
-        let slice = root.join("system.slice");
-        let made_parent = (!slice.exists()).then(|| slice.clone());
-        let unit = format!("idlemon-test-{}-{tag}.service", std::process::id());
-        let path = slice.join(&unit);
-        std::fs::create_dir_all(&path).unwrap();
-        let cgroup = Self {
-            name: format!("/system.slice/{unit}"),
-            path,
-            made_parent,
-        };
-        (cgroup, unit)
-    }
-
-    /// A pod's cgroup as kubelet's systemd driver makes it
-    /// (`kubepods-besteffort-pod<uid with _>.slice`), inside a slice of
-    /// this test.
-    fn pod(uid: &str) -> Self {
-        let plain = Self::new("probe");
-        let root = plain.path.parent().unwrap().to_owned();
-        drop(plain);
-        let slice = root.join(format!("idlemon-test-{}-pods.slice", std::process::id()));
-        let directory = format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
-        let path = slice.join(&directory);
-        std::fs::create_dir_all(&path).unwrap();
-        Self {
-            name: format!(
-                "/idlemon-test-{}-pods.slice/{directory}",
-                std::process::id()
-            ),
-            path,
-            made_parent: Some(slice),
-        }
-    }
+/// A systemd system unit's cgroup, `/system.slice/UNIT.service`, as
+/// systemd makes it (the slice is made when the host has none).
+fn unit_cgroup(tag: &str) -> (Cgroup, String) {
+    let unit = format!("idlemon-test-{}-{tag}.service", std::process::id());
+    let cgroup = Cgroup::create(&format!("/system.slice/{unit}")).unwrap();
+    (cgroup, unit)
 }
 
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.path);
-        if let Some(parent) = &self.made_parent {
-            let _ = std::fs::remove_dir(parent);
-        }
-    }
+/// A pod's cgroup as kubelet's systemd driver makes it
+/// (`kubepods-besteffort-pod<uid with _>.slice`), inside a slice of this
+/// test.
+fn pod_cgroup(uid: &str) -> Cgroup {
+    Cgroup::create(&format!(
+        "/idlemon-test-{}-pods.slice/kubepods-besteffort-pod{}.slice",
+        std::process::id(),
+        uid.replace('-', "_")
+    ))
+    .unwrap()
 }
 
 /// Paths: the test NAT's server port has a 4 s timeout; everything else has
 /// none. The port in the rule also checks the kernel's port decoding: on a
 /// mismatch the catch-all rule would apply and nothing be enforced.
-fn config(cgroup: &TestCgroup, port: u16, mode: &str) -> TempFile {
+fn config(cgroup: &Cgroup, port: u16, mode: &str) -> TempFile {
     TempFile::new(
         "enforce.toml",
         &format!(
@@ -177,7 +123,7 @@ enum Plan {
 }
 
 /// Runs a client process in `netns`, moved into `cgroup` first (when given).
-fn run_client(netns: &Netns, cgroup: Option<&TestCgroup>, plan: Plan) -> mpsc::Receiver<Client> {
+fn run_client(netns: &Netns, cgroup: Option<&Cgroup>, plan: Plan) -> mpsc::Receiver<Client> {
     let spec = match plan {
         Plan::Idle {
             port,
@@ -344,7 +290,7 @@ fn decisions(daemon: &Daemon, mode: &str, reason: &str) -> f64 {
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
     const PORT: u16 = 8301;
-    let cgroup = TestCgroup::new("on");
+    let cgroup = test_cgroup("on");
     let config = config(&cgroup, PORT, "on");
     let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
@@ -504,7 +450,7 @@ fn enforcement_on_keeps_an_idle_client_alive_through_the_nat() {
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn dry_run_decides_and_reports_but_changes_nothing() {
     const PORT: u16 = 8302;
-    let cgroup = TestCgroup::new("dry-run");
+    let cgroup = test_cgroup("dry-run");
     let config = config(&cgroup, PORT, "dry-run");
     let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
@@ -537,7 +483,7 @@ fn dry_run_decides_and_reports_but_changes_nothing() {
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn enforcement_that_cannot_attach_is_degraded_not_fatal() {
-    let cgroup = TestCgroup::new("degraded");
+    let cgroup = test_cgroup("degraded");
     let config = config(&cgroup, 8303, "on");
     let daemon =
         Daemon::start_unready(&["--config", config.path(), "--disable-attach", "sock_ops"]);
@@ -582,7 +528,7 @@ fn a_config_whose_first_probe_would_miss_the_timeout_is_refused() {
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn accepted_connections_are_enforced_when_configured() {
     const PORT: u16 = 8304;
-    let cgroup = TestCgroup::new("accepted");
+    let cgroup = test_cgroup("accepted");
     // The server sees its clients at the NAT's server-side address.
     let config = TempFile::new(
         "enforce-accepted.toml",
@@ -621,7 +567,7 @@ fn accepted_connections_are_enforced_when_configured() {
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn stopping_idlemon_leaves_fixed_sockets_as_they_are() {
     const PORT: u16 = 8305;
-    let cgroup = TestCgroup::new("stop");
+    let cgroup = test_cgroup("stop");
     let config = config(&cgroup, PORT, "on");
     let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
@@ -654,7 +600,7 @@ fn a_connection_opened_before_idlemon_started_is_enforced_at_start() {
     const PORT: u16 = 8306;
     // A longer timeout, so that idlemon surely starts before the NAT forgets.
     const TIMEOUT: u32 = 8;
-    let cgroup = TestCgroup::new("existing");
+    let cgroup = test_cgroup("existing");
     let config = TempFile::new(
         "enforce-existing.toml",
         &format!(
@@ -706,7 +652,7 @@ fn a_connection_opened_before_idlemon_started_is_enforced_at_start() {
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn a_systemd_unit_is_selected_by_its_name() {
     const PORT: u16 = 8307;
-    let (cgroup, unit) = TestCgroup::unit("unit");
+    let (cgroup, unit) = unit_cgroup("unit");
     // Selected by `units` alone (its name without .service): no cgroups.
     let config = TempFile::new(
         "enforce-unit.toml",
@@ -824,7 +770,7 @@ fn pods_are_selected_by_namespace_and_label_and_relabelling_fixes_their_connecti
     };
     const PORT: u16 = 8308;
     let (selected, relabelled, elsewhere) = (pod_uid(1), pod_uid(2), pod_uid(3));
-    let cgroups = [&selected, &relabelled, &elsewhere].map(|uid| TestCgroup::pod(uid));
+    let cgroups = [&selected, &relabelled, &elsewhere].map(|uid| pod_cgroup(uid));
     let config = selecting(
         "enforce-pods.toml",
         LONG_TIMEOUT,
@@ -973,8 +919,8 @@ fn pod_selectors_without_a_pod_watch_are_degraded_and_select_nothing() {
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn sighup_rereads_the_selection_and_fixes_newly_selected_connections() {
     const PORT: u16 = 8309;
-    let first = TestCgroup::new("hup-first");
-    let later = TestCgroup::new("hup-later");
+    let first = test_cgroup("hup-first");
+    let later = test_cgroup("hup-later");
     let config = selecting(
         "enforce-hup.toml",
         LONG_TIMEOUT,
@@ -1040,7 +986,7 @@ fn sighup_rereads_the_selection_and_fixes_newly_selected_connections() {
 /// A client whose keepalive idlemon set turns it off: reported (event,
 /// counter, /sockets), and with `override` kept on.
 fn weakened(override_weakening: bool, port: u16) -> (Client, Value, Daemon) {
-    let cgroup = TestCgroup::new(if override_weakening {
+    let cgroup = test_cgroup(if override_weakening {
         "override"
     } else {
         "weakened"
@@ -1134,7 +1080,7 @@ fn with_override_enforced_keepalive_stays_on_and_survives_the_nat() {
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run `cargo xtask test`"]
 fn enforcement_without_cgroup_setsockopt_runs_on_and_says_so() {
-    let cgroup = TestCgroup::new("nosockopt");
+    let cgroup = test_cgroup("nosockopt");
     let config = config(&cgroup, 8312, "on");
     let daemon = Daemon::start(&[
         "--config",

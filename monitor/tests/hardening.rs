@@ -195,7 +195,7 @@ fn missing_kernel_features_exit_clearly_or_degrade_visibly() {
 /// Sends raw bytes to the daemon's server on `port` and returns the status
 /// code it answers.
 fn raw_status(daemon: &Daemon, port: u16, request: Vec<u8>) -> Option<u16> {
-    daemon.netns.run(move || {
+    daemon.netns().run(move || {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
         stream
             .set_read_timeout(Some(Duration::from_secs(15)))
@@ -217,7 +217,7 @@ fn the_http_api_is_bounded_read_only_and_survives_hostile_clients() {
     let daemon = Daemon::start(&[]);
 
     // 1,000 concurrent /metrics requests, all answered.
-    let answered = daemon.netns.run(|| {
+    let answered = daemon.netns().run(|| {
         raise_fd_limit();
         let mut streams: Vec<TcpStream> = (0..1000)
             .map(|_| {
@@ -241,7 +241,7 @@ fn the_http_api_is_bounded_read_only_and_survives_hostile_clients() {
     assert_eq!(answered, 1000);
 
     // A slow client holding a half-sent request does not block others.
-    let slow = daemon.netns.run(|| {
+    let slow = daemon.netns().run(|| {
         let mut stream = TcpStream::connect(("127.0.0.1", DAEMON_PORT)).unwrap();
         stream.write_all(b"GET /metr").unwrap();
         stream
@@ -286,9 +286,9 @@ fn the_http_api_is_bounded_read_only_and_survives_hostile_clients() {
 
     // It listens only where configured.
     daemon
-        .netns
+        .netns()
         .ip(&["addr", "add", "192.0.2.9/32", "dev", "lo"]);
-    let elsewhere = daemon.netns.run(|| {
+    let elsewhere = daemon.netns().run(|| {
         TcpStream::connect_timeout(
             &format!("192.0.2.9:{DAEMON_PORT}").parse().unwrap(),
             Duration::from_secs(2),

@@ -44,7 +44,7 @@ fn a_neighbour_on_the_pod_network_gets_metrics_but_no_connection_data() {
     let daemon = Daemon::start(&["--listen", &format!("0.0.0.0:{DAEMON_PORT}")]);
     let neighbour = Netns::new("neighbour");
     let (ours, theirs) = ("idlemon-pod0", "idlemon-nb0");
-    daemon.netns.veth(
+    daemon.netns().veth(
         ours,
         &format!("{POD_IP}/24"),
         &neighbour,
@@ -80,14 +80,14 @@ fn a_neighbour_on_the_pod_network_gets_metrics_but_no_connection_data() {
     // Inside the pod (kubectl exec), the data and the CLI work as before.
     assert_eq!(daemon.get("/sockets").0, 200);
     assert_eq!(daemon.get("/events").0, 200);
-    let table = daemon.netns.exec(&kit::idlemon(), &["sockets"]);
+    let table = daemon.netns().exec(&kit::idlemon(), &["sockets"]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(
         table.lines().next().unwrap_or("").contains("Idle"),
         "{table}"
     );
     daemon
-        .netns
+        .netns()
         .exec(&kit::idlemon(), &["events", "--limit", "5"]);
 }
 
@@ -96,7 +96,7 @@ fn a_neighbour_on_the_pod_network_gets_metrics_but_no_connection_data() {
 fn probes_answer_while_over_a_thousand_idle_connections_are_held() {
     const HELD: usize = 1100;
     let daemon = Daemon::start(&[]);
-    let answered = daemon.netns.run(|| {
+    let answered = daemon.netns().run(|| {
         raise_fd_limit();
         let held: Vec<TcpStream> = (0..HELD)
             .map(|_| TcpStream::connect(("127.0.0.1", DAEMON_PORT)).unwrap())
@@ -132,9 +132,13 @@ fn a_client_that_stops_reading_is_cut_off() {
     // Small socket buffers in the daemon's namespace, so that an unread
     // answer of a few hundred KiB fills them; many sockets make /sockets
     // that long.
-    daemon.netns.sysctl("net.ipv4.tcp_wmem", "4096 8192 16384");
-    daemon.netns.sysctl("net.ipv4.tcp_rmem", "4096 8192 16384");
-    let _sockets: Vec<TcpStream> = daemon.netns.run(|| {
+    daemon
+        .netns()
+        .sysctl("net.ipv4.tcp_wmem", "4096 8192 16384");
+    daemon
+        .netns()
+        .sysctl("net.ipv4.tcp_rmem", "4096 8192 16384");
+    let _sockets: Vec<TcpStream> = daemon.netns().run(|| {
         raise_fd_limit();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
@@ -147,7 +151,7 @@ fn a_client_that_stops_reading_is_cut_off() {
             .collect()
     });
     let rss_before = rss_kib(daemon.pid());
-    let stalled = daemon.netns.run(|| {
+    let stalled = daemon.netns().run(|| {
         let mut stream = TcpStream::connect(("127.0.0.1", API_PORT)).unwrap();
         stream.write_all(b"GET /sockets HTTP/1.0\r\n\r\n").unwrap();
         stream
@@ -217,7 +221,7 @@ fn concurrent_socket_requests_share_walks() {
 fn long_polls_are_bounded_in_number() {
     const PLACES: usize = 64;
     let daemon = Daemon::start(&[]);
-    let polls: Vec<TcpStream> = daemon.netns.run(|| {
+    let polls: Vec<TcpStream> = daemon.netns().run(|| {
         (0..PLACES)
             .map(|_| {
                 let mut stream = TcpStream::connect(("127.0.0.1", API_PORT)).unwrap();

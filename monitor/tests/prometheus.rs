@@ -16,11 +16,11 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
     path::Path,
-    process::{Child, Stdio},
+    process::Stdio,
     time::Duration,
 };
 
-use kit::{DAEMON_PORT, Daemon, Netns, TempFile, sh, wait_for};
+use kit::{DAEMON_PORT, Daemon, Netns, TempFile, process::Guarded, sh, wait_for};
 use serde_json::Value;
 
 const APP: &str = r#"
@@ -33,32 +33,25 @@ print("ready", flush=True)
 time.sleep(60)
 "#;
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Debian's Prometheus in `netns` on 127.0.0.1:9090, with the scrape
 /// config `scrape` and its storage in `storage`; killed when dropped.
-fn start_prometheus(netns: &Netns, scrape: &TempFile, storage: &Path) -> Killed {
-    Killed(
-        netns
-            .command("prometheus")
-            .args([
-                &format!("--config.file={}", scrape.path()),
-                &format!("--storage.tsdb.path={}", storage.display()),
-                "--web.listen-address=127.0.0.1:9090",
-                "--log.level=warn",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("Debian's prometheus is installed by cargo xtask setup"),
+fn start_prometheus(netns: &Netns, scrape: &TempFile, storage: &Path) -> Guarded {
+    let mut command = netns.command("prometheus");
+    command
+        .args([
+            &format!("--config.file={}", scrape.path()),
+            &format!("--storage.tsdb.path={}", storage.display()),
+            "--web.listen-address=127.0.0.1:9090",
+            "--log.level=warn",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Guarded::spawn(
+        &mut command,
+        "prometheus (installed by cargo xtask setup)",
+        Duration::ZERO,
     )
+    .unwrap()
 }
 
 /// GET on the Prometheus HTTP API inside the daemon's namespace.
@@ -103,24 +96,20 @@ fn prometheus_scrapes_idlemon_and_finds_the_at_risk_socket() {
              static_configs:\n      - targets: ['127.0.0.1:{DAEMON_PORT}']\n"
         ),
     );
-    let _prometheus = start_prometheus(&daemon.netns, &scrape, &storage);
+    let _prometheus = start_prometheus(daemon.netns(), &scrape, &storage);
 
     let app_netns = Netns::new("app");
-    let mut app = app_netns
-        .command("python3")
-        .args(["-c", APP])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut command = app_netns.command("python3");
+    command.args(["-c", APP]).stdout(Stdio::piped());
+    let mut app = Guarded::spawn(&mut command, "the app", Duration::ZERO).unwrap();
     let mut line = String::new();
-    BufReader::new(app.stdout.take().unwrap())
+    BufReader::new(app.child().stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let _app = Killed(app);
 
     let found = wait_for(Duration::from_secs(30), || {
         let answer = query(
-            &daemon.netns,
+            daemon.netns(),
             "idlemon_at_risk_sockets{reason=\"no_keepalive\"} > 0",
         )?;
         let result = answer["data"]["result"].as_array()?.clone();
@@ -192,7 +181,7 @@ impl Drop for ProcRoot {
 struct Node {
     name: &'static str,
     daemon: Daemon,
-    _app: Killed,
+    _app: Guarded,
     _proc: ProcRoot,
     /// The local port of the app's refused connect, whose RST is an event.
     refused_port: String,
@@ -237,7 +226,8 @@ fn start_node(
     // `unshare --net` makes a namespace that only the app's /proc entry
     // leads to (`ip netns add` would list it in /run/netns, which every
     // daemon walks). unshare and sh exec: the app keeps the child's pid.
-    let mut app = std::process::Command::new("unshare")
+    let mut command = std::process::Command::new("unshare");
+    command
         .args([
             "--net",
             "--",
@@ -248,15 +238,13 @@ fn start_node(
             FLEET_APP,
             &connections.to_string(),
         ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    proc_root.add(app.id());
+        .stdout(Stdio::piped());
+    let mut app = Guarded::spawn(&mut command, &format!("{name}'s app"), Duration::ZERO).unwrap();
+    proc_root.add(app.pid());
     let mut refused_port = String::new();
-    BufReader::new(app.stdout.take().unwrap())
+    BufReader::new(app.child().stdout.take().unwrap())
         .read_line(&mut refused_port)
         .unwrap();
-    let app = Killed(app);
     assert!(
         !refused_port.trim().is_empty(),
         "{name}'s app did not start"
@@ -266,7 +254,7 @@ fn start_node(
     let peer = format!("{a}.{b}.{c}.{}/30", d - 1);
     let own = format!("{a}.{b}.{c}.{d}/30");
     let link = format!("to-{name}");
-    prometheus.veth(&link, &peer, &daemon.netns, "eth0", &own);
+    prometheus.veth(&link, &peer, daemon.netns(), "eth0", &own);
     Node {
         name,
         daemon,

@@ -18,7 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kit::{Daemon, Keepalive, NatPath, Netns, SERVER_IP, TempFile, echo, rss_kib, wait_for};
+use kit::{
+    Daemon, Keepalive, NatPath, Netns, SERVER_IP, TempFile, echo, process::Guarded, rss_kib,
+    wait_for,
+};
 use serde_json::Value;
 
 const NAT_TIMEOUT: u32 = 5;
@@ -234,12 +237,9 @@ fn a_pooled_http_client_hits_connection_reset_by_peer() {
     let config = nat_config();
     let daemon = Daemon::with_config(&config, &[]);
     let path = NatPath::new(NAT_TIMEOUT);
-    let mut server = path
-        .server
-        .command("python3")
-        .args(["-c", HTTP_SERVER, SERVER_IP])
-        .spawn()
-        .unwrap();
+    let mut command = path.server.command("python3");
+    command.args(["-c", HTTP_SERVER, SERVER_IP]);
+    let server = Guarded::spawn(&mut command, "the HTTP server", Duration::ZERO).unwrap();
     let listening = wait_for(Duration::from_secs(5), || {
         path.client
             .run(|| TcpStream::connect((SERVER_IP, 8104)).ok())
@@ -257,8 +257,7 @@ fn a_pooled_http_client_hits_connection_reset_by_peer() {
         .unwrap();
     let client_pid = client.id();
     let output = client.wait_with_output().unwrap();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let said = String::from_utf8_lossy(&output.stdout);
     assert!(
         said.contains("Connection reset by peer"),

@@ -169,7 +169,7 @@ fn idle_client_without_keepalive_is_flagged_then_reset() {
         "{fix:#}"
     );
     // idlemon advise: this test process's workload, its one socket, that fix.
-    let advice = daemon.netns.exec(&kit::idlemon(), &["advise", "--json"]);
+    let advice = daemon.netns().exec(&kit::idlemon(), &["advise", "--json"]);
     assert!(advice.status.success(), "{advice:?}");
     let advice: Value = serde_json::from_slice(&advice.stdout).unwrap();
     let ours = advice
@@ -183,7 +183,7 @@ fn idle_client_without_keepalive_is_flagged_then_reset() {
     assert_eq!(ours["destinations"][0], format!("{}:8001", kit::SERVER_IP));
     assert_eq!(ours["fix"]["kind"], "application");
     assert_eq!(ours["fix"]["enforce"], fix["enforce"]);
-    let text = daemon.netns.exec(&kit::idlemon(), &["advise"]);
+    let text = daemon.netns().exec(&kit::idlemon(), &["advise"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains("Fix: in the application, turn SO_KEEPALIVE on")
@@ -225,7 +225,7 @@ fn default_keepalive_is_flagged_too_slow() {
         fix["snippet"],
         "sysctl -w net.ipv4.tcp_keepalive_time=2\nsysctl -w net.ipv4.tcp_keepalive_intvl=1\n"
     );
-    let text = daemon.netns.exec(&kit::idlemon(), &["advise"]);
+    let text = daemon.netns().exec(&kit::idlemon(), &["advise"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains(&format!(

@@ -43,7 +43,8 @@ enum Action {
     },
     /// Measure idlemon's overhead and scale (see README: Benchmarks).
     Bench(bench::BenchArgs),
-    /// Boot EKS-like Debian kernels under qemu and run the attach-kind scenario.
+    /// Boot EKS-like Debian kernels under qemu and run the integration tests
+    /// in each attach mode.
     VmTest(vm::VmArgs),
     /// Build the image for linux/amd64 and linux/arm64 into
     /// target/image/idlemon-VERSION.oci.tar (buildah, no Docker engine).

@@ -48,12 +48,14 @@ pub fn run(args: &ReleaseArgs) -> anyhow::Result<()> {
 
     let tag = format!("v{version}");
     let head = git(&["rev-parse", "HEAD"])?.trim().to_owned();
+    // Fails (status 1, nothing printed) when there is no such tag.
     let tagged = git(&[
         "rev-parse",
         "--verify",
         "--quiet",
         &format!("refs/tags/{tag}^{{commit}}"),
-    ])?;
+    ])
+    .unwrap_or_default();
     match tagged.trim() {
         "" if args.no_tag => println!("xtask release: not tagging (--no-tag)"),
         "" => {

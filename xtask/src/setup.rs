@@ -4,7 +4,7 @@
 use std::{
     ffi::OsString,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{Context as _, bail};
@@ -105,57 +105,6 @@ fn packages() -> anyhow::Result<()> {
         println!("xtask setup: apt packages already installed");
     }
     Ok(())
-}
-
-/// Installs the Debian packages among `packages` (package, why) that are
-/// missing, saying which and why under the `who` prefix; returns how many.
-/// Stale package lists are the usual reason an install fails, so a failed
-/// install is retried once after `apt-get update`.
-pub fn install_packages(who: &str, packages: &[(&str, &str)]) -> anyhow::Result<usize> {
-    let missing: Vec<&str> = packages
-        .iter()
-        .filter(|(package, _)| !installed(package))
-        .map(|(package, _)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(0);
-    }
-    for (package, why) in packages
-        .iter()
-        .filter(|(package, _)| missing.contains(package))
-    {
-        println!("{who}: installing {package}: {why}");
-    }
-    if !is_root() {
-        bail!(
-            "missing packages {}: run as root so that apt-get can install them",
-            missing.join(" ")
-        );
-    }
-    let install = || {
-        run_command(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
-    if install().is_err() {
-        run_command(Command::new("apt-get").args(["update", "-q"]))?;
-        install()?;
-    }
-    Ok(missing.len())
-}
-
-/// Whether a Debian package is installed.
-pub fn installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", package])
-        .stderr(Stdio::null())
-        .output()
-        .is_ok_and(|output| {
-            String::from_utf8_lossy(&output.stdout).contains("install ok installed")
-        })
 }
 
 /// The nightly that builds the kernel programs, at the date pinned in the
@@ -289,13 +238,6 @@ fn tracefs() -> anyhow::Result<()> {
     run_command(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))
 }
 
-/// Runs a command, failing with its status when it fails (the test kit's).
-pub use idlemon_testkit::vm::run_checked as run_command;
-
-pub fn capture(command: &mut Command) -> anyhow::Result<String> {
-    let output = command
-        .stderr(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {command:?}"))?;
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
+/// The test kit's: apt-get installs, a command run that fails with its
+/// status, a command's output that fails with its status and stderr.
+pub use idlemon_testkit::vm::{capture, install_packages, run_checked as run_command};

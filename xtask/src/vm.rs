@@ -173,7 +173,6 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
             })
             .collect();
         if !kernels.is_empty() {
-            crate::setup::install_packages("xtask vm-test", arch.packages())?;
             let guest = Guest {
                 arch,
                 daemon: &daemon,

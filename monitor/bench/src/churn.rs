@@ -9,6 +9,8 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 
+use idlemon_testkit::process;
+
 use super::{
     Bench,
     daemon::{self, Daemon},
@@ -49,12 +51,12 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let before = kernel::count_entries(&socket_map, me)?;
     let metrics_before = daemon.metrics()?;
     let stats_before = kernel::prog_stats(&objects.progs)?;
-    let cpu_before = daemon::process_cpu(daemon.pid())?;
+    let cpu_before = process::cpu(daemon.pid())?;
 
     let (churn, samples) = traffic::churn(&netns, rate, duration, threads, |end| {
         sample_until(&socket_map, me, end)
     })?;
-    let cpu = daemon::process_cpu(daemon.pid())? - cpu_before;
+    let cpu = process::cpu(daemon.pid())? - cpu_before;
     let stats_after = kernel::prog_stats(&objects.progs)?;
     let samples = samples?;
 

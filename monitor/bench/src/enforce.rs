@@ -20,16 +20,16 @@
 //! program too, which returns after two compares.)
 
 use std::{
-    io::Write as _,
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow};
+use idlemon_testkit::cgroup::{self, Cgroup};
 
 use super::{
     Bench,
@@ -61,13 +61,13 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         &config,
         format!(
             "[enforce]\nmode = \"on\"\ncgroups = [\"{}\"]\n",
-            cgroup.name
+            cgroup.enforced.name
         ),
     )
     .with_context(|| format!("cannot write {}", config.display()))?;
     println!(
         "connect+close (RST) to {SERVER} (a veth address, path timeout 350 s) as fast as one thread can, in network namespace {}; idlemon --enforce-keepalive on for cgroup {}; A: the bench in a sibling cgroup, B: inside it",
-        netns.name, cgroup.name
+        netns.name, cgroup.enforced.name
     );
     let mut daemon = Daemon::start(
         &bench.binary,
@@ -277,7 +277,7 @@ fn measure_setsockopt(
     target: SocketAddr,
     window: Duration,
 ) -> anyhow::Result<f64> {
-    move_to(if inside { &cgroup.path } else { &cgroup.plain })?;
+    cgroup.enter(inside)?;
     let (calls, elapsed) = netns.run(|| -> anyhow::Result<_> {
         let stream =
             TcpStream::connect(target).context("cannot connect for the setsockopt windows")?;
@@ -317,7 +317,7 @@ fn measure(
     target: SocketAddr,
     window: Duration,
 ) -> anyhow::Result<f64> {
-    move_to(if inside { &cgroup.path } else { &cgroup.plain })?;
+    cgroup.enter(inside)?;
     let (opened, elapsed) = netns.run(|| {
         let start = Instant::now();
         let mut opened = 0u64;
@@ -352,65 +352,49 @@ fn measure(
 /// only in the program (a cgroup's depth and accounting change the cost of
 /// a connection too: the root cgroup measured 20% slower than a child here).
 struct BenchCgroup {
-    /// The enforced one, from the cgroup root.
-    name: String,
-    path: PathBuf,
-    plain: PathBuf,
+    enforced: Cgroup,
+    plain: Cgroup,
     /// The bench's own cgroup, to go back to.
     home: PathBuf,
 }
 
 impl BenchCgroup {
     fn create() -> anyhow::Result<Self> {
-        let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-        let root = mounts
-            .lines()
-            .find_map(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
-            })
-            .ok_or_else(|| anyhow!("no cgroup v2 mount: keepalive enforcement needs cgroup v2"))?;
+        let root = cgroup::root().context("keepalive enforcement needs cgroup v2")?;
         let own = std::fs::read_to_string("/proc/self/cgroup")?;
         let home = own
             .lines()
             .find_map(|line| line.strip_prefix("0::"))
             .ok_or_else(|| anyhow!("/proc/self/cgroup has no cgroup v2 entry"))?;
-        let name = format!("/idlemon-bench-{}-enforce", std::process::id());
-        let path = root.join(name.trim_start_matches('/'));
-        let plain = root.join(format!("idlemon-bench-{}-plain", std::process::id()));
-        for directory in [&path, &plain] {
-            std::fs::create_dir_all(directory)
-                .with_context(|| format!("cannot create {}", directory.display()))?;
-        }
+        let named = |side: &str| format!("/idlemon-bench-{}-{side}", std::process::id());
         Ok(Self {
-            name,
-            path,
-            plain,
+            enforced: Cgroup::create(&named("enforce"))?,
+            plain: Cgroup::create(&named("plain"))?,
             home: root.join(home.trim_start_matches('/')),
         })
     }
 
+    /// Moves the whole bench process (every thread) into the enforced
+    /// cgroup or the plain one.
+    fn enter(&self, enforced: bool) -> anyhow::Result<()> {
+        let cgroup = if enforced {
+            &self.enforced
+        } else {
+            &self.plain
+        };
+        cgroup.add(std::process::id())
+    }
+
     fn leave(&self) -> anyhow::Result<()> {
-        move_to(&self.home)
+        cgroup::move_into(&self.home, std::process::id())
     }
 }
 
 impl Drop for BenchCgroup {
     fn drop(&mut self) {
-        let _ = move_to(&self.home);
-        let _ = std::fs::remove_dir(&self.path);
-        let _ = std::fs::remove_dir(&self.plain);
+        // Out of both, so that they can be removed.
+        let _ = self.leave();
     }
-}
-
-/// Moves the whole bench process (every thread) into cgroup `path`.
-fn move_to(path: &Path) -> anyhow::Result<()> {
-    let procs = path.join("cgroup.procs");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&procs)
-        .and_then(|mut file| file.write_all(std::process::id().to_string().as_bytes()))
-        .with_context(|| format!("cannot move the bench into {}", procs.display()))
 }
 
 /// Prints the A (not enforced) and B rates of the pairs and their B/A

@@ -6,6 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use idlemon_testkit::process;
+
 use super::{
     Bench,
     daemon::{self, Daemon},
@@ -35,7 +37,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
         scans,
         metrics,
     } = measure(&mut daemon, sockets, window)?;
-    let rss = daemon::process_memory(daemon.pid())?.rss;
+    let rss = process::memory(daemon.pid())?.rss;
     let last_scan_cpu = metrics
         .value("idlemon_scan_cpu_seconds")
         .unwrap_or(f64::NAN);
@@ -109,7 +111,7 @@ pub(super) fn measure(
         .metrics()?
         .value("idlemon_scans_total")
         .unwrap_or(0.0);
-    let cpu_before = daemon::process_cpu(daemon.pid())?;
+    let cpu_before = process::cpu(daemon.pid())?;
     let started = Instant::now();
     let end = started + window;
     while Instant::now() < end {
@@ -121,7 +123,7 @@ pub(super) fn measure(
         );
         daemon.check_alive()?;
     }
-    let cpu = daemon::process_cpu(daemon.pid())? - cpu_before;
+    let cpu = process::cpu(daemon.pid())? - cpu_before;
     let elapsed = started.elapsed();
     let metrics = daemon.metrics()?;
     let scans = metrics.value("idlemon_scans_total").unwrap_or(0.0) - scans_before;

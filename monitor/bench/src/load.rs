@@ -13,7 +13,9 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 
-use super::{daemon::Guarded, netns::Netns, ping_pong};
+use idlemon_testkit::process::Guarded;
+
+use super::{daemon::DROP_GRACE, netns::Netns, ping_pong};
 
 /// A load whose progress is a counter: transactions, or bytes.
 pub trait Load {
@@ -105,6 +107,7 @@ impl Stream {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
             "iperf3 server",
+            DROP_GRACE,
         )?;
         wait_listening(&mut server, PORT)?;
         let seconds = at_most.as_secs().max(1).to_string();
@@ -115,6 +118,7 @@ impl Stream {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
             "iperf3 client",
+            DROP_GRACE,
         )?;
         Ok(Self { client, server })
     }

@@ -131,12 +131,11 @@ mod vm;
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    process::{Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::{Parser, ValueEnum};
 
 use self::{
@@ -256,35 +255,6 @@ struct Bench {
 impl Bench {
     fn check(&mut self, check: Check) {
         self.checks.push(check);
-    }
-
-    /// Installs a Debian package the bench needs, saying so.
-    fn ensure_package(&self, package: &str, why: &str) -> anyhow::Result<()> {
-        let installed = Command::new("dpkg-query")
-            .args(["-W", "-f=${Status}", package])
-            .stderr(Stdio::null())
-            .output()
-            .is_ok_and(|output| {
-                String::from_utf8_lossy(&output.stdout).contains("install ok installed")
-            });
-        if installed {
-            return Ok(());
-        }
-        println!("bench: installing {package} with apt-get ({why})");
-        for args in [
-            vec!["update", "-q"],
-            vec!["install", "-y", "-q", "--no-install-recommends", package],
-        ] {
-            let status = Command::new("apt-get")
-                .args(&args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-                .context("cannot run apt-get")?;
-            if !status.success() {
-                bail!("apt-get {} failed ({status})", args.join(" "));
-            }
-        }
-        Ok(())
     }
 }
 

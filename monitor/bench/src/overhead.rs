@@ -78,7 +78,10 @@ const STREAM: Series = Series {
 };
 
 pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
-    bench.ensure_package("iperf3", "bulk-stream throughput over loopback")?;
+    idlemon_testkit::vm::install_packages(
+        "bench",
+        &[("iperf3", "bulk-stream throughput over loopback")],
+    )?;
     let netns = netns::create("overhead");
     let window = bench.settings.window;
     let pairs = bench.settings.pairs;

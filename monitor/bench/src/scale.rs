@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 
+use idlemon_testkit::process;
+
 use super::{
     Bench, MIB,
-    daemon::{self, Daemon, Scan},
+    daemon::{Daemon, Scan},
     kernel::{self, RunTimeStats},
     netns::{self, Netns},
     noop,
@@ -96,7 +98,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     // The daemon has read the file once it serves metrics.
     let _ = std::fs::remove_file(&config);
     let (mut daemon, first) = first?;
-    let time_to_track = daemon.started.elapsed();
+    let time_to_track = daemon.started().elapsed();
     let first_scan = (
         first.value("idlemon_scan_cpu_seconds").unwrap_or(f64::NAN),
         first
@@ -151,7 +153,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     );
     std::thread::sleep(flagged_from.saturating_duration_since(Instant::now()));
     let flagged = daemon.sample_scans(bench.settings.scan_samples, SCAN_INTERVAL)?;
-    let memory_use = daemon::process_memory(daemon.pid())?;
+    let memory_use = process::memory(daemon.pid())?;
     let rss = memory_use.rss;
     let (scrapes, scrape_bytes) = time_scrapes(&mut daemon)?;
     let metrics = daemon.metrics()?;

@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::Context as _;
 
+use idlemon_testkit::process;
+
 use super::{
     Bench,
     daemon::{self, Daemon},
@@ -94,7 +96,7 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
                 truth.reset += 1;
             }
             if Instant::now() >= next_sample {
-                let rss = daemon::process_memory(pid)?.rss;
+                let rss = process::memory(pid)?.rss;
                 memory.push((started.elapsed().as_secs_f64(), rss));
                 next_sample += SAMPLE_EVERY;
             }

@@ -261,9 +261,6 @@ pub fn run(bench: &mut Bench) -> anyhow::Result<()> {
     // Apart from vm-test's files, so that the two never overwrite each other.
     let work = cache.join("bench");
     fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
-    for (package, why) in Arch::Amd64.packages() {
-        bench.ensure_package(package, why)?;
-    }
     let daemon = harness::Daemon::Binary(
         fs::canonicalize(&bench.binary)
             .with_context(|| format!("cannot find {}", bench.binary.display()))?,

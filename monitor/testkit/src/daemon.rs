@@ -1,17 +1,24 @@
-//! A running idlemon in a network namespace of its own, with its HTTP
-//! endpoints, waited for by its probes and `/events` long polls.
+//! A running idlemon, in a network namespace of its own (the tests) or in
+//! the host's (the bench), with its HTTP endpoints, waited for by its
+//! probes and `/events` long polls.
+//!
+//! The fallible methods (`launch_in`, `launch_on_host`, `check_alive`,
+//! `wait_ok`, `fetch`, `stop_within`) serve the bench, whose parts report
+//! an error and go on; the tests' methods panic with the daemon's log.
 
 use std::{
-    fs::File,
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Child, ExitStatus, Stdio},
+    ffi::OsString,
+    fs::{self, File},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
+use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::{Netns, TempFile, attach::Expected, metrics, socket::http_get_within, wait_for};
+use crate::{Netns, TempFile, attach::Expected, metrics, process::Guarded, socket, wait_for};
 
 pub const DAEMON_PORT: u16 = 9781;
 /// The connection data API (/sockets, /events): idlemon's default
@@ -23,6 +30,12 @@ pub const API_PORT: u16 = 9782;
 const READY_LIMIT: Duration = Duration::from_secs(60);
 /// How long an awaited event may take to show in `/events`.
 const EVENT_LIMIT: Duration = Duration::from_secs(20);
+/// How long a GET may take to answer: a scrape of 200,000 sockets takes
+/// its time (the bench's scale part).
+const ANSWER_LIMIT: Duration = Duration::from_secs(30);
+/// How long `stop` waits for a clean exit after SIGTERM before SIGKILL
+/// (which the returned status then shows).
+const STOP_LIMIT: Duration = Duration::from_secs(30);
 
 /// The daemon under test: `IDLEMON_BIN` when set (the vm's guest, where the
 /// binary sits elsewhere), else the `idlemon` cargo built beside the test
@@ -50,19 +63,25 @@ pub fn idlemon() -> String {
 /// The port that serves `path`: connection data on the API port, the rest
 /// (metrics, probes) on the metrics port.
 pub fn port_for(path: &str) -> u16 {
-    if path.starts_with("/sockets") || path.starts_with("/events") {
-        API_PORT
-    } else {
-        DAEMON_PORT
-    }
+    if is_api(path) { API_PORT } else { DAEMON_PORT }
 }
 
-/// A running idlemon, listening on 127.0.0.1:9781 inside its own namespace
-/// so that tests never collide on a port. Killed on drop.
+fn is_api(path: &str) -> bool {
+    path.starts_with("/sockets") || path.starts_with("/events")
+}
+
+/// A running idlemon, stopped on drop. In a namespace of its own it listens
+/// on 127.0.0.1:9781 (metrics, probes) and :9782 (API) there, so that tests
+/// never collide on a port; in the host's namespace on two free loopback
+/// ports.
 pub struct Daemon {
-    pub netns: Netns,
-    child: Option<Child>,
+    process: Guarded,
+    netns: Option<Netns>,
+    metrics_addr: SocketAddr,
+    api_addr: SocketAddr,
+    /// The child's stderr: the daemon's own log.
     log: PathBuf,
+    started: Instant,
 }
 
 impl Daemon {
@@ -105,30 +124,81 @@ impl Daemon {
 
     /// Starts idlemon that is expected to run but not become ready (degraded).
     pub fn start_unready(args: &[&str]) -> Self {
-        let mut daemon = Self::launch(Netns::new("daemon"), args, Stdio::null());
+        let mut daemon = Self::launch_in(Netns::new("daemon"), args, Stdio::null()).unwrap();
         daemon.wait_degraded();
         daemon
     }
 
-    fn launch(netns: Netns, args: &[&str], stdout: Stdio) -> Self {
-        let log = std::env::temp_dir().join(format!("{}.log", netns.name));
+    /// Starts idlemon in `netns` with a debug log, listening on loopback
+    /// unless `args` choose an address (the pod network's); does not wait.
+    /// Call it from the thread that owns the daemon (see `Guarded::spawn`).
+    pub fn launch_in(netns: Netns, args: &[&str], stdout: Stdio) -> anyhow::Result<Self> {
+        let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut command = netns.command(&idlemon());
-        // Loopback unless the test chose an address (the pod network's).
         if !args.contains(&"--listen") {
-            command.args(["--listen", &format!("127.0.0.1:{DAEMON_PORT}")]);
+            command
+                .arg("--listen")
+                .arg(loopback(DAEMON_PORT).to_string());
         }
-        let child = command
-            .args(["--log-level", "debug"])
-            .args(args)
-            .stdout(stdout)
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Self {
-            netns,
-            child: Some(child),
+        command.args(["--log-level", "debug"]).args(args);
+        let log = std::env::temp_dir().join(format!("{}.log", netns.name));
+        Self::launch(
+            command,
+            Some(netns),
+            [loopback(DAEMON_PORT), loopback(API_PORT)],
             log,
+            stdout,
+        )
+    }
+
+    /// Starts `binary` with `args` in the host's namespace, on two free
+    /// loopback ports (metrics and API: it never meets another idlemon's);
+    /// does not wait. Call it from the thread that owns the daemon (see
+    /// `Guarded::spawn`).
+    pub fn launch_on_host(binary: &Path, args: &[OsString]) -> anyhow::Result<Self> {
+        let metrics_addr = free_port()?;
+        let mut api_addr = free_port()?;
+        while api_addr == metrics_addr {
+            api_addr = free_port()?;
         }
+        let mut command = Command::new(binary);
+        command
+            .arg("--listen")
+            .arg(metrics_addr.to_string())
+            .arg("--api-listen")
+            .arg(api_addr.to_string())
+            .args(args);
+        let log = std::env::temp_dir().join(format!(
+            "idlemon-{}-{}.log",
+            std::process::id(),
+            metrics_addr.port()
+        ));
+        Self::launch(command, None, [metrics_addr, api_addr], log, Stdio::null())
+    }
+
+    fn launch(
+        mut command: Command,
+        netns: Option<Netns>,
+        [metrics_addr, api_addr]: [SocketAddr; 2],
+        log: PathBuf,
+        stdout: Stdio,
+    ) -> anyhow::Result<Self> {
+        let stderr =
+            File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+        let started = Instant::now();
+        // Killed at once on drop: whoever drops a running daemon has no use
+        // for a clean exit (a failed test, a bench part that gave up), and
+        // its programs go with its file descriptors. `stop` is the clean way.
+        let process = Guarded::spawn(&mut command, "idlemon", Duration::ZERO)?;
+        Ok(Self {
+            process,
+            netns,
+            metrics_addr,
+            api_addr,
+            log,
+            started,
+        })
     }
 
     /// Starts idlemon and waits until it is ready, or, where this run
@@ -136,7 +206,7 @@ impl Daemon {
     /// runs degraded; then checks its attach kinds against the expectation.
     /// A test that disables attach kinds itself is not checked.
     fn spawn(netns: Netns, args: &[&str], stdout: Stdio) -> Self {
-        let mut daemon = Self::launch(netns, args, stdout);
+        let mut daemon = Self::launch_in(netns, args, stdout).unwrap();
         let expected = Expected::from_env().filter(|_| !args.contains(&"--disable-attach"));
         match &expected {
             Some(expected) if !expected.ready() => daemon.wait_degraded(),
@@ -146,6 +216,27 @@ impl Daemon {
             daemon.assert_attach(&expected);
         }
         daemon
+    }
+
+    /// The daemon's own namespace; panics for a daemon in the host's.
+    pub fn netns(&self) -> &Netns {
+        self.netns
+            .as_ref()
+            .expect("an idlemon in the host's namespace has no namespace of its own")
+    }
+
+    /// Where it serves metrics and probes.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// When it was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     /// Asserts `idlemon_probe_info` against `expected`.
@@ -181,50 +272,94 @@ impl Daemon {
         assert_ne!(status, 200, "ready although degraded is expected: {body}");
     }
 
-    fn wait_until(&mut self, ready_path: &str) {
-        let deadline = Instant::now() + READY_LIMIT;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("idlemon exited with {status}:\n{}", self.log());
-            }
-            if self
-                .try_get(ready_path)
-                .is_some_and(|(status, _)| status == 200)
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+    fn wait_until(&mut self, path: &str) {
+        let every = Duration::from_millis(100);
+        if let Err(error) = self.wait_ok(path, READY_LIMIT, every, || Ok(())) {
+            panic!("{error:#}");
         }
-        panic!(
-            "idlemon: no 200 on {ready_path} after {} s:\n{}",
-            READY_LIMIT.as_secs(),
-            self.log()
-        );
     }
 
+    /// Waits until `path` answers 200, checking every `every` that the
+    /// daemon still runs and that `go_on` has no objection (the bench's
+    /// Ctrl-C); returns the time since the start.
+    pub fn wait_ok(
+        &mut self,
+        path: &str,
+        limit: Duration,
+        every: Duration,
+        mut go_on: impl FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Duration> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.check_alive()?;
+            if let Ok((200, _)) = self.fetch(path) {
+                return Ok(self.started.elapsed());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "idlemon: no 200 on {path} after {} s; its log:\n{}",
+                    limit.as_secs(),
+                    self.log()
+                );
+            }
+            go_on()?;
+            std::thread::sleep(every);
+        }
+    }
+
+    /// Fails with the daemon's log if it has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.process.try_wait()? {
+            bail!("idlemon exited ({status}); its log:\n{}", self.log());
+        }
+        Ok(())
+    }
+
+    /// The daemon's log: its stderr.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+    /// GET `path` from the server that serves it (connection data on the
+    /// API address, the rest on the metrics address), from the daemon's
+    /// namespace: the status and the body, or what failed.
+    pub fn fetch(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let address = if is_api(path) {
+            self.api_addr
+        } else {
+            self.metrics_addr
+        };
+        self.fetch_from(address, path, ANSWER_LIMIT)
+    }
+
+    fn fetch_from(
+        &self,
+        address: SocketAddr,
+        path: &str,
+        limit: Duration,
+    ) -> anyhow::Result<(u16, String)> {
+        Ok(match &self.netns {
+            Some(netns) => netns.run(|| socket::get(address, path, limit))?,
+            None => socket::get(address, path, limit)?,
+        })
     }
 
     /// GET over HTTP/1.0 to the server that serves `path`; None when the
     /// daemon is not reachable.
     pub fn try_get(&self, path: &str) -> Option<(u16, String)> {
-        self.try_get_on(port_for(path), path)
+        self.fetch(path).ok()
     }
 
-    /// GET over HTTP/1.0 on `port`; None when nothing answers there.
+    /// GET over HTTP/1.0 on loopback port `port` of the daemon's
+    /// namespace; None when nothing answers there.
     pub fn try_get_on(&self, port: u16, path: &str) -> Option<(u16, String)> {
-        let address = SocketAddr::from(([127, 0, 0, 1], port));
-        http_get_within(&self.netns, address, path, Duration::from_secs(10))
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        self.fetch_from(address, path, ANSWER_LIMIT).ok()
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
-        self.try_get(path)
-            .unwrap_or_else(|| panic!("GET {path} failed; log:\n{}", self.log()))
+        self.fetch(path)
+            .unwrap_or_else(|error| panic!("{error:#}; log:\n{}", self.log()))
     }
 
     pub fn sockets(&self, query: &str) -> Vec<Value> {
@@ -266,10 +401,10 @@ impl Daemon {
     }
 
     fn event_page(&self, path: &str) -> Vec<Value> {
-        let address = SocketAddr::from(([127, 0, 0, 1], API_PORT));
         // A long poll answers within its wait (at most 60 s).
-        let (status, body) = http_get_within(&self.netns, address, path, Duration::from_secs(70))
-            .unwrap_or_else(|| panic!("GET {path} failed; log:\n{}", self.log()));
+        let (status, body) = self
+            .fetch_from(self.api_addr, path, Duration::from_secs(70))
+            .unwrap_or_else(|error| panic!("{error:#}; log:\n{}", self.log()));
         assert_eq!(status, 200, "{path}: {body}");
         // One answer stops at 4 MiB (and says so); the caller pages on.
         assert!(
@@ -322,20 +457,32 @@ impl Daemon {
         metrics::metric_sum(&body, name, filter)
     }
 
-    /// SIGTERM, then wait.
+    /// SIGTERM, then up to `grace` for a clean exit (idlemon detaches its
+    /// programs then), then SIGKILL; the status says which ended it.
+    pub fn stop_within(&mut self, grace: Duration) -> anyhow::Result<ExitStatus> {
+        self.process.stop(grace)
+    }
+
+    /// SIGTERM, then wait (SIGKILL after 30 s, which the status shows).
     pub fn stop(mut self) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        child.wait().unwrap()
+        self.stop_within(STOP_LIMIT).unwrap()
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        // The log outlives a failed test, for whoever looks into it.
+        if !std::thread::panicking() {
+            let _ = fs::remove_file(&self.log);
         }
     }
+}
+
+/// A loopback port nobody listens on now. Another process may take it
+/// before the daemon binds it; the daemon then fails loudly, which
+/// `check_alive` reports.
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free port")?;
+    listener.local_addr().context("cannot find a free port")
 }

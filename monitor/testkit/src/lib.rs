@@ -5,7 +5,11 @@
 //! - network namespaces and a NAT gateway that forgets idle flows
 //!   ([`Netns`], [`NatPath`]);
 //! - a running idlemon that is waited for by its readiness probe and whose
-//!   events are waited for by `/events` long polls ([`Daemon`]);
+//!   events are waited for by `/events` long polls, in a namespace of its
+//!   own (the tests) or the host's (the bench) ([`Daemon`]);
+//! - cgroup v2 directories removed on drop ([`cgroup`]);
+//! - child processes stopped when their owner drops them or dies, and
+//!   their CPU time and memory ([`process`]);
 //! - the Prometheus text parser ([`metrics`]);
 //! - socket helpers on `socket2` (keepalive set before connect, resets by
 //!   SO_LINGER 0, idle connections) ([`socket`]);
@@ -22,10 +26,12 @@
 )]
 
 pub mod attach;
+pub mod cgroup;
 mod daemon;
 pub mod fake_api;
 pub mod metrics;
 mod netns;
+pub mod process;
 pub mod programs;
 pub mod socket;
 pub mod vm;
@@ -105,12 +111,7 @@ pub fn raise_fd_limit() {
 
 /// Resident memory of a process, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap()
+    process::memory(pid).unwrap().rss / 1024
 }
 
 /// The tracked socket of a client connection, found by namespace and local port.

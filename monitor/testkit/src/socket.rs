@@ -113,17 +113,7 @@ pub fn echo(stream: &mut TcpStream) -> std::io::Result<()> {
 /// the body, or None when nothing answers there within 2 s (the answer may
 /// take `read_timeout`, long polls longer).
 pub fn http_get(netns: &Netns, address: SocketAddr, path: &str) -> Option<(u16, String)> {
-    http_get_within(netns, address, path, Duration::from_secs(10))
-}
-
-pub(crate) fn http_get_within(
-    netns: &Netns,
-    address: SocketAddr,
-    path: &str,
-    read_timeout: Duration,
-) -> Option<(u16, String)> {
-    let path = path.to_owned();
-    netns.run(move || get(address, &path, read_timeout).ok())
+    netns.run(|| get(address, path, Duration::from_secs(10)).ok())
 }
 
 /// One GET over HTTP/1.0 from this thread's namespace: the daemon closes

@@ -27,7 +27,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-pub use debian::{check_machine, copy_file, ensure_architecture, install_program, unpack};
+pub use debian::{
+    check_machine, copy_file, ensure_architecture, install_packages, install_program, installed,
+    unpack,
+};
 pub use initramfs::{Daemon, Guest};
 pub use kernels::{Kernel, label};
 
@@ -152,7 +155,8 @@ impl Series {
 /// What the guest prints once /init runs: the end of the boot.
 pub const INIT_REACHED: &str = "vm-guest: init reached";
 
-/// Fetches the kernels of `series` for `guest.arch` into `cache/kernels`
+/// Installs what the VMs of `guest.arch` need (qemu, busybox, ...) when
+/// missing, fetches the kernels of `series` for it into `cache/kernels`
 /// (every download before the first boot: a missing kernel fails in
 /// seconds, not after minutes of emulation) and packs into `work` the
 /// initramfs of `guest`.
@@ -163,15 +167,7 @@ pub fn prepare(
     guest: &Guest,
 ) -> anyhow::Result<(Vec<Kernel>, PathBuf)> {
     let arch = guest.arch;
-    for (package, why) in arch.packages() {
-        let installed = Command::new("dpkg-query")
-            .args(["-W", "-f=${Status}", package])
-            .output()
-            .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).contains("ok installed"));
-        if !installed {
-            bail!("package {package} is missing ({why}): `cargo xtask setup` installs it");
-        }
-    }
+    install_packages("idlemon vm", arch.packages())?;
     ensure_architecture(arch)?;
     let mut apt_updated = false;
     let mut kernels = Vec::new();

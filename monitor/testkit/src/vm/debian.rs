@@ -11,12 +11,64 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, anyhow, bail};
 
 use super::{Arch, capture, run_checked};
+
+/// Installs the Debian packages among `packages` (package, why) that are
+/// missing, saying which and why under the `who` prefix; returns how many.
+/// Stale package lists are the usual reason an install fails, so a failed
+/// install is retried once after `apt-get update`.
+pub fn install_packages(who: &str, packages: &[(&str, &str)]) -> anyhow::Result<usize> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(package, _)| !installed(package))
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    for (package, why) in packages
+        .iter()
+        .filter(|(package, _)| missing.contains(package))
+    {
+        println!("{who}: installing {package}: {why}");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "missing packages {}: run as root so that apt-get can install them",
+            missing.join(" ")
+        );
+    }
+    let install = || {
+        run_checked(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install().is_err() {
+        run_checked(Command::new("apt-get").args(["update", "-q"]))?;
+        install()?;
+    }
+    Ok(missing.len())
+}
+
+/// Whether a Debian package is installed.
+pub fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|output| {
+            String::from_utf8_lossy(&output.stdout).contains("install ok installed")
+        })
+}
 
 /// Adds dpkg's foreign architecture `arch` when it is missing (and
 /// refreshes apt's lists then), so that its packages can be downloaded.
