@@ -354,11 +354,18 @@ fn spawn(
         .ok_or_else(|| anyhow!("map EVENTS missing from the eBPF object"))?
         .try_into()
         .context("map EVENTS is not a ring buffer")?;
+    let mut explainer = Explainer::new(Arc::clone(&classifier)).on_node(&node);
+    if !hooks
+        .iter()
+        .any(|hook| hook.hook == "send" && hook.kind.is_some())
+    {
+        explainer = explainer.send_hook_missing();
+    }
     let mut tasks = vec![(
         "event reader",
         stream::spawn(
             ring,
-            Explainer::new(Arc::clone(&classifier)).on_node(&node),
+            explainer,
             Sinks {
                 attributor: Attributor::new(args.proc_root.clone(), Arc::clone(&pods)),
                 history: Arc::clone(&history),

@@ -140,7 +140,9 @@ impl Classification {
 /// retransmissions a connection died of.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Reuse {
-    /// The `send_after_idle` event, when idlemon still holds it.
+    /// The `send_after_idle` event, when idlemon still holds it; None also
+    /// when the send hook is missing, and the send after idle is inferred
+    /// from the peer's silence (`Explainer::send_hook_missing`).
     pub event_id: Option<u64>,
     /// How long the socket had been idle before that send.
     pub idle_seconds: f64,
@@ -405,6 +407,9 @@ pub struct Explainer {
     next_id: u64,
     /// Socket -> (jiffies of its last send after idle, that event's id).
     reuses: HashMap<u64, (u32, u64)>,
+    /// Whether the send hook attached, so that every send after idle is
+    /// recorded (`send_hook_missing`).
+    send_hook: bool,
 }
 
 impl Explainer {
@@ -421,7 +426,19 @@ impl Explainer {
             ),
             next_id: 1,
             reuses: HashMap::new(),
+            send_hook: true,
         }
+    }
+
+    /// idlemon runs degraded without the send hook (on 6.1 and 6.12 without
+    /// fentry and kprobes: no `tcp:tcp_sendmsg_locked` tracepoint there), so
+    /// no send after idle is recorded, and the send that a reset answered
+    /// has just reset the socket's idle time. Resets are then judged by the
+    /// peer's silence instead (`inferred_reuse`).
+    #[must_use]
+    pub fn send_hook_missing(mut self) -> Self {
+        self.send_hook = false;
+        self
     }
 
     /// Names the node in every event (the hostname otherwise).
@@ -448,6 +465,28 @@ impl Explainer {
                 .classifier
                 .seconds(event.jiffies.wrapping_sub(info.reuse_at)),
         }
+    }
+
+    /// The send after idle a reset answered, where the send hook is missing:
+    /// the socket sent within `REUSE_WINDOW` of the reset, after the peer
+    /// had been silent (no data, no ACK) for at least the idle threshold.
+    /// The kernel handles a RST (`tcp_validate_incoming` -> `tcp_reset`)
+    /// before `tcp_ack` could stamp an ACK it carries, so at the reset that
+    /// silence is the idle period before the send. A socket retransmitting
+    /// has been sending, not idle, while its peer was silent: nothing is
+    /// inferred then. With the send hook, a reset without a recorded send
+    /// after idle followed no idle period, and nothing is inferred either.
+    fn inferred_reuse(&self, socket: &TrackedSocket) -> Option<Reuse> {
+        let silence = socket.last_receive_seconds.min(socket.last_ack_seconds);
+        (!self.send_hook
+            && socket.retransmits == 0
+            && socket.last_send_seconds <= REUSE_WINDOW.as_secs_f64()
+            && silence >= self.classifier.idle_threshold.as_secs_f64())
+        .then_some(Reuse {
+            event_id: None,
+            idle_seconds: silence,
+            seconds_before: socket.last_send_seconds,
+        })
     }
 
     /// `EventRecord::explanation` of a death classified `idle_timeout_suspected`.
@@ -535,7 +574,12 @@ impl Explainer {
                 let reuse = (event.socket_known != 0
                     && info.reuse_at != 0
                     && seconds(reuse_age) <= REUSE_WINDOW.as_secs_f64())
-                .then(|| self.reuse(event));
+                .then(|| self.reuse(event))
+                .or_else(|| {
+                    socket
+                        .as_ref()
+                        .and_then(|socket| self.inferred_reuse(socket))
+                });
                 let idle_now = socket.as_ref().map(|s| s.idle_seconds);
                 let idle_before = match (idle_now, &reuse) {
                     (Some(now), Some(reuse)) => Some(now.max(reuse.idle_seconds)),
@@ -947,6 +991,79 @@ mod tests {
             Some(Classification::IdleTimeoutSuspected)
         );
         assert_eq!(reset.idle_before_seconds, Some(6.0));
+    }
+
+    /// A client idle 6 s sends; the NAT, whose timeout is 5 s, answers with
+    /// a RST at once: the send made the socket's idle time 0, and only the
+    /// send hook records the send after idle.
+    fn reset_answering_a_send_after_a_silent_peer(peer_silent: u32) -> Event {
+        let mut reset = event(event_kind::RESET_RECEIVED, 0, peer_silent);
+        reset.socket.last_send_age = 3;
+        reset
+    }
+
+    #[test]
+    fn without_the_send_hook_a_reset_after_a_silent_peer_is_an_idle_timeout() {
+        let reset = explainer()
+            .send_hook_missing()
+            .explain(&reset_answering_a_send_after_a_silent_peer(6), 0.0)
+            .expect("known kind");
+        assert_eq!(
+            reset.classification,
+            Some(Classification::IdleTimeoutSuspected)
+        );
+        assert_eq!(reset.idle_before_seconds, Some(6.0));
+        assert_eq!(reset.idle_since_send_seconds, Some(0.03));
+        assert_eq!(
+            reset.reuse,
+            Some(Reuse {
+                event_id: None,
+                idle_seconds: 6.0,
+                seconds_before: 0.03
+            })
+        );
+        assert!(reset.evidence);
+    }
+
+    #[test]
+    fn with_the_send_hook_a_reset_without_a_send_after_idle_stays_other() {
+        let reset = explainer()
+            .explain(&reset_answering_a_send_after_a_silent_peer(6), 0.0)
+            .expect("known kind");
+        assert_eq!(reset.classification, Some(Classification::Other));
+        assert_eq!(reset.idle_before_seconds, Some(0.03));
+        assert_eq!(reset.reuse, None);
+    }
+
+    #[test]
+    fn a_reset_after_the_peer_spoke_is_other_with_or_without_the_send_hook() {
+        for mut explainer in [explainer(), explainer().send_hook_missing()] {
+            let reset = explainer
+                .explain(&reset_answering_a_send_after_a_silent_peer(1), 0.0)
+                .expect("known kind");
+            assert_eq!(reset.classification, Some(Classification::Other));
+            assert_eq!(reset.reuse, None);
+        }
+        // An ACK is the peer speaking too, though it sent no data.
+        let mut acked = reset_answering_a_send_after_a_silent_peer(6);
+        acked.socket.last_ack_age = HZ;
+        let reset = explainer()
+            .send_hook_missing()
+            .explain(&acked, 0.0)
+            .expect("known kind");
+        assert_eq!(reset.classification, Some(Classification::Other));
+    }
+
+    #[test]
+    fn without_the_send_hook_a_retransmitting_socket_was_not_idle() {
+        let mut stalled = reset_answering_a_send_after_a_silent_peer(6);
+        stalled.socket.retransmits = 4;
+        let reset = explainer()
+            .send_hook_missing()
+            .explain(&stalled, 0.0)
+            .expect("known kind");
+        assert_eq!(reset.classification, Some(Classification::Other));
+        assert_eq!(reset.reuse, None);
     }
 
     #[test]

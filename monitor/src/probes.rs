@@ -174,7 +174,8 @@ pub const HOOKS: &[Hook] = &[
             candidate(RawTp, "send_raw_tp", "tcp_sendmsg_locked"),
         ],
         if_none: IfNoneFits::Degrade(
-            "server sockets are not attributed to a process, and reuse after idle is not counted",
+            "server sockets are not attributed to a process, and reuse after idle is not counted \
+             (a reset after idle is judged by the peer's silence before it)",
         ),
     },
     Hook {

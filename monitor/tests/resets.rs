@@ -60,15 +60,20 @@ fn reuse_after_the_nat_timeout_is_logged_then_the_reset_explained() {
         reset["classification"], "idle_timeout_suspected",
         "{reset:#}"
     );
-    // A run without the send hook (`cargo xtask vm-test`'s mode without
-    // fentry and kprobes on kernels that have no send tracepoint) still
-    // explains the reset; the send after idle it cannot see.
-    if kit::attach::Expected::from_env().is_some_and(|expected| expected.missing("send")) {
-        return;
-    }
+    // Without the send hook (`cargo xtask vm-test`'s mode without fentry
+    // and kprobes, on kernels that have no send tracepoint) idlemon cannot
+    // see the send after idle: it judges the reset by the server's silence
+    // before the send, and the reuse has no event to link.
+    let send_hook =
+        !kit::attach::Expected::from_env().is_some_and(|expected| expected.missing("send"));
+    let kinds_logged: &[&str] = if send_hook {
+        &["send_after_idle", "reset_received"]
+    } else {
+        &["reset_received"]
+    };
     // The log's own thread writes it after /events has the event, and may be
     // mid-line (every host's connect failures and deaths are logged too):
-    // whole lines only, until both events are there.
+    // whole lines only, until every event is there.
     let logged = || {
         let text = std::fs::read_to_string(&log.0).unwrap();
         let whole = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
@@ -80,36 +85,42 @@ fn reuse_after_the_nat_timeout_is_logged_then_the_reset_explained() {
     };
     let lines = wait_for(Duration::from_secs(5), || {
         let lines = logged();
-        (lines.len() >= 2).then_some(lines)
+        (lines.len() >= kinds_logged.len()).then_some(lines)
     })
     .unwrap_or_else(|| panic!("the event log lacks events of {local}: {:#?}", logged()));
     let kinds: Vec<&str> = lines
         .iter()
         .filter_map(|event| event["kind"].as_str())
         .collect();
-    assert_eq!(kinds, ["send_after_idle", "reset_received"], "{lines:#?}");
-    let (send, logged_reset) = (&lines[0], &lines[1]);
-    assert_eq!(logged_reset, &reset, "log and /events agree");
+    assert_eq!(kinds, kinds_logged, "{lines:#?}");
+    assert_eq!(lines.last(), Some(&reset), "log and /events agree");
 
-    assert_eq!(send["comm"], kit::own_comm().as_str());
-    assert_eq!(reset["classification"], "idle_timeout_suspected");
     assert_eq!(reset["remote"], format!("{SERVER_IP}:8101"));
-    assert_eq!(reset["reuse"]["event_id"], send["id"]);
-    assert_eq!(reset["pid"], std::process::id());
     let idle = reset["idle_before_seconds"].as_f64().unwrap();
     assert!(
         (idle - IDLE.as_secs_f64()).abs() < 1.0,
         "idle {idle} s, slept {IDLE:?}"
     );
+    assert_eq!(reset["reuse"]["idle_seconds"].as_f64(), Some(idle));
     assert!(reset["idle_since_receive_seconds"].as_f64().unwrap() >= 7.0);
     assert!(reset["idle_since_send_seconds"].as_f64().unwrap() < 1.0);
     assert_eq!(reset["socket"]["path_rule"], "test-nat");
+    if send_hook {
+        let send = &lines[0];
+        assert_eq!(send["comm"], kit::own_comm().as_str());
+        assert_eq!(reset["reuse"]["event_id"], send["id"]);
+        // The send hook names the socket's owner; without it a RST, which
+        // arrives in softirq, names no one for sure.
+        assert_eq!(reset["pid"], std::process::id());
+        assert!(daemon.counter("idlemon_sends_after_idle_total") >= 1.0);
+    } else {
+        assert!(reset["reuse"]["event_id"].is_null(), "{reset:#}");
+    }
 
     assert_eq!(
         daemon.counter("idlemon_resets_received_total{classification=\"idle_timeout_suspected\"}"),
         1.0
     );
-    assert!(daemon.counter("idlemon_sends_after_idle_total") >= 1.0);
     assert!(daemon.counter("idlemon_idle_before_reset_seconds_bucket{le=\"10\"}") >= 1.0);
     assert_eq!(
         daemon.counter("idlemon_idle_before_reset_seconds_bucket{le=\"5\"}"),

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use idlemon_testkit::{
-    attach::{Expected, HOOKS, Mode, Target, VARIABLE, expectation},
+    attach::{HOOKS, Mode, Target, VARIABLE, expectation},
     vm::{Arch, Booted, Kernel, Series, shell_quote as quote, tail},
 };
 
@@ -249,20 +249,15 @@ impl Run {
     }
 }
 
-/// The tests of `binary` that run on `target` in `mode`: all but the
-/// reuse test where the send hook is expected missing. That test starts
-/// from the send after idle, which only the send hook sees; and without it
-/// the reset that follows is classified `other`, because the receive hook
-/// counts the RST itself as activity (seen on 6.1 and 6.12 of both
-/// architectures).
-fn tests_of(binary: &str, target: Target, mode: Mode) -> Vec<&'static str> {
-    let send_missing =
-        Expected::parse(&expectation(target, mode)).is_ok_and(|expected| expected.missing("send"));
+/// The tests of `binary` that run on `target` in `mode`: every scenario of
+/// it, in every mode. Without the send hook (6.1 and 6.12 without fentry and
+/// kprobes) the reuse test still runs: idlemon judges the reset by the
+/// peer's silence before the send it answered, and the test skips only the
+/// `send_after_idle` that the missing hook would have seen.
+fn tests_of(binary: &str) -> Vec<&'static str> {
     SCENARIOS
         .iter()
-        .filter(|(file, test, _)| {
-            *file == binary && !(send_missing && test.starts_with("reuse_after"))
-        })
+        .filter(|(file, _, _)| *file == binary)
         .map(|(_, test, _)| *test)
         .collect()
 }
@@ -285,7 +280,7 @@ pub fn run_native(
 ) -> anyhow::Result<Run> {
     let mut run = Run::new(Target::Native, mode);
     for binary in binaries {
-        let tests = tests_of(&binary.name, Target::Native, mode);
+        let tests = tests_of(&binary.name);
         if tests.is_empty() {
             continue;
         }
@@ -345,7 +340,7 @@ pub fn script(
         let _ = writeln!(script, "{})", series.release_pattern());
         for mode in Mode::ALL {
             for binary in binaries {
-                let tests = tests_of(&binary.name, target, mode);
+                let tests = tests_of(&binary.name);
                 if tests.is_empty() {
                     continue;
                 }
@@ -402,7 +397,7 @@ pub fn judge_vm(kernel: &Kernel, booted: &Booted, binaries: &[TestBinary]) -> Ve
         .map(|mode| {
             let mut run = Run::new(target, *mode);
             for binary in binaries {
-                let tests = tests_of(&binary.name, target, *mode);
+                let tests = tests_of(&binary.name);
                 if tests.is_empty() {
                     continue;
                 }
@@ -599,14 +594,37 @@ mod tests {
         assert_eq!(test_artifact(unit), None);
     }
 
+    /// Without the send hook idlemon still explains the reset after idle:
+    /// every kernel runs the reuse test in every mode.
     #[test]
-    fn only_modes_with_a_send_hook_run_the_reuse_test() {
-        let v6_1 = Target::Vm(Arch::Amd64, Series::V6_1);
+    fn every_mode_runs_the_reuse_test() {
         let reuse = "reuse_after_the_nat_timeout_is_logged_then_the_reset_explained";
-        assert!(!tests_of("resets", v6_1, Mode::NoFentryKprobe).contains(&reuse));
-        assert!(tests_of("resets", v6_1, Mode::NoFentry).contains(&reuse));
-        assert!(tests_of("resets", Target::Native, Mode::NoFentryKprobe).contains(&reuse));
-        assert_eq!(tests_of("failures", v6_1, Mode::NoFentryKprobe).len(), 1);
+        assert!(tests_of("resets").contains(&reuse));
+        assert_eq!(tests_of("failures").len(), 1);
+        let binaries = [TestBinary {
+            name: "resets".to_owned(),
+            path: PathBuf::from("/t/resets-1"),
+        }];
+        for arch in [Arch::Amd64, Arch::Arm64] {
+            let script = script(
+                &[Series::V6_1, Series::V6_12],
+                arch,
+                &binaries,
+                "/usr/bin/idlemon",
+                Duration::from_secs(300),
+            );
+            // Two kernels, three modes each.
+            assert_eq!(script.matches(&format!("{reuse} 2>&1")).count(), 6);
+            let without_the_send_hook = format!(
+                "IDLEMON_DISABLE_ATTACH='fentry,kprobe' timeout 300 /tests/resets \
+                 --include-ignored --test-threads=1 --exact --show-output {reuse} 2>&1"
+            );
+            assert_eq!(
+                script.matches(&without_the_send_hook).count(),
+                2,
+                "{script}"
+            );
+        }
     }
 
     /// The script's sections come back per mode and binary, and a binary
