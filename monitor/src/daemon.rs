@@ -334,9 +334,12 @@ fn spawn(
         .as_ref()
         .map(|link| own_link_fd(link, "the walk by file descriptor"))
         .transpose()?;
-    let keepalive_timer_seen = hooks
-        .iter()
-        .any(|hook| hook.hook == "keepalive" && hook.kind.is_some());
+    let attached = |name: &str| {
+        hooks
+            .iter()
+            .any(|hook| hook.hook == name && hook.kind.is_some())
+    };
+    let keepalive_timer_seen = attached("keepalive");
     let classifier = Arc::new(Classifier {
         hz: loaded.hz,
         idle_threshold: args.idle_threshold,
@@ -355,10 +358,7 @@ fn spawn(
         .try_into()
         .context("map EVENTS is not a ring buffer")?;
     let mut explainer = Explainer::new(Arc::clone(&classifier)).on_node(&node);
-    if !hooks
-        .iter()
-        .any(|hook| hook.hook == "send" && hook.kind.is_some())
-    {
+    if !attached("send") {
         explainer = explainer.send_hook_missing();
     }
     let mut tasks = vec![(

@@ -225,11 +225,6 @@ impl Daemon {
             .expect("an idlemon in the host's namespace has no namespace of its own")
     }
 
-    /// Where it serves metrics and probes.
-    pub fn metrics_addr(&self) -> SocketAddr {
-        self.metrics_addr
-    }
-
     /// When it was started.
     pub fn started(&self) -> Instant {
         self.started

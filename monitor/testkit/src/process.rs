@@ -68,7 +68,7 @@ impl Guarded {
     }
 
     /// Sends `signal` to the child, unless it has been reaped.
-    pub fn signal(&mut self, signal: libc::c_int) -> anyhow::Result<()> {
+    fn signal(&mut self, signal: libc::c_int) -> anyhow::Result<()> {
         if self.try_wait()?.is_some() {
             return Ok(());
         }
@@ -103,20 +103,6 @@ impl Guarded {
         self.child
             .wait()
             .with_context(|| format!("cannot reap {}", self.what))
-    }
-
-    /// Waits for the child to exit by itself, for at most `limit`.
-    pub fn wait(&mut self, limit: Duration) -> anyhow::Result<Option<ExitStatus>> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.try_wait()? {
-                return Ok(Some(status));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
     }
 }
 

@@ -28,8 +28,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 pub use debian::{
-    check_machine, copy_file, ensure_architecture, install_packages, install_program, installed,
-    unpack,
+    check_machine, copy_file, ensure_architecture, install_packages, install_program, unpack,
 };
 pub use initramfs::{Daemon, Guest};
 pub use kernels::{Kernel, label};

@@ -249,8 +249,8 @@ impl Run {
     }
 }
 
-/// The tests of `binary` that run on `target` in `mode`: every scenario of
-/// it, in every mode. Without the send hook (6.1 and 6.12 without fentry and
+/// The scenario tests of `binary`, which run on every target in every
+/// mode. Without the send hook (6.1 and 6.12 without fentry and
 /// kprobes) the reuse test still runs: idlemon judges the reset by the
 /// peer's silence before the send it answered, and the test skips only the
 /// `send_after_idle` that the missing hook would have seen.

@@ -60,7 +60,7 @@ pub fn install_packages(who: &str, packages: &[(&str, &str)]) -> anyhow::Result<
 }
 
 /// Whether a Debian package is installed.
-pub fn installed(package: &str) -> bool {
+fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
         .stderr(Stdio::null())
